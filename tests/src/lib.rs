@@ -1,0 +1,1 @@
+//! Test harness: starts real etcd and Meridian binaries on loopback addresses.

@@ -1,2 +1,159 @@
-//! Placeholder.
-fn main() {}
+//! `meridian-control-plane`: serves FunctionService, MeshService and AgentService (plus gRPC
+//! health and reflection) from one port, with etcd as the only state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use meridian_control_plane::api::{FunctionApi, MeshApi};
+use meridian_control_plane::cache::{self, CacheConfig};
+use meridian_control_plane::push::{self, AgentPush, PushConfig};
+use meridian_control_plane::store::Store;
+use meridian_control_plane::table::Tables;
+use meridian_proto::v1::agent_service_server::AgentServiceServer;
+use meridian_proto::v1::function_service_server::FunctionServiceServer;
+use meridian_proto::v1::mesh_service_server::MeshServiceServer;
+use tokio::sync::{mpsc, watch};
+
+/// Meridian control plane: stores functions in etcd and pushes routing tables to agents.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on (API, agent streams, health, reflection).
+    #[arg(long, env = "MERIDIAN_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: std::net::SocketAddr,
+    /// etcd client URLs, comma separated.
+    #[arg(
+        long,
+        env = "MERIDIAN_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of every key Meridian writes in etcd.
+    #[arg(long, env = "MERIDIAN_KEY_PREFIX", default_value = "/meridian/v1/")]
+    key_prefix: String,
+    /// Name of this replica, shown in `meridianctl get agents` (default: cp-<listen port>).
+    #[arg(long, env = "MERIDIAN_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds an agent's records outlive its stream.
+    #[arg(long, env = "MERIDIAN_AGENT_LEASE_TTL", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    agent_lease_ttl: u64,
+    /// Milliseconds to wait for more changes before pushing a burst of them.
+    #[arg(long, env = "MERIDIAN_COALESCE_MS", default_value_t = 10)]
+    coalesce_ms: u64,
+    /// Seconds between heartbeats on idle agent streams.
+    #[arg(long, env = "MERIDIAN_HEARTBEAT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    heartbeat_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    meridian_common::telemetry::init("info");
+    let args = Args::parse();
+    let replica_id = args
+        .replica_id
+        .clone()
+        .unwrap_or_else(|| format!("cp-{}", args.listen.port()));
+    meridian_common::names::validate_dns_label(&replica_id)
+        .map_err(|e| anyhow::anyhow!("--replica-id {replica_id:?} {e}"))?;
+    if !args.key_prefix.starts_with('/') {
+        anyhow::bail!("--key-prefix {:?} must start with '/'", args.key_prefix);
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let store = Store::connect(&args.etcd_endpoints, &args.key_prefix, Duration::from_secs(3))
+        .await
+        .with_context(|| format!("cannot set up etcd client for {:?}", args.etcd_endpoints))?;
+
+    let (tables_tx, tables_rx) = watch::channel(Arc::new(Tables::default()));
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (status_tx, status_rx) = mpsc::channel(65_536);
+
+    tokio::spawn(cache::run(
+        store.clone(),
+        CacheConfig {
+            coalesce: Duration::from_millis(args.coalesce_ms),
+            coalesce_max: Duration::from_millis(args.coalesce_ms.saturating_mul(10).max(50)),
+        },
+        tables_tx,
+        ready_tx,
+    ));
+    tokio::spawn(push::run_status_writer(
+        store.clone(),
+        status_rx,
+        Duration::from_millis(100),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            if ready_rx.wait_for(|ready| *ready).await.is_ok() {
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                health
+                    .set_serving::<FunctionServiceServer<FunctionApi>>()
+                    .await;
+                health.set_serving::<MeshServiceServer<MeshApi>>().await;
+                health.set_serving::<AgentServiceServer<AgentPush>>().await;
+            }
+        });
+    }
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let push = AgentPush::new(
+        store.clone(),
+        tables_rx.clone(),
+        PushConfig {
+            replica_id: replica_id.clone(),
+            lease_ttl: Duration::from_secs(args.agent_lease_ttl),
+            heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
+            silence_timeout: Duration::from_secs(args.heartbeat_secs * 3),
+            ..PushConfig::default()
+        },
+        status_tx,
+        shutdown_rx,
+    );
+
+    tracing::info!(replica = %replica_id, "listening on {}", args.listen);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FunctionServiceServer::new(FunctionApi::new(store.clone())))
+        .add_service(MeshServiceServer::new(MeshApi::new(store.clone(), tables_rx)))
+        .add_service(AgentServiceServer::new(push))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                meridian_common::shutdown::signal().await;
+                // End agent streams so that the server's graceful shutdown can complete.
+                let _ = shutdown_tx.send(true);
+            },
+        )
+        .await
+        .context("gRPC server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The operator-facing gRPC services: `FunctionService` (validate, then store in etcd) and
+//! `MeshService` (agents and the routing tables they are sent).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use meridian_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::spec::{FunctionKey, FunctionSpec, SpecError, DEFAULT_NAMESPACE};
+use crate::store::{PutOutcome, Record, RecordKey, Store, StoreError};
+use crate::table::Tables;
+
+fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound => Status::not_found("not found"),
+        StoreError::Conflict { expected, current } => Status::failed_precondition(format!(
+            "the function's version is {current}, not the expected {expected}: read it again and retry"
+        )),
+        error => Status::unavailable(format!("etcd is unavailable: {error}")),
+    }
+}
+
+fn invalid(error: SpecError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// A parsed Kubernetes-style equality label selector: `a=b,c!=d,e,!f`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl std::str::FromStr for LabelSelector {
+    type Err = SpecError;
+
+    fn from_str(selector: &str) -> Result<Self, Self::Err> {
+        let mut requirements = Vec::new();
+        for part in selector.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = |problem: &str| SpecError {
+                field: "labelSelector".into(),
+                problem: format!("{part:?}: {problem}"),
+            };
+            let valid_token = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+            };
+            let requirement = if let Some((k, v)) = part.split_once("!=") {
+                Requirement::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                Requirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some(k) = part.strip_prefix('!') {
+                Requirement::NotExists(k.trim().into())
+            } else {
+                Requirement::Exists(part.into())
+            };
+            let (key, value) = match &requirement {
+                Requirement::Equals(k, v) | Requirement::NotEquals(k, v) => (k, Some(v)),
+                Requirement::Exists(k) | Requirement::NotExists(k) => (k, None),
+            };
+            if !valid_token(key) {
+                return Err(bad("invalid label key"));
+            }
+            if let Some(value) = value {
+                if !value.is_empty() && !valid_token(value) {
+                    return Err(bad("invalid label value"));
+                }
+            }
+            requirements.push(requirement);
+        }
+        Ok(Self { requirements })
+    }
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &std::collections::HashMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| match r {
+            Requirement::Equals(k, v) => labels.get(k) == Some(v),
+            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::NotExists(k) => !labels.contains_key(k),
+        })
+    }
+}
+
+fn namespace_filter(namespace: &str, all: bool) -> Result<Option<String>, Status> {
+    if all {
+        return Ok(None);
+    }
+    let namespace = if namespace.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        namespace
+    };
+    meridian_common::names::validate_dns_label(namespace)
+        .map_err(|e| Status::invalid_argument(format!("namespace: {namespace:?} {e}")))?;
+    Ok(Some(namespace.to_owned()))
+}
+
+/// `FunctionService`: every write is validated whole before etcd is touched.
+#[derive(Debug, Clone)]
+pub struct FunctionApi {
+    store: Store,
+}
+
+impl FunctionApi {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::function_service_server::FunctionService for FunctionApi {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyFunctionRequest>,
+    ) -> Result<Response<pb::ApplyFunctionResponse>, Status> {
+        let request = request.into_inner();
+        let spec = request
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        let spec = FunctionSpec::try_from(spec).map_err(invalid)?;
+        if request.expected_version < 0 {
+            return Err(Status::invalid_argument("expectedVersion: must not be negative"));
+        }
+        let expected = (request.expected_version > 0).then_some(request.expected_version);
+        let normalized = pb::FunctionSpec::from(&spec);
+        let (stored, outcome) = self
+            .store
+            .put_function(&spec.key, &normalized, expected, request.dry_run)
+            .await
+            .map_err(store_status)?;
+        let outcome = match outcome {
+            PutOutcome::Created => pb::ApplyOutcome::Created,
+            PutOutcome::Configured => pb::ApplyOutcome::Configured,
+            PutOutcome::Unchanged => pb::ApplyOutcome::Unchanged,
+        };
+        if !request.dry_run && outcome != pb::ApplyOutcome::Unchanged {
+            tracing::info!(function = %spec.key, version = stored.version, ?outcome, "function applied");
+        }
+        Ok(Response::new(pb::ApplyFunctionResponse {
+            function: Some((&stored).into()),
+            outcome: outcome as i32,
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetFunctionRequest>,
+    ) -> Result<Response<pb::Function>, Status> {
+        let request = request.into_inner();
+        let key = FunctionKey::parse(&request.namespace, &request.name).map_err(invalid)?;
+        match self.store.get_function(&key).await {
+            Ok(stored) => Ok(Response::new((&stored).into())),
+            Err(StoreError::NotFound) => Err(Status::not_found(format!(
+                "function {:?} not found in namespace {:?}",
+                key.name, key.namespace
+            ))),
+            Err(error) => Err(store_status(error)),
+        }
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListFunctionsRequest>,
+    ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
+        let request = request.into_inner();
+        let namespace = namespace_filter(&request.namespace, request.all_namespaces)?;
+        let selector: LabelSelector = request.label_selector.parse().map_err(invalid)?;
+        let (functions, version) = self
+            .store
+            .list_functions(namespace.as_deref())
+            .await
+            .map_err(store_status)?;
+        let functions = functions
+            .iter()
+            .filter(|f| selector.matches(&f.spec.labels))
+            .map(pb::Function::from)
+            .collect();
+        Ok(Response::new(pb::ListFunctionsResponse { functions, version }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteFunctionRequest>,
+    ) -> Result<Response<pb::DeleteFunctionResponse>, Status> {
+        let request = request.into_inner();
+        let key = FunctionKey::parse(&request.namespace, &request.name).map_err(invalid)?;
+        let expected = (request.expected_version > 0).then_some(request.expected_version);
+        match self.store.delete_function(&key, expected).await {
+            Ok(version) => {
+                tracing::info!(function = %key, version, "function deleted");
+                Ok(Response::new(pb::DeleteFunctionResponse { version }))
+            }
+            Err(StoreError::NotFound) => Err(Status::not_found(format!(
+                "function {:?} not found in namespace {:?}",
+                key.name, key.namespace
+            ))),
+            Err(error) => Err(store_status(error)),
+        }
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::FunctionEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchFunctionsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let namespace = namespace_filter(&request.namespace, request.all_namespaces)?;
+        let selector: LabelSelector = request.label_selector.parse().map_err(invalid)?;
+        let prefix = self.store.keys().functions(namespace.as_deref());
+        let (sender, receiver) = mpsc::channel(64);
+
+        let mut start = request.since_version + 1;
+        if request.since_version <= 0 {
+            let snapshot = self.store.load(&prefix).await.map_err(store_status)?;
+            for (_, record) in snapshot.records {
+                if let Record::Function(stored) = record {
+                    if selector.matches(&stored.spec.labels) {
+                        let event = pb::FunctionEvent {
+                            r#type: pb::function_event::Type::Added as i32,
+                            version: stored.version,
+                            function: Some((&stored).into()),
+                        };
+                        if sender.send(Ok(event)).await.is_err() {
+                            return Ok(Response::new(ReceiverStream::new(receiver)));
+                        }
+                    }
+                }
+            }
+            start = snapshot.revision + 1;
+        }
+        let mut watch = self
+            .store
+            .watch(&prefix, start)
+            .await
+            .map_err(store_status)?;
+        tokio::spawn(async move {
+            loop {
+                let batch = match watch.next().await {
+                    Ok(batch) => batch,
+                    Err(StoreError::Compacted(revision)) => {
+                        let _ = sender
+                            .send(Err(Status::out_of_range(format!(
+                                "history before revision {revision} was compacted; list again and watch from its version"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(error) => {
+                        let _ = sender.send(Err(store_status(error))).await;
+                        return;
+                    }
+                };
+                for change in batch.changes {
+                    let RecordKey::Function(_) = change.key else {
+                        continue;
+                    };
+                    let (kind, stored) = match (change.record, change.previous) {
+                        (Some(Record::Function(new)), previous) => {
+                            let kind = if previous.is_some() {
+                                pb::function_event::Type::Modified
+                            } else {
+                                pb::function_event::Type::Added
+                            };
+                            (kind, new)
+                        }
+                        (None, Some(Record::Function(old))) => {
+                            (pb::function_event::Type::Deleted, old)
+                        }
+                        _ => continue,
+                    };
+                    if !selector.matches(&stored.spec.labels) {
+                        continue;
+                    }
+                    let event = pb::FunctionEvent {
+                        r#type: kind as i32,
+                        version: change.revision,
+                        function: Some((&stored).into()),
+                    };
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// `MeshService`: the view operators use to see whether the mesh is in sync.
+#[derive(Debug, Clone)]
+pub struct MeshApi {
+    store: Store,
+    tables: watch::Receiver<Arc<Tables>>,
+}
+
+impl MeshApi {
+    pub fn new(store: Store, tables: watch::Receiver<Arc<Tables>>) -> Self {
+        Self { store, tables }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::mesh_service_server::MeshService for MeshApi {
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let request = request.into_inner();
+        let keys = self.store.keys();
+        let (agents_prefix, statuses_prefix) = (keys.agents(), keys.agent_statuses());
+        let (agents, statuses) = tokio::try_join!(
+            self.store.load(&agents_prefix),
+            self.store.load(&statuses_prefix)
+        )
+        .map_err(store_status)?;
+        let mut status_by_agent = BTreeMap::new();
+        for (key, record) in statuses.records {
+            if let (RecordKey::AgentStatus { region, agent_id }, Record::AgentStatus(status)) =
+                (key, record)
+            {
+                status_by_agent.insert((region, agent_id), status);
+            }
+        }
+        let tables = self.tables.borrow().clone();
+        let mut result = Vec::new();
+        for (key, record) in agents.records {
+            let (RecordKey::Agent { region, agent_id }, Record::Agent(mut agent)) = (key, record)
+            else {
+                continue;
+            };
+            if !request.region.is_empty() && request.region != region {
+                continue;
+            }
+            if let Some(status) = status_by_agent.remove(&(region.clone(), agent_id.clone())) {
+                // The status is only current if it belongs to the same connection.
+                if status.connected_since_unix_ms == agent.connected_since_unix_ms {
+                    agent.acked_version = status.acked_version;
+                    agent.last_nack = status.last_nack;
+                }
+            }
+            agent.newest_version = tables
+                .regions
+                .get(&region)
+                .map(|t| t.version)
+                .unwrap_or_default();
+            agent.in_sync = agent.acked_version > 0 && agent.acked_version >= agent.newest_version;
+            result.push(agent);
+        }
+        Ok(Response::new(pb::ListAgentsResponse { agents: result }))
+    }
+
+    async fn get_routing_table(
+        &self,
+        request: Request<pb::GetRoutingTableRequest>,
+    ) -> Result<Response<pb::RoutingTable>, Status> {
+        let region = request.into_inner().region;
+        meridian_common::names::validate_dns_label(&region)
+            .map_err(|e| Status::invalid_argument(format!("region: {region:?} {e}")))?;
+        let tables = self.tables.borrow().clone();
+        match tables.regions.get(&region) {
+            Some(table) => Ok(Response::new(table.to_proto())),
+            None => Err(Status::not_found(format!(
+                "region {region:?} has no agents and no function names it"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn label_selectors() {
+        let labels: HashMap<String, String> =
+            [("team".to_string(), "web".to_string())].into_iter().collect();
+        let sel = |s: &str| s.parse::<LabelSelector>().expect("valid selector");
+        assert!(sel("").matches(&labels));
+        assert!(sel("team=web").matches(&labels));
+        assert!(sel("team==web").matches(&labels));
+        assert!(!sel("team!=web").matches(&labels));
+        assert!(sel("team").matches(&labels));
+        assert!(!sel("!team").matches(&labels));
+        assert!(!sel("team=web,tier=db").matches(&labels));
+        let error = "te am=x".parse::<LabelSelector>().expect_err("invalid");
+        assert_eq!(error.field, "labelSelector");
+    }
+}

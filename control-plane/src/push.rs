@@ -1,0 +1,580 @@
+//! `AgentService.Connect`: one session per agent stream. Registers the agent under an etcd lease,
+//! pushes its region's table (full, then deltas; one push in flight; latest wins), records
+//! acks and nacks, and writes the endpoints the agent reports under the same lease.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meridian_common::names::validate_dns_label;
+use meridian_proto::v1 as pb;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::spec::FunctionKey;
+use crate::store::{LeaseGuard, Store};
+use crate::table::{RegionTable, Tables};
+
+/// Settings of agent sessions.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    pub replica_id: String,
+    /// TTL of the lease that holds an agent's records: how long a vanished agent lingers.
+    pub lease_ttl: Duration,
+    /// How often the control plane sends a heartbeat on an idle stream.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a stream is considered dead.
+    pub silence_timeout: Duration,
+    /// How long a push may stay unacknowledged before the agent is assumed to have lost it.
+    pub ack_timeout: Duration,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            replica_id: "cp".into(),
+            lease_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(5),
+            silence_timeout: Duration::from_secs(15),
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What an agent says it is, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub region: String,
+    pub zone: String,
+    pub cloud: String,
+    pub gateway: String,
+}
+
+/// A hello field that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hello.{field}: {problem}")]
+pub struct HelloError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+/// Checks `host:port` (port 1..=65535, non-empty host).
+pub fn check_host_port(address: &str) -> Result<(), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?} is not host:port"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(format!("{address:?} has an invalid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(()),
+        _ => Err(format!("{address:?} has an invalid port")),
+    }
+}
+
+impl TryFrom<&pb::Hello> for AgentIdentity {
+    type Error = HelloError;
+
+    fn try_from(hello: &pb::Hello) -> Result<Self, Self::Error> {
+        let label = |field: &'static str, value: &str| {
+            validate_dns_label(value).map_err(|e| HelloError {
+                field,
+                problem: format!("{value:?} {e}"),
+            })
+        };
+        label("agentId", &hello.agent_id)?;
+        label("region", &hello.region)?;
+        if !hello.zone.is_empty() {
+            label("zone", &hello.zone)?;
+        }
+        if !hello.cloud.is_empty() {
+            label("cloud", &hello.cloud)?;
+        }
+        if !hello.gateway.is_empty() {
+            check_host_port(&hello.gateway).map_err(|problem| HelloError {
+                field: "gateway",
+                problem,
+            })?;
+        }
+        Ok(Self {
+            agent_id: hello.agent_id.clone(),
+            region: hello.region.clone(),
+            zone: hello.zone.clone(),
+            cloud: hello.cloud.clone(),
+            gateway: hello.gateway.clone(),
+        })
+    }
+}
+
+/// A status to write for an agent (coalesced by [`run_status_writer`]).
+#[derive(Debug)]
+pub struct StatusWrite {
+    pub lease: i64,
+    pub key: String,
+    pub status: pb::AgentStatus,
+}
+
+/// Writes agent statuses to etcd in batches, newest per agent, every `interval`: acks are
+/// frequent and must not cost one etcd write each.
+pub async fn run_status_writer(
+    store: Store,
+    mut updates: mpsc::Receiver<StatusWrite>,
+    interval: Duration,
+) {
+    let mut pending: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            update = updates.recv() => match update {
+                Some(update) => {
+                    pending.insert(update.key, (update.lease, update.status.encode_to_vec()));
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if !pending.is_empty() {
+                    let batch = std::mem::take(&mut pending)
+                        .into_iter()
+                        .map(|(key, (lease, value))| (lease, key, value))
+                        .collect();
+                    store.write_statuses(batch).await;
+                }
+            }
+        }
+    }
+}
+
+/// The AgentService implementation.
+#[derive(Clone)]
+pub struct AgentPush {
+    store: Store,
+    tables: watch::Receiver<Arc<Tables>>,
+    config: PushConfig,
+    statuses: mpsc::Sender<StatusWrite>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AgentPush {
+    pub fn new(
+        store: Store,
+        tables: watch::Receiver<Arc<Tables>>,
+        config: PushConfig,
+        statuses: mpsc::Sender<StatusWrite>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            tables,
+            config,
+            statuses,
+            shutdown,
+        }
+    }
+}
+
+fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentPush {
+    type ConnectStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(pb::agent_message::Kind::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be a hello",
+                ))
+            }
+        };
+        let identity =
+            AgentIdentity::try_from(&hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        let ttl_secs = i64::try_from(self.config.lease_ttl.as_secs().max(1)).unwrap_or(10);
+        let lease = self
+            .store
+            .grant_lease(ttl_secs)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot register agent: {e}")))?;
+        let guard = self.store.keep_alive(lease, self.config.lease_ttl);
+        let connected_since = unix_ms(SystemTime::now());
+        let record = pb::AgentStatus {
+            agent_id: identity.agent_id.clone(),
+            region: identity.region.clone(),
+            zone: identity.zone.clone(),
+            cloud: identity.cloud.clone(),
+            gateway: identity.gateway.clone(),
+            connected_since_unix_ms: connected_since,
+            replica: self.config.replica_id.clone(),
+            ..Default::default()
+        };
+        let agent_key = self
+            .store
+            .keys()
+            .agent(&identity.region, &identity.agent_id);
+        self.store
+            .write_leased(lease, vec![(agent_key, record.encode_to_vec())], Vec::new())
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot register agent: {e}")))?;
+        tracing::info!(
+            agent = %identity.agent_id,
+            region = %identity.region,
+            last_version = hello.last_version,
+            "agent connected"
+        );
+
+        let (outbound, receiver) = mpsc::channel(8);
+        let session = Session {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            statuses: self.statuses.clone(),
+            tables: self.tables.clone(),
+            shutdown: self.shutdown.clone(),
+            identity,
+            lease: guard,
+            status: record,
+            acked: None,
+            held_version: hello.last_version,
+            in_flight: None,
+            nacked_version: 0,
+            endpoints_desired: BTreeMap::new(),
+            endpoints_written: BTreeMap::new(),
+            outbound,
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+struct InFlight {
+    table: Arc<RegionTable>,
+    full: bool,
+    sent_at: Instant,
+}
+
+struct Session {
+    store: Store,
+    config: PushConfig,
+    statuses: mpsc::Sender<StatusWrite>,
+    tables: watch::Receiver<Arc<Tables>>,
+    shutdown: watch::Receiver<bool>,
+    identity: AgentIdentity,
+    lease: LeaseGuard,
+    status: pb::AgentStatus,
+    /// The table the agent is known to hold (acked); `None`: unknown, send a full table.
+    acked: Option<Arc<RegionTable>>,
+    /// The version the agent said it holds in its hello, until something is acked.
+    held_version: i64,
+    in_flight: Option<InFlight>,
+    /// A full table of this version was refused; wait for a newer one.
+    nacked_version: i64,
+    endpoints_desired: BTreeMap<String, Vec<u8>>,
+    endpoints_written: BTreeMap<String, Vec<u8>>,
+    outbound: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+}
+
+enum Flow {
+    Continue,
+    End(&'static str),
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut lease_lost = self.lease.lost.clone();
+        let mut shutdown = self.shutdown.clone();
+        let mut tables = self.tables.clone();
+        tables.mark_changed();
+        self.report_status();
+        let reason = loop {
+            let flow = tokio::select! {
+                changed = tables.changed() => match changed {
+                    Ok(()) => Flow::Continue,
+                    Err(_) => Flow::End("control plane stopping"),
+                },
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        last_heard = Instant::now();
+                        self.handle(message).await
+                    }
+                    Ok(None) => Flow::End("agent closed the stream"),
+                    Err(_) => Flow::End("stream broke"),
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > self.config.silence_timeout {
+                        Flow::End("agent silent")
+                    } else {
+                        let beat = pb::ControlMessage {
+                            kind: Some(pb::control_message::Kind::Heartbeat(pb::Heartbeat {
+                                unix_ms: unix_ms(SystemTime::now()),
+                            })),
+                        };
+                        // A full channel already tells the agent we are alive.
+                        let _ = self.outbound.try_send(Ok(beat));
+                        self.flush_endpoints().await;
+                        Flow::Continue
+                    }
+                },
+                _ = lease_lost.changed() => {
+                    let _ = self.outbound.try_send(Err(Status::unavailable("agent lease lost; reconnect")));
+                    Flow::End("lease lost")
+                },
+                _ = shutdown.changed() => Flow::End("control plane stopping"),
+                _ = self.outbound.closed() => Flow::End("agent went away"),
+            };
+            if let Flow::End(reason) = flow {
+                break reason;
+            }
+            if let Err(reason) = self.push_if_needed().await {
+                break reason;
+            }
+        };
+        tracing::info!(
+            agent = %self.identity.agent_id,
+            region = %self.identity.region,
+            reason,
+            "agent session ended"
+        );
+    }
+
+    fn current_table(&self) -> Option<Arc<RegionTable>> {
+        self.tables
+            .borrow()
+            .regions
+            .get(&self.identity.region)
+            .cloned()
+    }
+
+    /// Sends the newest table if the agent does not hold it and nothing is in flight.
+    async fn push_if_needed(&mut self) -> Result<(), &'static str> {
+        if let Some(in_flight) = &self.in_flight {
+            if in_flight.sent_at.elapsed() < self.config.ack_timeout {
+                return Ok(());
+            }
+            tracing::warn!(agent = %self.identity.agent_id, version = in_flight.table.version, "push not acknowledged in time; resending a full table");
+            self.in_flight = None;
+            self.acked = None;
+        }
+        let Some(current) = self.current_table() else {
+            return Ok(());
+        };
+        if current.version <= self.nacked_version {
+            return Ok(());
+        }
+        let update = match &self.acked {
+            Some(acked) if acked.version == current.version => return Ok(()),
+            Some(acked) => current.delta_from(acked),
+            None if self.held_version == current.version => {
+                // The agent already holds exactly this version (reconnect without changes).
+                self.acked = Some(current.clone());
+                self.status.acked_version = current.version;
+                self.report_status();
+                return Ok(());
+            }
+            None => current.full_update(),
+        };
+        let full = update.full;
+        let message = pb::ControlMessage {
+            kind: Some(pb::control_message::Kind::Update((*update).clone())),
+        };
+        self.outbound
+            .send(Ok(message))
+            .await
+            .map_err(|_| "agent went away")?;
+        self.in_flight = Some(InFlight {
+            table: current,
+            full,
+            sent_at: Instant::now(),
+        });
+        Ok(())
+    }
+
+    async fn handle(&mut self, message: pb::AgentMessage) -> Flow {
+        use pb::agent_message::Kind;
+        match message.kind {
+            Some(Kind::Ack(ack)) => {
+                match self.in_flight.take() {
+                    Some(sent) if sent.table.version == ack.version => {
+                        self.acked = Some(sent.table);
+                        self.held_version = ack.version;
+                        self.status.acked_version = ack.version;
+                        self.report_status();
+                    }
+                    other => {
+                        tracing::debug!(agent = %self.identity.agent_id, version = ack.version, "ack for a version not in flight");
+                        self.in_flight = other;
+                    }
+                }
+                Flow::Continue
+            }
+            Some(Kind::Nack(nack)) => {
+                tracing::warn!(agent = %self.identity.agent_id, version = nack.version, reason = %nack.reason, "agent refused a routing table");
+                if let Some(sent) = self.in_flight.take() {
+                    if sent.full {
+                        // The table itself is unacceptable: wait for a newer version.
+                        self.nacked_version = sent.table.version;
+                    }
+                    // After a refused delta the agent's table is unknown: send it a full one.
+                    self.acked = None;
+                    self.held_version = 0;
+                }
+                self.status.last_nack = format!("version {}: {}", nack.version, nack.reason);
+                self.report_status();
+                Flow::Continue
+            }
+            Some(Kind::Endpoints(report)) => {
+                self.endpoints_desired = self.endpoint_records(report);
+                self.flush_endpoints().await;
+                Flow::Continue
+            }
+            Some(Kind::Heartbeat(_)) => Flow::Continue,
+            Some(Kind::Hello(_)) => {
+                let _ = self
+                    .outbound
+                    .try_send(Err(Status::invalid_argument("hello sent twice")));
+                Flow::End("second hello")
+            }
+            None => Flow::Continue,
+        }
+    }
+
+    /// The etcd records for an endpoint report; invalid entries are logged and skipped.
+    fn endpoint_records(&self, report: pb::EndpointReport) -> BTreeMap<String, Vec<u8>> {
+        let mut records = BTreeMap::new();
+        for function in report.functions {
+            let key = match FunctionKey::parse(&function.namespace, &function.name) {
+                Ok(key) => key,
+                Err(error) => {
+                    tracing::warn!(agent = %self.identity.agent_id, %error, "ignoring endpoints of an invalid function name");
+                    continue;
+                }
+            };
+            for mut endpoint in function.endpoints {
+                let id_ok = !endpoint.id.is_empty()
+                    && endpoint.id.len() <= 128
+                    && endpoint
+                        .id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+                if !id_ok {
+                    tracing::warn!(agent = %self.identity.agent_id, id = %endpoint.id, "ignoring endpoint with an invalid id");
+                    continue;
+                }
+                if let Err(problem) = check_host_port(&endpoint.address) {
+                    tracing::warn!(agent = %self.identity.agent_id, %problem, "ignoring endpoint with an invalid address");
+                    continue;
+                }
+                if endpoint.zone.is_empty() {
+                    endpoint.zone = self.identity.zone.clone();
+                }
+                let etcd_key = self
+                    .store
+                    .keys()
+                    .endpoint(&key, &self.identity.region, &endpoint.id);
+                records.insert(etcd_key, endpoint.encode_to_vec());
+            }
+        }
+        records
+    }
+
+    /// Brings etcd to the endpoints last reported; retried on every heartbeat until it works.
+    async fn flush_endpoints(&mut self) {
+        if self.endpoints_desired == self.endpoints_written {
+            return;
+        }
+        let puts: Vec<(String, Vec<u8>)> = self
+            .endpoints_desired
+            .iter()
+            .filter(|(k, v)| self.endpoints_written.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let deletes: Vec<String> = self
+            .endpoints_written
+            .keys()
+            .filter(|k| !self.endpoints_desired.contains_key(*k))
+            .cloned()
+            .collect();
+        match self.store.write_leased(self.lease.lease, puts, deletes).await {
+            Ok(()) => self.endpoints_written = self.endpoints_desired.clone(),
+            Err(error) => {
+                tracing::warn!(agent = %self.identity.agent_id, %error, "cannot write endpoints; will retry")
+            }
+        }
+    }
+
+    fn report_status(&mut self) {
+        let write = StatusWrite {
+            lease: self.lease.lease,
+            key: self
+                .store
+                .keys()
+                .agent_status(&self.identity.region, &self.identity.agent_id),
+            status: self.status.clone(),
+        };
+        if self.statuses.try_send(write).is_err() {
+            tracing::debug!(agent = %self.identity.agent_id, "status writer busy; status dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_validation_names_the_field() {
+        let hello = pb::Hello {
+            agent_id: "a1".into(),
+            region: "Bad_Region".into(),
+            ..Default::default()
+        };
+        let error = AgentIdentity::try_from(&hello).expect_err("invalid region");
+        assert_eq!(error.field, "region");
+        assert!(error.to_string().starts_with("hello.region: "));
+
+        let hello = pb::Hello {
+            agent_id: "a1".into(),
+            region: "us-east".into(),
+            gateway: "nohostport".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            AgentIdentity::try_from(&hello).expect_err("bad gateway").field,
+            "gateway"
+        );
+
+        let hello = pb::Hello {
+            agent_id: "a1".into(),
+            region: "us-east".into(),
+            gateway: "127.0.1.1:15002".into(),
+            ..Default::default()
+        };
+        assert!(AgentIdentity::try_from(&hello).is_ok());
+    }
+
+    #[test]
+    fn host_port() {
+        assert!(check_host_port("127.0.0.1:80").is_ok());
+        assert!(check_host_port("host:0").is_err());
+        assert!(check_host_port(":80").is_err());
+        assert!(check_host_port("host").is_err());
+    }
+}

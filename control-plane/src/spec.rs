@@ -1,0 +1,734 @@
+//! Function specs as the control plane understands them: validated domain types converted from
+//! the wire `FunctionSpec` with `TryFrom`, and back into a normalized wire spec for storage.
+//!
+//! Every error names the JSON field path the user wrote (`spec.placement.regions[1].maxInstances`),
+//! which is also the YAML path `meridianctl` reads, so a message points at the line to fix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use meridian_common::names::validate_dns_label;
+use meridian_proto::v1 as pb;
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_MAX_INSTANCES: u32 = 10;
+pub const MAX_INSTANCES_LIMIT: u32 = 1000;
+pub const DEFAULT_TARGET_CONCURRENCY: u32 = 10;
+pub const DEFAULT_IDLE_SECONDS: u32 = 300;
+pub const DEFAULT_TIMEOUT_MS: u32 = 15_000;
+pub const DEFAULT_PER_TRY_TIMEOUT_MS: u32 = 5_000;
+/// One hour: a longer whole-request deadline is almost certainly a unit mistake.
+pub const MAX_TIMEOUT_MS: u32 = 3_600_000;
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+pub const MAX_RETRIES_LIMIT: u32 = 5;
+const MAX_LABELS: usize = 64;
+
+/// A spec field that is wrong, and why. Displays as `field.path: problem`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct SpecError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, problem: impl fmt::Display) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// Namespace and name of a function: its identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FunctionKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for FunctionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl FunctionKey {
+    /// Validates a key given as request fields; an empty namespace means `default`.
+    pub fn parse(namespace: &str, name: &str) -> Result<Self, SpecError> {
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        validate_dns_label(namespace).map_err(|e| SpecError::new("namespace", e))?;
+        validate_dns_label(name).map_err(|e| SpecError::new("name", e))?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A validated function spec with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionSpec {
+    pub key: FunctionKey,
+    pub labels: BTreeMap<String, String>,
+    pub runtime: Runtime,
+    pub placement: Placement,
+    pub scaling: Scaling,
+    pub routing: RoutingPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    Process(ProcessRuntime),
+    /// Region name to the URLs that serve the function there.
+    External(BTreeMap<String, Vec<String>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRuntime {
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub readiness_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    AllRegions,
+    /// In declaration order.
+    Regions(Vec<RegionPlacement>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionPlacement {
+    pub region: String,
+    pub min_instances: u32,
+    pub max_instances: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaling {
+    pub min_instances: u32,
+    pub max_instances: u32,
+    pub target_concurrency: u32,
+    pub idle_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingPolicy {
+    pub timeout_ms: u32,
+    pub per_try_timeout_ms: u32,
+    pub max_retries: u32,
+    pub retryable_methods: Vec<String>,
+    pub failover_order: Vec<String>,
+}
+
+impl FunctionSpec {
+    /// The regions that host this function, if the spec names them (`None`: all regions).
+    pub fn hosting_regions(&self) -> Option<BTreeSet<&str>> {
+        match (&self.runtime, &self.placement) {
+            (Runtime::External(regions), _) => Some(regions.keys().map(String::as_str).collect()),
+            (Runtime::Process(_), Placement::AllRegions) => None,
+            (Runtime::Process(_), Placement::Regions(list)) => {
+                Some(list.iter().map(|p| p.region.as_str()).collect())
+            }
+        }
+    }
+}
+
+fn label(field: &str, value: &str) -> Result<(), SpecError> {
+    validate_dns_label(value).map_err(|e| SpecError::new(field, format!("{value:?} {e}")))
+}
+
+fn unique_regions<'a>(
+    field: &str,
+    regions: impl IntoIterator<Item = &'a str>,
+    element: &str,
+) -> Result<(), SpecError> {
+    let mut seen = BTreeSet::new();
+    for (index, region) in regions.into_iter().enumerate() {
+        let path = if element.is_empty() {
+            format!("{field}[{index}]")
+        } else {
+            format!("{field}[{index}].{element}")
+        };
+        label(&path, region)?;
+        if !seen.insert(region) {
+            return Err(SpecError::new(path, format!("duplicate region {region:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn check_label_map(labels: &std::collections::HashMap<String, String>) -> Result<(), SpecError> {
+    if labels.len() > MAX_LABELS {
+        return Err(SpecError::new(
+            "metadata.labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    let valid = |s: &str| {
+        s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    };
+    for (key, value) in labels {
+        let field = format!("metadata.labels.{key}");
+        if key.is_empty() || !valid(key) {
+            return Err(SpecError::new(
+                field,
+                "label keys are 1-63 characters of letters, digits, '-', '_', '.', '/'",
+            ));
+        }
+        if !valid(value) {
+            return Err(SpecError::new(
+                field,
+                "label values are at most 63 characters of letters, digits, '-', '_', '.', '/'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an `http://host:port[/path]` URL and returns its `host:port` (port 80 if absent).
+pub fn url_authority(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must start with http://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if authority.contains('@') {
+        return Err(format!("{url:?} must not carry credentials"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("{url:?} has an invalid port {port:?}"))?;
+            if port == 0 {
+                return Err(format!("{url:?} has port 0"));
+            }
+            (host, port)
+        }
+        _ => (authority, 80),
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{url:?} has an invalid host"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+const IDEMPOTENT_METHODS: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
+
+fn check_method(field: &str, method: &str) -> Result<(), SpecError> {
+    let token = !method.is_empty()
+        && method.len() <= 32
+        && method.chars().all(|c| c.is_ascii_uppercase() || c == '-');
+    if token {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("{method:?} is not an upper-case HTTP method such as POST"),
+        ))
+    }
+}
+
+impl TryFrom<pb::FunctionSpec> for FunctionSpec {
+    type Error = SpecError;
+
+    fn try_from(spec: pb::FunctionSpec) -> Result<Self, Self::Error> {
+        let namespace = if spec.namespace.is_empty() {
+            DEFAULT_NAMESPACE.to_owned()
+        } else {
+            spec.namespace
+        };
+        label("metadata.name", &spec.name)?;
+        label("metadata.namespace", &namespace)?;
+        check_label_map(&spec.labels)?;
+
+        let runtime = match spec.runtime {
+            None => {
+                return Err(SpecError::new(
+                    "spec.runtime",
+                    "must set exactly one of process or external",
+                ))
+            }
+            Some(pb::function_spec::Runtime::Process(process)) => {
+                Runtime::Process(process_runtime(process)?)
+            }
+            Some(pb::function_spec::Runtime::External(external)) => {
+                Runtime::External(external_runtime(external)?)
+            }
+        };
+
+        let scaling = scaling(spec.scaling.unwrap_or_default())?;
+        let placement = placement(spec.placement.unwrap_or_default(), &scaling)?;
+        if let (Runtime::External(_), Placement::Regions(_)) = (&runtime, &placement) {
+            return Err(SpecError::new(
+                "spec.placement",
+                "an external function is placed by spec.runtime.external.regions; leave placement unset",
+            ));
+        }
+        let routing = routing(spec.routing.unwrap_or_default())?;
+
+        Ok(Self {
+            key: FunctionKey {
+                namespace,
+                name: spec.name,
+            },
+            labels: spec.labels.into_iter().collect(),
+            runtime,
+            placement,
+            scaling,
+            routing,
+        })
+    }
+}
+
+fn process_runtime(process: pb::ProcessRuntime) -> Result<ProcessRuntime, SpecError> {
+    const FIELD: &str = "spec.runtime.process";
+    if process.command.trim().is_empty() {
+        return Err(SpecError::new(
+            format!("{FIELD}.command"),
+            "must not be empty",
+        ));
+    }
+    if !process.readiness_path.is_empty() && !process.readiness_path.starts_with('/') {
+        return Err(SpecError::new(
+            format!("{FIELD}.readinessPath"),
+            "must start with '/'",
+        ));
+    }
+    for key in process.env.keys() {
+        let identifier = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !identifier {
+            return Err(SpecError::new(
+                format!("{FIELD}.env.{key}"),
+                "environment variable names are letters, digits and '_', not starting with a digit",
+            ));
+        }
+    }
+    Ok(ProcessRuntime {
+        command: process.command,
+        args: process.args,
+        env: process.env.into_iter().collect(),
+        readiness_path: process.readiness_path,
+    })
+}
+
+fn external_runtime(
+    external: pb::ExternalRuntime,
+) -> Result<BTreeMap<String, Vec<String>>, SpecError> {
+    const FIELD: &str = "spec.runtime.external.regions";
+    if external.regions.is_empty() {
+        return Err(SpecError::new(FIELD, "must list at least one region"));
+    }
+    unique_regions(
+        FIELD,
+        external.regions.iter().map(|r| r.region.as_str()),
+        "region",
+    )?;
+    let mut regions = BTreeMap::new();
+    for (index, region) in external.regions.into_iter().enumerate() {
+        let field = format!("{FIELD}[{index}].urls");
+        if region.urls.is_empty() {
+            return Err(SpecError::new(field, "must list at least one URL"));
+        }
+        for (url_index, url) in region.urls.iter().enumerate() {
+            url_authority(url).map_err(|e| SpecError::new(format!("{field}[{url_index}]"), e))?;
+        }
+        regions.insert(region.region, region.urls);
+    }
+    Ok(regions)
+}
+
+fn scaling(scaling: pb::Scaling) -> Result<Scaling, SpecError> {
+    const FIELD: &str = "spec.scaling";
+    let min_instances = scaling.min_instances.unwrap_or(0);
+    let max_instances = scaling.max_instances.unwrap_or(DEFAULT_MAX_INSTANCES.max(min_instances));
+    if max_instances == 0 {
+        return Err(SpecError::new(
+            format!("{FIELD}.maxInstances"),
+            "must be at least 1",
+        ));
+    }
+    if max_instances > MAX_INSTANCES_LIMIT {
+        return Err(SpecError::new(
+            format!("{FIELD}.maxInstances"),
+            format!("must be at most {MAX_INSTANCES_LIMIT}"),
+        ));
+    }
+    if min_instances > max_instances {
+        return Err(SpecError::new(
+            format!("{FIELD}.minInstances"),
+            format!("{min_instances} is greater than maxInstances {max_instances}"),
+        ));
+    }
+    let target_concurrency = scaling
+        .target_concurrency
+        .unwrap_or(DEFAULT_TARGET_CONCURRENCY);
+    if target_concurrency == 0 {
+        return Err(SpecError::new(
+            format!("{FIELD}.targetConcurrency"),
+            "must be at least 1",
+        ));
+    }
+    Ok(Scaling {
+        min_instances,
+        max_instances,
+        target_concurrency,
+        idle_seconds: scaling.idle_seconds.unwrap_or(DEFAULT_IDLE_SECONDS),
+    })
+}
+
+fn placement(placement: pb::Placement, scaling: &Scaling) -> Result<Placement, SpecError> {
+    const FIELD: &str = "spec.placement";
+    if placement.regions.is_empty() {
+        return Ok(Placement::AllRegions);
+    }
+    if placement.all_regions {
+        return Err(SpecError::new(
+            FIELD,
+            "set either allRegions or regions, not both",
+        ));
+    }
+    let field = format!("{FIELD}.regions");
+    unique_regions(
+        &field,
+        placement.regions.iter().map(|r| r.region.as_str()),
+        "region",
+    )?;
+    let mut regions = Vec::with_capacity(placement.regions.len());
+    for (index, region) in placement.regions.into_iter().enumerate() {
+        let min_instances = region.min_instances.unwrap_or(0);
+        let max_instances = region.max_instances.unwrap_or(scaling.max_instances);
+        if max_instances > scaling.max_instances {
+            return Err(SpecError::new(
+                format!("{field}[{index}].maxInstances"),
+                format!(
+                    "{max_instances} is greater than spec.scaling.maxInstances {}",
+                    scaling.max_instances
+                ),
+            ));
+        }
+        if min_instances > max_instances {
+            return Err(SpecError::new(
+                format!("{field}[{index}].minInstances"),
+                format!("{min_instances} is greater than maxInstances {max_instances}"),
+            ));
+        }
+        regions.push(RegionPlacement {
+            region: region.region,
+            min_instances,
+            max_instances,
+        });
+    }
+    Ok(Placement::Regions(regions))
+}
+
+fn routing(routing: pb::RoutingPolicy) -> Result<RoutingPolicy, SpecError> {
+    const FIELD: &str = "spec.routing";
+    let timeout_ms = routing.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(SpecError::new(
+            format!("{FIELD}.timeout"),
+            format!("must be greater than 0 and at most 1h (got {timeout_ms}ms)"),
+        ));
+    }
+    let per_try_timeout_ms = routing
+        .per_try_timeout_ms
+        .unwrap_or(DEFAULT_PER_TRY_TIMEOUT_MS.min(timeout_ms));
+    if per_try_timeout_ms == 0 {
+        return Err(SpecError::new(
+            format!("{FIELD}.perTryTimeout"),
+            "must be greater than 0",
+        ));
+    }
+    if per_try_timeout_ms > timeout_ms {
+        return Err(SpecError::new(
+            format!("{FIELD}.perTryTimeout"),
+            format!("{per_try_timeout_ms}ms is longer than timeout {timeout_ms}ms"),
+        ));
+    }
+    let max_retries = routing.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+    if max_retries > MAX_RETRIES_LIMIT {
+        return Err(SpecError::new(
+            format!("{FIELD}.maxRetries"),
+            format!("{max_retries} is more than the limit of {MAX_RETRIES_LIMIT}"),
+        ));
+    }
+    let mut methods = BTreeSet::new();
+    for (index, method) in routing.retryable_methods.iter().enumerate() {
+        let field = format!("{FIELD}.retryableMethods[{index}]");
+        check_method(&field, method)?;
+        if !methods.insert(method.as_str()) {
+            return Err(SpecError::new(field, format!("duplicate method {method:?}")));
+        }
+    }
+    unique_regions(
+        &format!("{FIELD}.failoverOrder"),
+        routing.failover_order.iter().map(String::as_str),
+        "",
+    )?;
+    Ok(RoutingPolicy {
+        timeout_ms,
+        per_try_timeout_ms,
+        max_retries,
+        retryable_methods: routing.retryable_methods,
+        failover_order: routing.failover_order,
+    })
+}
+
+impl RoutingPolicy {
+    /// Whether a method may be retried: idempotent by HTTP semantics, or named by the policy.
+    pub fn retryable(&self, method: &str) -> bool {
+        IDEMPOTENT_METHODS.contains(&method) || self.retryable_methods.iter().any(|m| m == method)
+    }
+}
+
+impl From<&RoutingPolicy> for pb::RoutingPolicy {
+    fn from(policy: &RoutingPolicy) -> Self {
+        Self {
+            timeout_ms: Some(policy.timeout_ms),
+            per_try_timeout_ms: Some(policy.per_try_timeout_ms),
+            max_retries: Some(policy.max_retries),
+            retryable_methods: policy.retryable_methods.clone(),
+            failover_order: policy.failover_order.clone(),
+        }
+    }
+}
+
+impl From<&ProcessRuntime> for pb::ProcessRuntime {
+    fn from(process: &ProcessRuntime) -> Self {
+        Self {
+            command: process.command.clone(),
+            args: process.args.clone(),
+            env: process.env.clone().into_iter().collect(),
+            readiness_path: process.readiness_path.clone(),
+        }
+    }
+}
+
+impl From<&FunctionSpec> for pb::FunctionSpec {
+    fn from(spec: &FunctionSpec) -> Self {
+        let runtime = match &spec.runtime {
+            Runtime::Process(process) => pb::function_spec::Runtime::Process(process.into()),
+            Runtime::External(regions) => {
+                pb::function_spec::Runtime::External(pb::ExternalRuntime {
+                    regions: regions
+                        .iter()
+                        .map(|(region, urls)| pb::ExternalRegion {
+                            region: region.clone(),
+                            urls: urls.clone(),
+                        })
+                        .collect(),
+                })
+            }
+        };
+        let placement = match &spec.placement {
+            Placement::AllRegions => pb::Placement {
+                all_regions: true,
+                regions: Vec::new(),
+            },
+            Placement::Regions(regions) => pb::Placement {
+                all_regions: false,
+                regions: regions
+                    .iter()
+                    .map(|r| pb::RegionPlacement {
+                        region: r.region.clone(),
+                        min_instances: Some(r.min_instances),
+                        max_instances: Some(r.max_instances),
+                    })
+                    .collect(),
+            },
+        };
+        Self {
+            name: spec.key.name.clone(),
+            namespace: spec.key.namespace.clone(),
+            labels: spec.labels.clone().into_iter().collect(),
+            runtime: Some(runtime),
+            placement: Some(placement),
+            scaling: Some(pb::Scaling {
+                min_instances: Some(spec.scaling.min_instances),
+                max_instances: Some(spec.scaling.max_instances),
+                target_concurrency: Some(spec.scaling.target_concurrency),
+                idle_seconds: Some(spec.scaling.idle_seconds),
+            }),
+            routing: Some((&spec.routing).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn external(regions: &[(&str, &[&str])]) -> pb::FunctionSpec {
+        pb::FunctionSpec {
+            name: "hello".into(),
+            runtime: Some(pb::function_spec::Runtime::External(pb::ExternalRuntime {
+                regions: regions
+                    .iter()
+                    .map(|(region, urls)| pb::ExternalRegion {
+                        region: (*region).into(),
+                        urls: urls.iter().map(|u| (*u).to_string()).collect(),
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn process() -> pb::FunctionSpec {
+        pb::FunctionSpec {
+            name: "worker".into(),
+            runtime: Some(pb::function_spec::Runtime::Process(pb::ProcessRuntime {
+                command: "/bin/true".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn error_field(spec: pb::FunctionSpec) -> String {
+        match FunctionSpec::try_from(spec) {
+            Ok(_) => panic!("spec was accepted"),
+            Err(e) => e.field,
+        }
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let spec = FunctionSpec::try_from(external(&[("us-east", &["http://127.0.1.1:9000"])]))
+            .expect("valid");
+        assert_eq!(spec.key.namespace, "default");
+        assert_eq!(spec.scaling.max_instances, DEFAULT_MAX_INSTANCES);
+        assert_eq!(spec.routing.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(spec.routing.per_try_timeout_ms, DEFAULT_PER_TRY_TIMEOUT_MS);
+        assert_eq!(spec.routing.max_retries, DEFAULT_MAX_RETRIES);
+        let normalized = pb::FunctionSpec::from(&spec);
+        assert_eq!(
+            FunctionSpec::try_from(normalized).expect("normalized spec is valid"),
+            spec
+        );
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let mut spec = process();
+        spec.name = "Hello_World".into();
+        assert_eq!(error_field(spec), "metadata.name");
+        let mut spec = process();
+        spec.namespace = "-x".into();
+        assert_eq!(error_field(spec), "metadata.namespace");
+    }
+
+    #[test]
+    fn rejects_duplicate_region() {
+        let spec = external(&[("us-east", &["http://a:1"]), ("us-east", &["http://b:1"])]);
+        assert_eq!(error_field(spec), "spec.runtime.external.regions[1].region");
+        let mut spec = process();
+        spec.placement = Some(pb::Placement {
+            all_regions: false,
+            regions: vec![
+                pb::RegionPlacement {
+                    region: "eu-west".into(),
+                    ..Default::default()
+                },
+                pb::RegionPlacement {
+                    region: "eu-west".into(),
+                    ..Default::default()
+                },
+            ],
+        });
+        assert_eq!(error_field(spec), "spec.placement.regions[1].region");
+    }
+
+    #[test]
+    fn checks_ranges() {
+        let mut spec = process();
+        spec.scaling = Some(pb::Scaling {
+            min_instances: Some(5),
+            max_instances: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(error_field(spec), "spec.scaling.minInstances");
+
+        let mut spec = process();
+        spec.routing = Some(pb::RoutingPolicy {
+            timeout_ms: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(error_field(spec), "spec.routing.timeout");
+
+        let mut spec = process();
+        spec.routing = Some(pb::RoutingPolicy {
+            timeout_ms: Some(1000),
+            per_try_timeout_ms: Some(2000),
+            ..Default::default()
+        });
+        assert_eq!(error_field(spec), "spec.routing.perTryTimeout");
+
+        let mut spec = process();
+        spec.routing = Some(pb::RoutingPolicy {
+            max_retries: Some(6),
+            ..Default::default()
+        });
+        assert_eq!(error_field(spec), "spec.routing.maxRetries");
+
+        let mut spec = process();
+        spec.placement = Some(pb::Placement {
+            all_regions: false,
+            regions: vec![pb::RegionPlacement {
+                region: "eu-west".into(),
+                min_instances: Some(3),
+                max_instances: Some(1),
+            }],
+        });
+        assert_eq!(error_field(spec), "spec.placement.regions[0].minInstances");
+    }
+
+    #[test]
+    fn checks_urls_and_runtime() {
+        assert_eq!(
+            error_field(external(&[("us-east", &["https://x:1"])])),
+            "spec.runtime.external.regions[0].urls[0]"
+        );
+        let mut spec = process();
+        spec.runtime = None;
+        assert_eq!(error_field(spec), "spec.runtime");
+        assert_eq!(url_authority("http://127.0.0.1/x"), Ok("127.0.0.1:80".into()));
+        assert_eq!(url_authority("http://h:9000/"), Ok("h:9000".into()));
+        assert!(url_authority("http://h:0").is_err());
+        assert!(url_authority("http:///x").is_err());
+    }
+
+    #[test]
+    fn retry_methods() {
+        let mut spec = process();
+        spec.routing = Some(pb::RoutingPolicy {
+            retryable_methods: vec!["post".into()],
+            ..Default::default()
+        });
+        assert_eq!(error_field(spec), "spec.routing.retryableMethods[0]");
+        let policy = RoutingPolicy {
+            timeout_ms: 1,
+            per_try_timeout_ms: 1,
+            max_retries: 1,
+            retryable_methods: vec!["POST".into()],
+            failover_order: vec![],
+        };
+        assert!(policy.retryable("GET"));
+        assert!(policy.retryable("POST"));
+        assert!(!policy.retryable("PATCH"));
+    }
+}

@@ -1,0 +1,692 @@
+//! The etcd adapter: key layout, typed records, optimistic-concurrency writes, leases and a
+//! resumable watch. Architecture Invariant: this is the only module that imports `etcd_client`.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use meridian_proto::v1 as pb;
+use prost::Message;
+
+use crate::spec::FunctionKey;
+
+/// etcd refuses transactions with more operations than this (its default `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd request failed: {0}")]
+    Etcd(#[source] etcd_client::Error),
+    #[error("the stored version is {current}, not the expected {expected}")]
+    Conflict { expected: i64, current: i64 },
+    #[error("not found")]
+    NotFound,
+    #[error("the watch fell behind etcd's compaction at revision {0}")]
+    Compacted(i64),
+    #[error("the watch was closed by etcd: {0}")]
+    WatchClosed(String),
+    #[error("the lease expired")]
+    LeaseLost,
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(error: etcd_client::Error) -> Self {
+        Self::Etcd(error)
+    }
+}
+
+/// A function as stored: the normalized spec and its versions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredFunction {
+    pub spec: pb::FunctionSpec,
+    pub version: i64,
+    pub created_version: i64,
+}
+
+impl From<&StoredFunction> for pb::Function {
+    fn from(stored: &StoredFunction) -> Self {
+        Self {
+            spec: Some(stored.spec.clone()),
+            version: stored.version,
+            created_version: stored.created_version,
+        }
+    }
+}
+
+/// What a key under the prefix names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKey {
+    Function(FunctionKey),
+    Agent {
+        region: String,
+        agent_id: String,
+    },
+    Endpoint {
+        function: FunctionKey,
+        region: String,
+        id: String,
+    },
+    AgentStatus {
+        region: String,
+        agent_id: String,
+    },
+}
+
+/// A decoded value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Function(StoredFunction),
+    Agent(pb::AgentStatus),
+    Endpoint(pb::Endpoint),
+    AgentStatus(pb::AgentStatus),
+}
+
+/// One change seen by a watch: a put (with the new record) or a delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub key: RecordKey,
+    /// `None` for a delete.
+    pub record: Option<Record>,
+    /// For a delete of a function: what was stored before.
+    pub previous: Option<Record>,
+    pub revision: i64,
+}
+
+/// Everything under the prefix at one revision.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub records: Vec<(RecordKey, Record)>,
+    pub revision: i64,
+}
+
+/// The outcome of an Apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// Key layout under the prefix (default `/meridian/v1/`).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Self { prefix }
+    }
+
+    pub fn all(&self) -> String {
+        self.prefix.clone()
+    }
+
+    pub fn function(&self, key: &FunctionKey) -> String {
+        format!("{}functions/{}/{}", self.prefix, key.namespace, key.name)
+    }
+
+    /// All functions, or those of one namespace.
+    pub fn functions(&self, namespace: Option<&str>) -> String {
+        match namespace {
+            Some(ns) => format!("{}functions/{ns}/", self.prefix),
+            None => format!("{}functions/", self.prefix),
+        }
+    }
+
+    pub fn agent(&self, region: &str, agent_id: &str) -> String {
+        format!("{}agents/{region}/{agent_id}", self.prefix)
+    }
+
+    pub fn agents(&self) -> String {
+        format!("{}agents/", self.prefix)
+    }
+
+    pub fn endpoint(&self, function: &FunctionKey, region: &str, id: &str) -> String {
+        format!(
+            "{}endpoints/{}/{}/{region}/{id}",
+            self.prefix, function.namespace, function.name
+        )
+    }
+
+    pub fn agent_status(&self, region: &str, agent_id: &str) -> String {
+        format!("{}status/agents/{region}/{agent_id}", self.prefix)
+    }
+
+    pub fn agent_statuses(&self) -> String {
+        format!("{}status/agents/", self.prefix)
+    }
+
+    /// Parses a full key back into what it names; `None` for keys of no known kind.
+    pub fn parse(&self, key: &[u8]) -> Option<RecordKey> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.prefix)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let owned = |s: &str| s.to_owned();
+        match parts.as_slice() {
+            ["functions", ns, name] => Some(RecordKey::Function(FunctionKey {
+                namespace: owned(ns),
+                name: owned(name),
+            })),
+            ["agents", region, id] => Some(RecordKey::Agent {
+                region: owned(region),
+                agent_id: owned(id),
+            }),
+            ["endpoints", ns, name, region, id] => Some(RecordKey::Endpoint {
+                function: FunctionKey {
+                    namespace: owned(ns),
+                    name: owned(name),
+                },
+                region: owned(region),
+                id: owned(id),
+            }),
+            ["status", "agents", region, id] => Some(RecordKey::AgentStatus {
+                region: owned(region),
+                agent_id: owned(id),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn decode(
+    key: &RecordKey,
+    value: &[u8],
+    mod_revision: i64,
+    create_revision: i64,
+) -> Result<Record, prost::DecodeError> {
+    Ok(match key {
+        RecordKey::Function(_) => Record::Function(StoredFunction {
+            spec: pb::FunctionSpec::decode(value)?,
+            version: mod_revision,
+            created_version: create_revision,
+        }),
+        RecordKey::Agent { .. } => Record::Agent(pb::AgentStatus::decode(value)?),
+        RecordKey::Endpoint { .. } => Record::Endpoint(pb::Endpoint::decode(value)?),
+        RecordKey::AgentStatus { .. } => Record::AgentStatus(pb::AgentStatus::decode(value)?),
+    })
+}
+
+/// A handle on etcd. Cheap to clone: clones share one connection.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("keys", &self.keys).finish()
+    }
+}
+
+impl Store {
+    /// Connects to etcd. Requests time out after `request_timeout` so that a dead etcd turns
+    /// into an error instead of a hang.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        request_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(request_timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options)).await?;
+        Ok(Self {
+            client,
+            keys: Keys::new(prefix),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn decode_kv(&self, kv: &etcd_client::KeyValue) -> Option<(RecordKey, Record)> {
+        let key = self.keys.parse(kv.key())?;
+        match decode(&key, kv.value(), kv.mod_revision(), kv.create_revision()) {
+            Ok(record) => Some((key, record)),
+            Err(error) => {
+                // A value we cannot read must not take the whole mesh down: skip it, loudly.
+                tracing::error!(key = %String::from_utf8_lossy(kv.key()), %error, "skipping undecodable value in etcd");
+                None
+            }
+        }
+    }
+
+    /// Everything under `prefix` (a full key prefix from [`Keys`]) at one revision.
+    pub async fn load(&self, prefix: &str) -> Result<Snapshot, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        let records = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.decode_kv(kv))
+            .collect();
+        Ok(Snapshot { records, revision })
+    }
+
+    pub async fn get_function(&self, key: &FunctionKey) -> Result<StoredFunction, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(self.keys.function(key), None)
+            .await?;
+        match response.kvs().first().and_then(|kv| self.decode_kv(kv)) {
+            Some((_, Record::Function(stored))) => Ok(stored),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    /// Functions of one namespace (or all), sorted by key, with the revision they were read at.
+    pub async fn list_functions(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<StoredFunction>, i64), StoreError> {
+        let snapshot = self.load(&self.keys.functions(namespace)).await?;
+        let functions = snapshot
+            .records
+            .into_iter()
+            .filter_map(|(_, record)| match record {
+                Record::Function(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        Ok((functions, snapshot.revision))
+    }
+
+    /// Creates or updates a function. With `expected_version`, the write happens only if the
+    /// stored version is exactly that; without, it overwrites, retrying on concurrent writers.
+    /// An identical spec is not rewritten (its version stays).
+    pub async fn put_function(
+        &self,
+        key: &FunctionKey,
+        spec: &pb::FunctionSpec,
+        expected_version: Option<i64>,
+        dry_run: bool,
+    ) -> Result<(StoredFunction, PutOutcome), StoreError> {
+        let etcd_key = self.keys.function(key);
+        let value = spec.encode_to_vec();
+        let mut kv = self.client.kv_client();
+        for _ in 0..5 {
+            let current = kv.get(etcd_key.clone(), None).await?;
+            let stored = current.kvs().first();
+            let (current_version, created_version) = stored
+                .map(|kv| (kv.mod_revision(), kv.create_revision()))
+                .unwrap_or((0, 0));
+            if let Some(expected) = expected_version {
+                if expected != current_version {
+                    return Err(StoreError::Conflict {
+                        expected,
+                        current: current_version,
+                    });
+                }
+            }
+            if let Some(stored) = stored {
+                if stored.value() == value.as_slice() {
+                    return Ok((
+                        StoredFunction {
+                            spec: spec.clone(),
+                            version: current_version,
+                            created_version,
+                        },
+                        PutOutcome::Unchanged,
+                    ));
+                }
+            }
+            let outcome = if current_version == 0 {
+                PutOutcome::Created
+            } else {
+                PutOutcome::Configured
+            };
+            if dry_run {
+                return Ok((
+                    StoredFunction {
+                        spec: spec.clone(),
+                        version: current_version,
+                        created_version,
+                    },
+                    outcome,
+                ));
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    etcd_key.clone(),
+                    CompareOp::Equal,
+                    current_version,
+                )])
+                .and_then([TxnOp::put(etcd_key.clone(), value.clone(), None)]);
+            let response = kv.txn(txn).await?;
+            if response.succeeded() {
+                let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+                let created_version = if current_version == 0 {
+                    revision
+                } else {
+                    created_version
+                };
+                return Ok((
+                    StoredFunction {
+                        spec: spec.clone(),
+                        version: revision,
+                        created_version,
+                    },
+                    outcome,
+                ));
+            }
+            // Someone wrote in between. With an expected version that is a conflict; without
+            // one, read again and retry.
+            if expected_version.is_some() {
+                let current = self.get_function(key).await.map(|f| f.version).unwrap_or(0);
+                return Err(StoreError::Conflict {
+                    expected: expected_version.unwrap_or_default(),
+                    current,
+                });
+            }
+        }
+        Err(StoreError::Conflict {
+            expected: 0,
+            current: -1,
+        })
+    }
+
+    /// Deletes a function (and nothing else: its endpoints belong to agents' leases).
+    pub async fn delete_function(
+        &self,
+        key: &FunctionKey,
+        expected_version: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        let etcd_key = self.keys.function(key);
+        let mut kv = self.client.kv_client();
+        match expected_version {
+            None => {
+                let response = kv
+                    .delete(etcd_key, Some(DeleteOptions::new().with_prev_key()))
+                    .await?;
+                response
+                    .prev_kvs()
+                    .first()
+                    .map(|kv| kv.mod_revision())
+                    .ok_or(StoreError::NotFound)
+            }
+            Some(expected) => {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        etcd_key.clone(),
+                        CompareOp::Equal,
+                        expected,
+                    )])
+                    .and_then([TxnOp::delete(etcd_key.clone(), None)])
+                    .or_else([TxnOp::get(etcd_key, None)]);
+                let response = kv.txn(txn).await?;
+                if response.succeeded() {
+                    return Ok(expected);
+                }
+                let current = response
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|op| match op {
+                        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision()),
+                        _ => None,
+                    })
+                    .ok_or(StoreError::NotFound)?;
+                Err(StoreError::Conflict { expected, current })
+            }
+        }
+    }
+
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
+        Ok(self
+            .client
+            .lease_client()
+            .grant(ttl_secs, None)
+            .await?
+            .id())
+    }
+
+    /// Keeps a lease alive until the returned handle is dropped. `lost` fires when the lease
+    /// can no longer be kept (expired, or etcd unreachable for longer than the TTL).
+    pub fn keep_alive(&self, lease: i64, ttl: Duration) -> LeaseGuard {
+        let (lost_tx, lost_rx) = tokio::sync::watch::channel(false);
+        let client = self.client.clone();
+        let task = tokio::spawn(async move {
+            let interval = ttl / 3;
+            let mut last_ok = tokio::time::Instant::now();
+            loop {
+                match keep_alive_stream(client.clone(), lease, interval, &mut last_ok).await {
+                    Err(StoreError::LeaseLost) => break,
+                    Err(error) => {
+                        tracing::warn!(lease, %error, "lease keep-alive interrupted");
+                    }
+                    Ok(()) => {}
+                }
+                if last_ok.elapsed() >= ttl {
+                    break;
+                }
+                tokio::time::sleep(interval.min(Duration::from_millis(200))).await;
+            }
+            let _ = lost_tx.send(true);
+        });
+        LeaseGuard {
+            lease,
+            lost: lost_rx,
+            task,
+        }
+    }
+
+    /// Writes records under a lease (the agent record and its endpoints), in as few
+    /// transactions as etcd allows; deletes go with them.
+    pub async fn write_leased(
+        &self,
+        lease: i64,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let mut ops: Vec<TxnOp> = puts
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))))
+            .collect();
+        ops.extend(deletes.into_iter().map(|k| TxnOp::delete(k, None)));
+        let mut kv = self.client.kv_client();
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
+            kv.txn(Txn::new().and_then(ops)).await?;
+            ops = rest;
+        }
+        Ok(())
+    }
+
+    /// Writes agent statuses, each under its agent's lease, batched. A status whose lease has
+    /// gone (the agent left) is dropped.
+    pub async fn write_statuses(&self, statuses: Vec<(i64, String, Vec<u8>)>) {
+        let mut kv = self.client.kv_client();
+        for chunk in statuses.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(lease, key, value)| {
+                    TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(*lease)),
+                    )
+                })
+                .collect();
+            if kv.txn(Txn::new().and_then(ops)).await.is_ok() {
+                continue;
+            }
+            // One expired lease fails the whole batch; write one by one and drop failures.
+            for (lease, key, value) in chunk {
+                let _ = kv
+                    .put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(*lease)),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Watches everything under `prefix` from `start_revision` (inclusive).
+    pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(start_revision);
+        let stream = self.client.watch_client().watch(prefix, Some(options)).await?;
+        Ok(Watch {
+            stream,
+            keys: self.keys.clone(),
+            store: self.clone(),
+        })
+    }
+}
+
+async fn keep_alive_stream(
+    mut client: Client,
+    lease: i64,
+    interval: Duration,
+    last_ok: &mut tokio::time::Instant,
+) -> Result<(), StoreError> {
+    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+    loop {
+        keeper.keep_alive().await?;
+        match responses.message().await? {
+            Some(response) if response.ttl() > 0 => *last_ok = tokio::time::Instant::now(),
+            Some(_) => return Err(StoreError::LeaseLost),
+            None => return Ok(()),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Keeps a lease alive while held; aborts the keep-alive on drop (the lease then expires).
+#[derive(Debug)]
+pub struct LeaseGuard {
+    pub lease: i64,
+    pub lost: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A watch on a prefix yielding decoded changes in revision order.
+pub struct Watch {
+    stream: etcd_client::WatchStream,
+    keys: Keys,
+    store: Store,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
+}
+
+/// The changes of one watch response and the revision they bring the watcher to.
+#[derive(Debug, Default)]
+pub struct WatchBatch {
+    pub changes: Vec<Change>,
+    /// The revision of the last change in the batch (0 if the batch is empty).
+    pub revision: i64,
+}
+
+impl Watch {
+    /// The next batch of changes. Errors when the stream breaks (resume from the last revision
+    /// seen + 1) or when etcd compacted past where the watch started ([`StoreError::Compacted`]:
+    /// reload instead).
+    pub async fn next(&mut self) -> Result<WatchBatch, StoreError> {
+        loop {
+            let Some(response) = self.stream.message().await? else {
+                return Err(StoreError::WatchClosed("stream ended".into()));
+            };
+            if response.compact_revision() > 0 {
+                return Err(StoreError::Compacted(response.compact_revision()));
+            }
+            if response.canceled() {
+                return Err(StoreError::WatchClosed(response.cancel_reason().to_owned()));
+            }
+            if response.events().is_empty() {
+                // Created or progress notification.
+                continue;
+            }
+            let mut batch = WatchBatch::default();
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                batch.revision = batch.revision.max(kv.mod_revision());
+                let Some(key) = self.keys.parse(kv.key()) else {
+                    continue;
+                };
+                let previous = event
+                    .prev_kv()
+                    .and_then(|prev| self.store.decode_kv(prev))
+                    .map(|(_, record)| record);
+                let record = match event.event_type() {
+                    EventType::Put => match self.store.decode_kv(kv) {
+                        Some((_, record)) => Some(record),
+                        None => continue,
+                    },
+                    EventType::Delete => None,
+                };
+                batch.changes.push(Change {
+                    key,
+                    record,
+                    previous,
+                    revision: kv.mod_revision(),
+                });
+            }
+            return Ok(batch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let keys = Keys::new("/meridian/v1");
+        let f = FunctionKey {
+            namespace: "default".into(),
+            name: "hello".into(),
+        };
+        assert_eq!(keys.function(&f), "/meridian/v1/functions/default/hello");
+        assert_eq!(
+            keys.parse(keys.function(&f).as_bytes()),
+            Some(RecordKey::Function(f.clone()))
+        );
+        assert_eq!(
+            keys.parse(keys.endpoint(&f, "us-east", "ext-1").as_bytes()),
+            Some(RecordKey::Endpoint {
+                function: f,
+                region: "us-east".into(),
+                id: "ext-1".into()
+            })
+        );
+        assert_eq!(
+            keys.parse(keys.agent_status("eu-west", "a1").as_bytes()),
+            Some(RecordKey::AgentStatus {
+                region: "eu-west".into(),
+                agent_id: "a1".into()
+            })
+        );
+        assert_eq!(keys.parse(b"/meridian/v1/unknown/x"), None);
+        assert_eq!(keys.parse(b"/other/functions/a/b"), None);
+    }
+}

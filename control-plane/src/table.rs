@@ -1,0 +1,362 @@
+//! Compiles the cached mesh state into one routing table per region, and computes the updates
+//! (full tables and deltas) that agents are sent.
+//!
+//! Routes are `Arc`s shared between table versions: a route that did not change is the same
+//! allocation in the old and new table, so a delta is found by pointer comparison, and is
+//! computed once per (base version, new version) and shared by every agent of the region.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use meridian_proto::v1 as pb;
+
+use crate::spec::{FunctionKey, FunctionSpec, Runtime};
+
+/// A function as the table builder needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedFunction {
+    pub spec: FunctionSpec,
+    pub version: i64,
+}
+
+/// The inputs of routing tables that are not per function: which regions exist and their
+/// gateways.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Topology {
+    /// Regions that have at least one connected agent.
+    pub agent_regions: BTreeSet<String>,
+    /// Per region, the sidecar gateways of its agents (sorted, deduplicated by address).
+    pub gateways: BTreeMap<String, Vec<pb::Endpoint>>,
+}
+
+/// Endpoints of one function, by (region, id).
+pub type FunctionEndpoints = BTreeMap<(String, String), pb::Endpoint>;
+
+/// The table of one region at one version.
+#[derive(Debug)]
+pub struct RegionTable {
+    pub version: i64,
+    pub region: String,
+    pub routes: BTreeMap<FunctionKey, Arc<pb::FunctionRoute>>,
+    full: OnceLock<Arc<pb::RoutingUpdate>>,
+    deltas: Mutex<HashMap<i64, Arc<pb::RoutingUpdate>>>,
+}
+
+impl RegionTable {
+    pub fn new(
+        version: i64,
+        region: String,
+        routes: BTreeMap<FunctionKey, Arc<pb::FunctionRoute>>,
+    ) -> Self {
+        Self {
+            version,
+            region,
+            routes,
+            full: OnceLock::new(),
+            deltas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The table as the API shows it.
+    pub fn to_proto(&self) -> pb::RoutingTable {
+        pb::RoutingTable {
+            version: self.version,
+            region: self.region.clone(),
+            functions: self.routes.values().map(|r| (**r).clone()).collect(),
+        }
+    }
+
+    /// The whole table as an update.
+    pub fn full_update(&self) -> Arc<pb::RoutingUpdate> {
+        self.full
+            .get_or_init(|| {
+                Arc::new(pb::RoutingUpdate {
+                    version: self.version,
+                    base_version: 0,
+                    full: true,
+                    region: self.region.clone(),
+                    functions: self.routes.values().map(|r| (**r).clone()).collect(),
+                    removed: Vec::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// The delta that turns `base` into this table; computed once per base version.
+    pub fn delta_from(&self, base: &RegionTable) -> Arc<pb::RoutingUpdate> {
+        let mut deltas = match self.deltas.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        deltas
+            .entry(base.version)
+            .or_insert_with(|| {
+                let functions = self
+                    .routes
+                    .iter()
+                    .filter(|(key, route)| match base.routes.get(*key) {
+                        Some(old) => !Arc::ptr_eq(old, route) && old != *route,
+                        None => true,
+                    })
+                    .map(|(_, route)| (**route).clone())
+                    .collect();
+                let removed = base
+                    .routes
+                    .keys()
+                    .filter(|key| !self.routes.contains_key(*key))
+                    .map(|key| pb::FunctionRef {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                    })
+                    .collect();
+                Arc::new(pb::RoutingUpdate {
+                    version: self.version,
+                    base_version: base.version,
+                    full: false,
+                    region: self.region.clone(),
+                    functions,
+                    removed,
+                })
+            })
+            .clone()
+    }
+}
+
+/// Every region's table at one version.
+#[derive(Debug, Default)]
+pub struct Tables {
+    pub version: i64,
+    pub regions: BTreeMap<String, Arc<RegionTable>>,
+}
+
+/// Regions a function runs in: the spec's, or every region with an agent.
+fn hosting_regions<'a>(spec: &'a FunctionSpec, topology: &'a Topology) -> BTreeSet<&'a str> {
+    spec.hosting_regions()
+        .unwrap_or_else(|| topology.agent_regions.iter().map(String::as_str).collect())
+}
+
+/// Every region some table must exist for: those with agents and those specs name.
+pub fn regions_of_interest<'a>(
+    functions: impl IntoIterator<Item = &'a CachedFunction>,
+    topology: &Topology,
+) -> BTreeSet<String> {
+    let mut regions = topology.agent_regions.clone();
+    for function in functions {
+        if let Some(hosting) = function.spec.hosting_regions() {
+            regions.extend(hosting.into_iter().map(str::to_owned));
+        }
+    }
+    regions
+}
+
+/// The route of one function as seen from `region`.
+pub fn build_route(
+    function: &CachedFunction,
+    endpoints: Option<&FunctionEndpoints>,
+    region: &str,
+    topology: &Topology,
+) -> pb::FunctionRoute {
+    let spec = &function.spec;
+    let hosting = hosting_regions(spec, topology);
+    let endpoints_in = |r: &str| -> Vec<pb::Endpoint> {
+        endpoints
+            .map(|all| {
+                all.iter()
+                    .filter(|((er, _), _)| er == r)
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ready = |list: &[pb::Endpoint]| {
+        let count = list
+            .iter()
+            .filter(|e| e.state == pb::EndpointState::Ready as i32)
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    };
+
+    let mut tiers = Vec::new();
+    if hosting.contains(region) {
+        let local = endpoints_in(region);
+        tiers.push(pb::Tier {
+            region: region.to_owned(),
+            local: true,
+            ready_instances: ready(&local),
+            endpoints: local,
+            order: pb::TierOrder::Local as i32,
+        });
+    }
+    let remote = |r: &str, order: pb::TierOrder| pb::Tier {
+        region: r.to_owned(),
+        local: false,
+        ready_instances: ready(&endpoints_in(r)),
+        endpoints: topology.gateways.get(r).cloned().unwrap_or_default(),
+        order: order as i32,
+    };
+    let explicit: Vec<&str> = spec
+        .routing
+        .failover_order
+        .iter()
+        .map(String::as_str)
+        .filter(|r| *r != region && hosting.contains(r))
+        .collect();
+    for r in &explicit {
+        tiers.push(remote(r, pb::TierOrder::Explicit));
+    }
+    for r in &hosting {
+        if *r != region && !explicit.contains(r) {
+            tiers.push(remote(r, pb::TierOrder::Measured));
+        }
+    }
+
+    let workload = match &spec.runtime {
+        Runtime::External(regions) => regions.get(region).map(|urls| pb::LocalWorkload {
+            kind: Some(pb::local_workload::Kind::External(pb::ExternalRegion {
+                region: region.to_owned(),
+                urls: urls.clone(),
+            })),
+        }),
+        Runtime::Process(process) if hosting.contains(region) => Some(pb::LocalWorkload {
+            kind: Some(pb::local_workload::Kind::Process(process.into())),
+        }),
+        Runtime::Process(_) => None,
+    };
+
+    pb::FunctionRoute {
+        namespace: spec.key.namespace.clone(),
+        name: spec.key.name.clone(),
+        function_version: function.version,
+        policy: Some((&spec.routing).into()),
+        tiers,
+        workload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec;
+
+    fn function(name: &str, regions: &[&str], failover: &[&str]) -> CachedFunction {
+        let spec = pb::FunctionSpec {
+            name: name.into(),
+            runtime: Some(pb::function_spec::Runtime::External(pb::ExternalRuntime {
+                regions: regions
+                    .iter()
+                    .map(|r| pb::ExternalRegion {
+                        region: (*r).into(),
+                        urls: vec![format!("http://{r}.example:80")],
+                    })
+                    .collect(),
+            })),
+            routing: Some(pb::RoutingPolicy {
+                failover_order: failover.iter().map(|r| (*r).to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        CachedFunction {
+            spec: spec::FunctionSpec::try_from(spec).expect("valid"),
+            version: 7,
+        }
+    }
+
+    fn topology() -> Topology {
+        let mut topology = Topology::default();
+        for (r, addr) in [
+            ("us-east", "127.0.1.1:15002"),
+            ("eu-west", "127.0.2.1:15002"),
+            ("ap-south", "127.0.3.1:15002"),
+        ] {
+            topology.agent_regions.insert(r.into());
+            topology.gateways.insert(
+                r.into(),
+                vec![pb::Endpoint {
+                    address: addr.into(),
+                    id: format!("{r}-1"),
+                    state: pb::EndpointState::Ready as i32,
+                    zone: String::new(),
+                }],
+            );
+        }
+        topology
+    }
+
+    #[test]
+    fn local_tier_first_then_explicit_then_measured() {
+        let f = function("hello", &["us-east", "eu-west", "ap-south"], &["ap-south"]);
+        let route = build_route(&f, None, "us-east", &topology());
+        let tiers: Vec<(&str, bool, i32)> = route
+            .tiers
+            .iter()
+            .map(|t| (t.region.as_str(), t.local, t.order))
+            .collect();
+        assert_eq!(
+            tiers,
+            vec![
+                ("us-east", true, pb::TierOrder::Local as i32),
+                ("ap-south", false, pb::TierOrder::Explicit as i32),
+                ("eu-west", false, pb::TierOrder::Measured as i32),
+            ]
+        );
+        assert_eq!(route.tiers[1].endpoints[0].address, "127.0.3.1:15002");
+        match route.workload.and_then(|w| w.kind) {
+            Some(pb::local_workload::Kind::External(ext)) => {
+                assert_eq!(ext.urls, vec!["http://us-east.example:80".to_string()])
+            }
+            other => panic!("unexpected workload {other:?}"),
+        }
+    }
+
+    #[test]
+    fn region_not_hosting_gets_only_remote_tiers() {
+        let f = function("hello", &["eu-west"], &[]);
+        let route = build_route(&f, None, "us-east", &topology());
+        assert_eq!(route.tiers.len(), 1);
+        assert_eq!(route.tiers[0].region, "eu-west");
+        assert!(route.workload.is_none());
+    }
+
+    #[test]
+    fn delta_contains_only_changes_and_is_shared() {
+        let key = |n: &str| FunctionKey {
+            namespace: "default".into(),
+            name: n.into(),
+        };
+        let topology = topology();
+        let a = Arc::new(build_route(
+            &function("a", &["us-east"], &[]),
+            None,
+            "us-east",
+            &topology,
+        ));
+        let b = Arc::new(build_route(
+            &function("b", &["us-east"], &[]),
+            None,
+            "us-east",
+            &topology,
+        ));
+        let old = RegionTable::new(
+            10,
+            "us-east".into(),
+            BTreeMap::from([(key("a"), a.clone()), (key("b"), b)]),
+        );
+        let mut changed = (*a).clone();
+        changed.function_version = 11;
+        let new = RegionTable::new(
+            11,
+            "us-east".into(),
+            BTreeMap::from([(key("a"), Arc::new(changed))]),
+        );
+        let delta = new.delta_from(&old);
+        assert!(!delta.full);
+        assert_eq!(delta.base_version, 10);
+        assert_eq!(delta.functions.len(), 1);
+        assert_eq!(delta.functions[0].function_version, 11);
+        assert_eq!(delta.removed.len(), 1);
+        assert_eq!(delta.removed[0].name, "b");
+        assert!(Arc::ptr_eq(&delta, &new.delta_from(&old)));
+        assert_eq!(new.full_update().functions.len(), 1);
+    }
+}

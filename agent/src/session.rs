@@ -1,0 +1,857 @@
+//! One push stream to one control-plane replica: Hello, then apply each update, persist it, Ack
+//! it and publish it (or Nack it and keep the old table), report endpoints, and exchange
+//! heartbeats until the stream fails or falls silent.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use meridian_proto::v1::agent_service_client::AgentServiceClient;
+use meridian_proto::v1::{
+    agent_message, control_message, Ack, AgentMessage, ControlMessage, FunctionEndpoints,
+    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{self, Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+use crate::endpoints;
+use crate::local_api::CurrentTable;
+use crate::state::StateStore;
+use crate::table::{self, Table};
+
+/// How often the agent sends a heartbeat (the control plane does the same).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Silence after which the stream is considered dead: three missed heartbeats.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
+/// TCP connect timeout: a dead replica must be skipped quickly, not waited on.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Messages queued towards the control plane. Small: acks and reports are few, and a control
+/// plane that does not read is detected by the send timeout, not by a large buffer.
+const OUTBOUND_BUFFER: usize = 16;
+
+/// Why a session ended. The connector retries after all of them except a refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid control-plane address {address:?}")]
+    BadAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// INVALID_ARGUMENT: the control plane refused the Hello. Retrying cannot help.
+    #[error("control plane refused the hello: {}", .0.message())]
+    Refused(Status),
+    #[error("stream failed")]
+    Stream(#[source] Status),
+    #[error("control plane closed the stream")]
+    Closed,
+    #[error("no message from the control plane for {0:?}")]
+    Silent(Duration),
+    #[error("control plane did not answer the stream for {0:?}")]
+    OpenTimeout(Duration),
+    #[error("control plane stopped reading the stream")]
+    SendStalled,
+}
+
+impl SessionError {
+    /// Maps a gRPC status, singling out the one that means "do not retry".
+    pub fn from_status(status: Status) -> Self {
+        if status.code() == Code::InvalidArgument {
+            Self::Refused(status)
+        } else {
+            Self::Stream(status)
+        }
+    }
+
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused(_))
+    }
+}
+
+/// Messages from the control plane, as the session reads them.
+pub type ControlStream = BoxStream<'static, Result<ControlMessage, Status>>;
+
+/// Opens the `AgentService.Connect` stream to one address. The seam between the session and the
+/// network: tests substitute a scripted control plane.
+pub trait Dialer: Send + Sync {
+    /// `outbound` already holds the Hello; the stream must carry it before anything else.
+    fn open(
+        &self,
+        address: &str,
+        outbound: ReceiverStream<AgentMessage>,
+    ) -> BoxFuture<'static, Result<ControlStream, SessionError>>;
+}
+
+/// The real dialer: a tonic channel per attempt, with a short connect timeout.
+#[derive(Debug, Clone)]
+pub struct GrpcDialer {
+    connect_timeout: Duration,
+}
+
+impl GrpcDialer {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self { connect_timeout }
+    }
+}
+
+impl Default for GrpcDialer {
+    fn default() -> Self {
+        Self::new(CONNECT_TIMEOUT)
+    }
+}
+
+impl Dialer for GrpcDialer {
+    fn open(
+        &self,
+        address: &str,
+        outbound: ReceiverStream<AgentMessage>,
+    ) -> BoxFuture<'static, Result<ControlStream, SessionError>> {
+        let address = address.to_owned();
+        let connect_timeout = self.connect_timeout;
+        Box::pin(async move {
+            let endpoint = tonic::transport::Endpoint::from_shared(address.clone())
+                .map_err(|source| SessionError::BadAddress {
+                    address: address.clone(),
+                    source,
+                })?
+                .connect_timeout(connect_timeout);
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|source| SessionError::Connect { address, source })?;
+            let response = AgentServiceClient::new(channel)
+                .connect(outbound)
+                .await
+                .map_err(SessionError::from_status)?;
+            Ok(response.into_inner().boxed())
+        })
+    }
+}
+
+/// Who this agent is, as told in every Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub agent_id: String,
+    pub region: String,
+    pub zone: String,
+    pub cloud: String,
+    pub gateway: String,
+}
+
+/// Heartbeat and silence periods; the defaults are the protocol's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub heartbeat: Duration,
+    pub silence: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat: HEARTBEAT_INTERVAL,
+            silence: SILENCE_TIMEOUT,
+        }
+    }
+}
+
+/// What outlives a session: identity, the held table, where it is persisted and published.
+#[derive(Debug)]
+pub struct AgentState {
+    identity: Identity,
+    store: StateStore,
+    publisher: watch::Sender<CurrentTable>,
+    held: Option<Table>,
+    timing: Timing,
+}
+
+impl AgentState {
+    /// `held` is the table loaded from disk, if any. It is published at once so that the local
+    /// API serves it before any control plane is reached.
+    pub fn new(
+        identity: Identity,
+        store: StateStore,
+        publisher: watch::Sender<CurrentTable>,
+        held: Option<Table>,
+    ) -> Self {
+        publisher.send_replace(held.as_ref().map(|t| Arc::new(t.to_wire())));
+        Self {
+            identity,
+            store,
+            publisher,
+            held,
+            timing: Timing::default(),
+        }
+    }
+
+    pub fn with_timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn held(&self) -> Option<&Table> {
+        self.held.as_ref()
+    }
+
+    fn hello(&self) -> AgentMessage {
+        let id = &self.identity;
+        message(agent_message::Kind::Hello(Hello {
+            agent_id: id.agent_id.clone(),
+            region: id.region.clone(),
+            zone: id.zone.clone(),
+            cloud: id.cloud.clone(),
+            gateway: id.gateway.clone(),
+            last_version: self.held.as_ref().map_or(0, Table::version),
+        }))
+    }
+}
+
+/// How a session ended. There is no clean end: shutdown drops the session's future instead.
+#[derive(Debug)]
+pub struct SessionOutcome {
+    /// At least one update arrived: the replica worked, so the connector resets its backoff.
+    pub received_update: bool,
+    pub error: SessionError,
+}
+
+/// Runs one session against `address` until it fails.
+pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> SessionOutcome {
+    let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+    let mut first = vec![state.hello()];
+    // Report what the held table implies right away: a control plane that finds us up to date
+    // sends no update, and the endpoints must not wait for the next change to be re-registered
+    // under this stream's lease.
+    if let Some(held) = &state.held {
+        let set = endpoints::compute(held, &state.identity.zone);
+        first.push(message(agent_message::Kind::Endpoints(endpoints::report(
+            &set,
+        ))));
+    }
+    for msg in first {
+        // The buffer is empty and larger than `first`: this cannot fail.
+        let _ = tx.try_send(msg);
+    }
+    let silence = state.timing.silence;
+    // The call returns once the control plane answers with headers, which it may do only after
+    // it has handled the Hello (lease, etcd write): bounded like any other silence.
+    let inbound = match time::timeout(silence, dialer.open(address, ReceiverStream::new(rx))).await
+    {
+        Ok(Ok(inbound)) => inbound,
+        Ok(Err(error)) => return outcome(false, error),
+        Err(_) => return outcome(false, SessionError::OpenTimeout(silence)),
+    };
+    tracing::info!(%address, agent_id = %state.identity.agent_id, "connected to control plane");
+    let mut stream = OpenStream {
+        state,
+        tx,
+        received_update: false,
+        reported: None,
+    };
+    let error = stream.run(inbound).await;
+    outcome(stream.received_update, error)
+}
+
+fn outcome(received_update: bool, error: SessionError) -> SessionOutcome {
+    SessionOutcome {
+        received_update,
+        error,
+    }
+}
+
+fn message(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+/// One open stream's bookkeeping.
+struct OpenStream<'a> {
+    state: &'a mut AgentState,
+    tx: mpsc::Sender<AgentMessage>,
+    received_update: bool,
+    /// The endpoint set last reported after an update on this stream; `None` before the first.
+    reported: Option<Vec<FunctionEndpoints>>,
+}
+
+impl OpenStream<'_> {
+    async fn run(&mut self, mut inbound: ControlStream) -> SessionError {
+        let timing = self.state.timing;
+        let mut heartbeat = time::interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + timing.silence;
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    let beat = Heartbeat { unix_ms: unix_ms() };
+                    if let Err(error) = self.send(agent_message::Kind::Heartbeat(beat)).await {
+                        return error;
+                    }
+                }
+                () = time::sleep_until(deadline) => return SessionError::Silent(timing.silence),
+                next = inbound.next() => {
+                    let msg = match next {
+                        None => return SessionError::Closed,
+                        Some(Err(status)) => return SessionError::from_status(status),
+                        Some(Ok(msg)) => msg,
+                    };
+                    deadline = Instant::now() + timing.silence;
+                    if let Some(control_message::Kind::Update(update)) = msg.kind {
+                        self.received_update = true;
+                        if let Err(error) = self.handle_update(update).await {
+                            return error;
+                        }
+                    }
+                    // Heartbeats only prove the stream is alive, which resetting the deadline
+                    // has recorded.
+                }
+            }
+        }
+    }
+
+    /// Apply, persist, Ack, publish, report; or Nack and keep the old table.
+    async fn handle_update(&mut self, update: RoutingUpdate) -> Result<(), SessionError> {
+        let version = update.version;
+        let state = &mut *self.state;
+        let table = match table::apply(state.held.as_ref(), &state.identity.region, &update) {
+            Ok(table) => table,
+            Err(error) => return self.nack(version, error.reason()).await,
+        };
+        let wire = Arc::new(table.to_wire());
+        if let Err(reason) = persist(&state.store, &wire).await {
+            tracing::error!(version, %reason, "cannot persist routing table; refusing it");
+            return self.nack(version, reason).await;
+        }
+        self.send(agent_message::Kind::Ack(Ack { version })).await?;
+        tracing::info!(
+            version,
+            full = update.full,
+            functions = table.functions().len(),
+            "accepted routing table"
+        );
+        let state = &mut *self.state;
+        state.publisher.send_replace(Some(wire));
+        let set = endpoints::compute(&table, &state.identity.zone);
+        state.held = Some(table);
+        if self.reported.as_ref() != Some(&set) {
+            let report = endpoints::report(&set);
+            self.reported = Some(set);
+            self.send(agent_message::Kind::Endpoints(report)).await?;
+        }
+        Ok(())
+    }
+
+    async fn nack(&mut self, version: i64, reason: String) -> Result<(), SessionError> {
+        tracing::warn!(version, %reason, "refusing routing update; keeping the held table");
+        self.send(agent_message::Kind::Nack(Nack { version, reason }))
+            .await
+    }
+
+    async fn send(&mut self, kind: agent_message::Kind) -> Result<(), SessionError> {
+        match time::timeout(self.state.timing.silence, self.tx.send(message(kind))).await {
+            Ok(Ok(())) => Ok(()),
+            // The transport dropped the request stream: the call is over.
+            Ok(Err(_)) => Err(SessionError::Closed),
+            Err(_) => Err(SessionError::SendStalled),
+        }
+    }
+}
+
+/// Writes the table off the async threads (fsync can take a while). Returns the Nack reason.
+async fn persist(store: &StateStore, wire: &Arc<RoutingTable>) -> Result<(), String> {
+    let store = store.clone();
+    let wire = Arc::clone(wire);
+    match tokio::task::spawn_blocking(move || store.save(&wire)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!(
+            "cannot persist table: {}",
+            crate::error_chain(&error)
+        )),
+        Err(error) => Err(format!("cannot persist table: {error}")),
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A scripted control plane for session and connector tests.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    /// One `open` call, for the test to answer.
+    pub struct Attempt {
+        pub address: String,
+        pub outbound: ReceiverStream<AgentMessage>,
+        pub at: Instant,
+        reply: oneshot::Sender<Result<ControlStream, SessionError>>,
+    }
+
+    impl Attempt {
+        /// Accepts the stream; the returned sender plays the control plane.
+        pub fn accept(self) -> (mpsc::Sender<Result<ControlMessage, Status>>, Outbound) {
+            let (tx, rx) = mpsc::channel(16);
+            let _ = self.reply.send(Ok(ReceiverStream::new(rx).boxed()));
+            (tx, Outbound(self.outbound))
+        }
+
+        pub fn fail(self, error: SessionError) {
+            let _ = self.reply.send(Err(error));
+        }
+    }
+
+    /// What the agent sends.
+    pub struct Outbound(pub ReceiverStream<AgentMessage>);
+
+    impl Outbound {
+        pub async fn next(&mut self) -> agent_message::Kind {
+            self.0
+                .next()
+                .await
+                .and_then(|m| m.kind)
+                .expect("agent closed its stream")
+        }
+
+        /// The next message that is not a heartbeat.
+        pub async fn next_non_heartbeat(&mut self) -> agent_message::Kind {
+            loop {
+                match self.next().await {
+                    agent_message::Kind::Heartbeat(_) => continue,
+                    other => return other,
+                }
+            }
+        }
+    }
+
+    pub struct FakeDialer(pub mpsc::UnboundedSender<Attempt>);
+
+    pub fn dialer() -> (FakeDialer, mpsc::UnboundedReceiver<Attempt>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (FakeDialer(tx), rx)
+    }
+
+    impl Dialer for FakeDialer {
+        fn open(
+            &self,
+            address: &str,
+            outbound: ReceiverStream<AgentMessage>,
+        ) -> BoxFuture<'static, Result<ControlStream, SessionError>> {
+            let (reply, answer) = oneshot::channel();
+            let attempt = Attempt {
+                address: address.to_owned(),
+                outbound,
+                at: Instant::now(),
+                reply,
+            };
+            let sent = self.0.send(attempt);
+            Box::pin(async move {
+                if sent.is_err() {
+                    return Err(SessionError::Closed);
+                }
+                answer.await.unwrap_or(Err(SessionError::Closed))
+            })
+        }
+    }
+
+    pub fn update(msg: RoutingUpdate) -> Result<ControlMessage, Status> {
+        Ok(ControlMessage {
+            kind: Some(control_message::Kind::Update(msg)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+    use meridian_proto::v1::{local_workload, ExternalRegion, FunctionRoute, LocalWorkload};
+
+    fn identity() -> Identity {
+        Identity {
+            agent_id: "us-east-1".into(),
+            region: "us-east".into(),
+            zone: "us-east-a".into(),
+            cloud: "local".into(),
+            gateway: "127.0.1.1:15002".into(),
+        }
+    }
+
+    fn external(name: &str, urls: &[&str]) -> FunctionRoute {
+        FunctionRoute {
+            namespace: "default".into(),
+            name: name.into(),
+            function_version: 1,
+            workload: Some(LocalWorkload {
+                kind: Some(local_workload::Kind::External(ExternalRegion {
+                    region: "us-east".into(),
+                    urls: urls.iter().map(|u| (*u).into()).collect(),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn full(version: i64, functions: Vec<FunctionRoute>) -> RoutingUpdate {
+        RoutingUpdate {
+            version,
+            full: true,
+            region: "us-east".into(),
+            functions,
+            ..Default::default()
+        }
+    }
+
+    fn delta(base: i64, version: i64, functions: Vec<FunctionRoute>) -> RoutingUpdate {
+        RoutingUpdate {
+            version,
+            base_version: base,
+            region: "us-east".into(),
+            functions,
+            ..Default::default()
+        }
+    }
+
+    struct Harness {
+        state: AgentState,
+        routes: watch::Receiver<CurrentTable>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness(held: Option<Table>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let (publisher, routes) = watch::channel(None);
+        Harness {
+            state: AgentState::new(identity(), store, publisher, held),
+            routes,
+            _dir: dir,
+        }
+    }
+
+    fn spawn_session(
+        mut state: AgentState,
+        dialer: FakeDialer,
+    ) -> tokio::task::JoinHandle<(AgentState, SessionOutcome)> {
+        tokio::spawn(async move {
+            let outcome = run(&mut state, &dialer, "http://cp-a").await;
+            (state, outcome)
+        })
+    }
+
+    #[tokio::test]
+    async fn hello_then_updates_are_acked_persisted_published_and_reported() {
+        let Harness {
+            state,
+            routes,
+            _dir,
+        } = harness(None);
+        let store = state.store.clone();
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+
+        let attempt = attempts.recv().await.unwrap();
+        assert_eq!(attempt.address, "http://cp-a");
+        let (cp, mut agent) = attempt.accept();
+        let agent_message::Kind::Hello(hello) = agent.next().await else {
+            panic!("first message is not a hello");
+        };
+        assert_eq!(hello.agent_id, "us-east-1");
+        assert_eq!(hello.region, "us-east");
+        assert_eq!(hello.zone, "us-east-a");
+        assert_eq!(hello.cloud, "local");
+        assert_eq!(hello.gateway, "127.0.1.1:15002");
+        assert_eq!(hello.last_version, 0);
+
+        // A full table: Ack, then the first report of this stream.
+        let fns = vec![external("ext", &["http://127.0.1.1:9000"])];
+        cp.send(update(full(10, fns))).await.unwrap();
+        assert_eq!(
+            agent.next_non_heartbeat().await,
+            agent_message::Kind::Ack(Ack { version: 10 })
+        );
+        let agent_message::Kind::Endpoints(report) = agent.next_non_heartbeat().await else {
+            panic!("expected an endpoint report");
+        };
+        assert_eq!(report.functions.len(), 1);
+        assert_eq!(report.functions[0].endpoints[0].address, "127.0.1.1:9000");
+        // Persisted before the Ack was sent, published after.
+        assert_eq!(store.load("us-east").unwrap().unwrap().version(), 10);
+        assert_eq!(routes.borrow().as_ref().unwrap().version, 10);
+
+        // A delta on the wrong base: Nack, old table kept everywhere.
+        cp.send(update(delta(9, 11, vec![]))).await.unwrap();
+        assert_eq!(
+            agent.next_non_heartbeat().await,
+            agent_message::Kind::Nack(Nack {
+                version: 11,
+                reason: "delta base 9 does not match held version 10".into(),
+            })
+        );
+        assert_eq!(routes.borrow().as_ref().unwrap().version, 10);
+        assert_eq!(store.load("us-east").unwrap().unwrap().version(), 10);
+
+        // A delta that leaves the endpoint set alone: Ack only. The next one changes the set:
+        // Ack and a report, which also proves no report came in between.
+        let mut plain = external("plain", &[]);
+        plain.workload = None;
+        cp.send(update(delta(10, 11, vec![plain]))).await.unwrap();
+        let more = vec![external("ext", &["http://127.0.1.1:9000", "http://h2"])];
+        cp.send(update(delta(11, 12, more))).await.unwrap();
+        assert_eq!(
+            agent.next_non_heartbeat().await,
+            agent_message::Kind::Ack(Ack { version: 11 })
+        );
+        assert_eq!(
+            agent.next_non_heartbeat().await,
+            agent_message::Kind::Ack(Ack { version: 12 })
+        );
+        let agent_message::Kind::Endpoints(report) = agent.next_non_heartbeat().await else {
+            panic!("expected an endpoint report");
+        };
+        assert_eq!(report.functions[0].endpoints.len(), 2);
+
+        drop(cp);
+        let (state, outcome) = session.await.unwrap();
+        assert!(
+            matches!(outcome.error, SessionError::Closed),
+            "{:?}",
+            outcome.error
+        );
+        assert!(outcome.received_update);
+        assert_eq!(state.held().unwrap().version(), 12);
+    }
+
+    #[tokio::test]
+    async fn hello_carries_held_version_and_reports_at_once() {
+        let held = table::apply_full(
+            "us-east",
+            &full(5, vec![external("ext", &["http://127.0.1.1:9000"])]),
+        )
+        .unwrap();
+        let Harness {
+            state,
+            routes,
+            _dir,
+        } = harness(Some(held));
+        // Published before any control plane: static stability.
+        assert_eq!(routes.borrow().as_ref().unwrap().version, 5);
+        let (dialer, mut attempts) = dialer();
+        let _session = spawn_session(state, dialer);
+        let (_cp, mut agent) = attempts.recv().await.unwrap().accept();
+        let agent_message::Kind::Hello(hello) = agent.next().await else {
+            panic!("first message is not a hello");
+        };
+        assert_eq!(hello.last_version, 5);
+        let agent_message::Kind::Endpoints(report) = agent.next().await else {
+            panic!("expected an endpoint report");
+        };
+        assert_eq!(report.functions[0].name, "ext");
+    }
+
+    #[tokio::test]
+    async fn a_table_that_cannot_be_persisted_is_nacked() {
+        let Harness {
+            state,
+            routes,
+            _dir,
+        } = harness(None);
+        // Pull the directory away under the agent.
+        std::fs::remove_dir_all(state.store.dir()).unwrap();
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, mut agent) = attempts.recv().await.unwrap().accept();
+        agent.next().await;
+        cp.send(update(full(3, vec![]))).await.unwrap();
+        let agent_message::Kind::Nack(nack) = agent.next_non_heartbeat().await else {
+            panic!("expected a nack");
+        };
+        assert_eq!(nack.version, 3);
+        assert!(
+            nack.reason.starts_with("cannot persist table"),
+            "{}",
+            nack.reason
+        );
+        assert!(routes.borrow().is_none());
+        drop(cp);
+        let (state, _) = session.await.unwrap();
+        assert!(state.held().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_every_5s_and_silence_ends_the_stream_after_15s() {
+        let Harness { state, _dir, .. } = harness(None);
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, mut agent) = attempts.recv().await.unwrap().accept();
+        let start = Instant::now();
+        agent.next().await; // hello
+        for n in 1..=2u32 {
+            assert!(matches!(
+                agent.next().await,
+                agent_message::Kind::Heartbeat(_)
+            ));
+            assert_eq!(Instant::now() - start, HEARTBEAT_INTERVAL * n);
+        }
+        // The control plane's heartbeat at 10 s pushes the deadline to 25 s.
+        cp.send(Ok(ControlMessage {
+            kind: Some(control_message::Kind::Heartbeat(Heartbeat { unix_ms: 1 })),
+        }))
+        .await
+        .unwrap();
+        let (_, outcome) = session.await.unwrap();
+        assert!(
+            matches!(outcome.error, SessionError::Silent(_)),
+            "{:?}",
+            outcome.error
+        );
+        assert!(!outcome.received_update);
+        assert_eq!(Instant::now() - start, Duration::from_secs(25));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_open_times_out() {
+        let Harness { state, _dir, .. } = harness(None);
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let _pending = attempts.recv().await.unwrap();
+        let (_, outcome) = session.await.unwrap();
+        assert!(matches!(outcome.error, SessionError::OpenTimeout(_)));
+    }
+
+    /// A control plane on a real socket that reads the Hello before it answers, as the real one
+    /// does: proves the Hello is on the wire before the call waits for response headers.
+    mod over_grpc {
+        use super::*;
+        use meridian_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+        use tonic::{Request, Response, Streaming};
+
+        struct ScriptedCp {
+            received: mpsc::UnboundedSender<AgentMessage>,
+        }
+
+        #[tonic::async_trait]
+        impl AgentService for ScriptedCp {
+            type ConnectStream = ControlStream;
+
+            async fn connect(
+                &self,
+                request: Request<Streaming<AgentMessage>>,
+            ) -> Result<Response<ControlStream>, Status> {
+                let mut inbound = request.into_inner();
+                let Some(AgentMessage {
+                    kind: Some(agent_message::Kind::Hello(hello)),
+                }) = inbound.message().await?
+                else {
+                    return Err(Status::invalid_argument("first message must be a hello"));
+                };
+                if hello.region != "us-east" {
+                    return Err(Status::invalid_argument("hello.region: unknown region"));
+                }
+                let (tx, rx) = mpsc::channel(4);
+                tx.send(update(full(1, vec![]))).await.unwrap();
+                let received = self.received.clone();
+                tokio::spawn(async move {
+                    let _keep_open = tx;
+                    while let Ok(Some(msg)) = inbound.message().await {
+                        let _ = received.send(msg);
+                    }
+                });
+                Ok(Response::new(ReceiverStream::new(rx).boxed()))
+            }
+        }
+
+        async fn start_cp() -> (String, mpsc::UnboundedReceiver<AgentMessage>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = format!("http://{}", listener.local_addr().unwrap());
+            let (received, rx) = mpsc::unbounded_channel();
+            let service = AgentServiceServer::new(ScriptedCp { received });
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            );
+            (address, rx)
+        }
+
+        #[tokio::test]
+        async fn session_over_a_real_stream_acks() {
+            let (address, mut received) = start_cp().await;
+            let Harness {
+                mut state, _dir, ..
+            } = harness(None);
+            let session =
+                tokio::spawn(
+                    async move { run(&mut state, &GrpcDialer::default(), &address).await },
+                );
+            let ack = received.recv().await.unwrap();
+            assert_eq!(ack.kind, Some(agent_message::Kind::Ack(Ack { version: 1 })));
+            session.abort();
+        }
+
+        #[tokio::test]
+        async fn refused_hello_over_a_real_stream() {
+            let (address, _received) = start_cp().await;
+            let Harness {
+                mut state, _dir, ..
+            } = harness(None);
+            state.identity.region = "eu-west".into();
+            let outcome = run(&mut state, &GrpcDialer::default(), &address).await;
+            assert!(outcome.error.is_refusal(), "{:?}", outcome.error);
+            assert_eq!(
+                outcome.error.to_string(),
+                "control plane refused the hello: hello.region: unknown region"
+            );
+        }
+
+        #[tokio::test]
+        async fn nothing_listening_is_a_connect_error() {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let address = format!("http://{}", listener.local_addr().unwrap());
+            drop(listener);
+            let Harness {
+                mut state, _dir, ..
+            } = harness(None);
+            let outcome = run(&mut state, &GrpcDialer::default(), &address).await;
+            assert!(
+                matches!(outcome.error, SessionError::Connect { .. }),
+                "{:?}",
+                outcome.error
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_argument_is_a_refusal() {
+        let Harness { state, _dir, .. } = harness(None);
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, _agent) = attempts.recv().await.unwrap().accept();
+        cp.send(Err(Status::invalid_argument(
+            "hello.region: must not be empty",
+        )))
+        .await
+        .unwrap();
+        let (_, outcome) = session.await.unwrap();
+        assert!(outcome.error.is_refusal());
+        assert_eq!(
+            outcome.error.to_string(),
+            "control plane refused the hello: hello.region: must not be empty"
+        );
+        // Other codes are retried.
+        assert!(!SessionError::from_status(Status::unavailable("x")).is_refusal());
+    }
+}

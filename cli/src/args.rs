@@ -1,0 +1,156 @@
+//! Command-line syntax: kubectl-like verbs and flags (clap derive).
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::Format;
+
+/// meridianctl controls a Meridian mesh: apply, list, describe and delete functions, and see
+/// which agents hold which routing table.
+#[derive(Debug, Parser)]
+#[command(name = "meridianctl", version, about, long_about = None)]
+pub struct Cli {
+    /// Control-plane address: http://host:port or host:port.
+    #[arg(
+        long,
+        env = "MERIDIAN_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:7000",
+        global = true,
+        value_name = "ADDR"
+    )]
+    pub control_plane: String,
+
+    /// Namespace of the functions [default: default, or the manifest's for apply].
+    #[arg(short = 'n', long, global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update functions from a YAML or JSON file (validated as a whole first).
+    Apply(ApplyArgs),
+    /// List functions, agents or a region's routes.
+    Get(GetArgs),
+    /// Show one function in detail, with its routes in each region.
+    Describe {
+        #[command(subcommand)]
+        resource: NamedResource,
+    },
+    /// Delete a function.
+    Delete {
+        #[command(subcommand)]
+        resource: NamedResource,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifest file; `-` reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: String,
+
+    /// Only validate on the server and show what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+
+    #[command(subcommand)]
+    pub resource: GetResource,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GetResource {
+    /// Functions of a namespace (or all namespaces), or one by name.
+    #[command(visible_alias = "function", alias = "fn")]
+    Functions {
+        /// Only this function.
+        name: Option<String>,
+
+        /// List functions of every namespace.
+        #[arg(short = 'A', long, conflicts_with = "name")]
+        all_namespaces: bool,
+
+        /// Label selector, e.g. `team=web,tier!=batch,env`.
+        #[arg(short = 'l', long, conflicts_with = "name", value_name = "SELECTOR")]
+        selector: Option<String>,
+    },
+    /// Agents, their routing-table versions and whether they are in sync.
+    #[command(visible_alias = "agent")]
+    Agents {
+        /// Only agents of this region.
+        #[arg(long, value_name = "REGION")]
+        region: Option<String>,
+    },
+    /// The routing table a region's agents are sent.
+    #[command(visible_alias = "route")]
+    Routes {
+        /// The region.
+        region: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamedResource {
+    /// A function, by name.
+    #[command(visible_alias = "functions", alias = "fn")]
+    Function {
+        /// The function's name.
+        name: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_kubectl_like_lines() {
+        let cli = Cli::try_parse_from([
+            "meridianctl",
+            "get",
+            "functions",
+            "-A",
+            "-o",
+            "yaml",
+            "-l",
+            "team=web",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Get(GetArgs {
+                output: Format::Yaml,
+                resource:
+                    GetResource::Functions {
+                        name: None,
+                        all_namespaces: true,
+                        selector: Some(selector),
+                    },
+            }) => assert_eq!(selector, "team=web"),
+            other => panic!("{other:?}"),
+        }
+
+        let cli = Cli::try_parse_from(["meridianctl", "-n", "prod", "delete", "fn", "hello"])
+            .expect("parses");
+        assert_eq!(cli.namespace.as_deref(), Some("prod"));
+
+        assert!(
+            Cli::try_parse_from(["meridianctl", "get", "functions", "x", "-A"]).is_err(),
+            "a name across all namespaces is refused"
+        );
+        assert!(Cli::try_parse_from(["meridianctl", "get", "functions", "-o", "wide"]).is_err());
+    }
+}

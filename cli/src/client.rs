@@ -1,0 +1,289 @@
+//! The connection to a control-plane replica: address normalization, timeouts, and turning
+//! transport failures and gRPC statuses into the messages meridianctl prints.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use meridian_proto::v1 as wire;
+use meridian_proto::v1::function_service_client::FunctionServiceClient;
+use meridian_proto::v1::mesh_service_client::MeshServiceClient;
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How long to wait for the connection (TCP and HTTP/2 handshake). Together with the process
+/// start this keeps "control plane unreachable" well under five seconds.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid control-plane address {address:?}: {source}")]
+    InvalidAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// No connection could be made, or it broke under a request.
+    #[error("cannot reach control plane at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("request to control plane at {address} timed out after {}s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { address: String },
+    /// The server answered with an error status.
+    #[error("Error from server ({}): {}", reason(.status.code()), .status.message())]
+    Server {
+        #[source]
+        status: Status,
+    },
+}
+
+impl ClientError {
+    /// The gRPC code the server answered with, if it answered.
+    pub fn server_code(&self) -> Option<Code> {
+        match self {
+            ClientError::Server { status } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// The server's message, if it answered.
+    pub fn server_message(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { status } => Some(status.message()),
+            _ => None,
+        }
+    }
+}
+
+/// kubectl's name for a status, as in `Error from server (NotFound): ...`.
+pub fn reason(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown | Code::Internal | Code::DataLoss => "InternalError",
+        Code::InvalidArgument | Code::OutOfRange => "Invalid",
+        Code::DeadlineExceeded => "Timeout",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "Forbidden",
+        Code::ResourceExhausted => "TooManyRequests",
+        Code::FailedPrecondition | Code::Aborted => "Conflict",
+        Code::Unimplemented => "NotImplemented",
+        Code::Unavailable => "ServiceUnavailable",
+        Code::Unauthenticated => "Unauthorized",
+    }
+}
+
+/// Accepts `http://host:port`, `https://...` or a bare `host:port` (taken as plain HTTP/2).
+pub fn normalize_address(address: &str) -> String {
+    let address = address.trim().trim_end_matches('/');
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+/// An error and its causes on one line, without the wrappers that say nothing
+/// ("transport error"), e.g. "tcp connect error: Connection refused (os error 111)".
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let redundant = text.is_empty()
+            || text == "transport error"
+            || parts.last().is_some_and(|last| last.contains(&text));
+        if !redundant {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    if parts.is_empty() {
+        err.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// A connected client of FunctionService and MeshService.
+#[derive(Clone)]
+pub struct ControlPlane {
+    address: String,
+    functions: FunctionServiceClient<Channel>,
+    mesh: MeshServiceClient<Channel>,
+}
+
+impl ControlPlane {
+    /// Connects eagerly, so that an unreachable control plane is reported before anything else
+    /// happens, within [`CONNECT_TIMEOUT`].
+    pub async fn connect(address: &str) -> Result<ControlPlane, ClientError> {
+        let address = normalize_address(address);
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|source| ClientError::InvalidAddress {
+                address: address.clone(),
+                source,
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        // connect_timeout bounds the TCP connect only; this bounds name resolution and the
+        // HTTP/2 handshake too (a listener that never answers must not hang us).
+        let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(err)) => {
+                return Err(ClientError::Unreachable {
+                    reason: error_chain(&err),
+                    address,
+                })
+            }
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    reason: format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
+                    address,
+                })
+            }
+        };
+        Ok(ControlPlane {
+            address,
+            functions: FunctionServiceClient::new(channel.clone()),
+            mesh: MeshServiceClient::new(channel),
+        })
+    }
+
+    /// The normalized address, e.g. `http://127.0.0.1:7000`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Statuses made up locally by the transport (they carry a source error) are connection
+    /// problems, not answers from the server.
+    fn map_status(&self, status: Status) -> ClientError {
+        let Some(source) = status.source() else {
+            return ClientError::Server { status };
+        };
+        let reason = error_chain(source);
+        if reason.contains("Timeout expired") || status.message().contains("Timeout expired") {
+            ClientError::Timeout {
+                address: self.address.clone(),
+            }
+        } else {
+            ClientError::Unreachable {
+                address: self.address.clone(),
+                reason,
+            }
+        }
+    }
+
+    pub async fn apply(
+        &self,
+        request: wire::ApplyFunctionRequest,
+    ) -> Result<wire::ApplyFunctionResponse, ClientError> {
+        let mut client = self.functions.clone();
+        client
+            .apply(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn get_function(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<wire::Function, ClientError> {
+        let mut client = self.functions.clone();
+        client
+            .get(wire::GetFunctionRequest {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn list_functions(
+        &self,
+        request: wire::ListFunctionsRequest,
+    ) -> Result<wire::ListFunctionsResponse, ClientError> {
+        let mut client = self.functions.clone();
+        client
+            .list(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn delete_function(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<wire::DeleteFunctionResponse, ClientError> {
+        let mut client = self.functions.clone();
+        client
+            .delete(wire::DeleteFunctionRequest {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                expected_version: 0,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn list_agents(&self, region: &str) -> Result<wire::ListAgentsResponse, ClientError> {
+        let mut client = self.mesh.clone();
+        client
+            .list_agents(wire::ListAgentsRequest {
+                region: region.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn routing_table(&self, region: &str) -> Result<wire::RoutingTable, ClientError> {
+        let mut client = self.mesh.clone();
+        client
+            .get_routing_table(wire::GetRoutingTableRequest {
+                region: region.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(normalize_address("127.0.0.1:7000"), "http://127.0.0.1:7000");
+        assert_eq!(
+            normalize_address("http://127.0.0.1:7000/"),
+            "http://127.0.0.1:7000"
+        );
+        assert_eq!(normalize_address("https://cp:443"), "https://cp:443");
+    }
+
+    #[test]
+    fn server_errors_read_like_kubectl() {
+        let err = ClientError::Server {
+            status: Status::invalid_argument("spec.placement.regions[1].maxInstances: too small"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "Error from server (Invalid): spec.placement.regions[1].maxInstances: too small"
+        );
+        let err = ClientError::Server {
+            status: Status::failed_precondition("version 3 is not 4"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "Error from server (Conflict): version 3 is not 4"
+        );
+    }
+}

@@ -47,7 +47,10 @@ mod tests {
     #[test]
     fn rejects_non_labels() {
         assert_eq!(validate_dns_label(""), Err(NameError::Empty));
-        assert_eq!(validate_dns_label(&"x".repeat(64)), Err(NameError::TooLong(64)));
+        assert_eq!(
+            validate_dns_label(&"x".repeat(64)),
+            Err(NameError::TooLong(64))
+        );
         assert_eq!(validate_dns_label("US"), Err(NameError::BadCharacter('U')));
         assert_eq!(validate_dns_label("a_b"), Err(NameError::BadCharacter('_')));
         assert_eq!(validate_dns_label("-a"), Err(NameError::BadEdge));

@@ -132,7 +132,9 @@ impl pb::function_service_server::FunctionService for FunctionApi {
             .ok_or_else(|| Status::invalid_argument("spec: required"))?;
         let spec = FunctionSpec::try_from(spec).map_err(invalid)?;
         if request.expected_version < 0 {
-            return Err(Status::invalid_argument("expectedVersion: must not be negative"));
+            return Err(Status::invalid_argument(
+                "expectedVersion: must not be negative",
+            ));
         }
         let expected = (request.expected_version > 0).then_some(request.expected_version);
         let normalized = pb::FunctionSpec::from(&spec);
@@ -188,7 +190,10 @@ impl pb::function_service_server::FunctionService for FunctionApi {
             .filter(|f| selector.matches(&f.spec.labels))
             .map(pb::Function::from)
             .collect();
-        Ok(Response::new(pb::ListFunctionsResponse { functions, version }))
+        Ok(Response::new(pb::ListFunctionsResponse {
+            functions,
+            version,
+        }))
     }
 
     async fn delete(
@@ -387,8 +392,9 @@ mod tests {
 
     #[test]
     fn label_selectors() {
-        let labels: HashMap<String, String> =
-            [("team".to_string(), "web".to_string())].into_iter().collect();
+        let labels: HashMap<String, String> = [("team".to_string(), "web".to_string())]
+            .into_iter()
+            .collect();
         let sel = |s: &str| s.parse::<LabelSelector>().expect("valid selector");
         assert!(sel("").matches(&labels));
         assert!(sel("team=web").matches(&labels));

@@ -401,16 +401,8 @@ mod tests {
         for (k, r) in [agent("us-east"), agent("eu-west")] {
             state.apply(k, Some(r), &mut dirty);
         }
-        state.apply(
-            RecordKey::Function(key("a")),
-            Some(stored("a")),
-            &mut dirty,
-        );
-        state.apply(
-            RecordKey::Function(key("b")),
-            Some(stored("b")),
-            &mut dirty,
-        );
+        state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
+        state.apply(RecordKey::Function(key("b")), Some(stored("b")), &mut dirty);
         let (first, topology) = compile(
             &state,
             &Tables::default(),

@@ -67,14 +67,24 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let store = Store::connect(&args.etcd_endpoints, &args.key_prefix, Duration::from_secs(3))
-        .await
-        .with_context(|| format!("cannot set up etcd client for {:?}", args.etcd_endpoints))?;
+    let store = Store::connect(
+        &args.etcd_endpoints,
+        &args.key_prefix,
+        Duration::from_secs(3),
+    )
+    .await
+    .with_context(|| format!("cannot set up etcd client for {:?}", args.etcd_endpoints))?;
 
     let (tables_tx, tables_rx) = watch::channel(Arc::new(Tables::default()));
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (status_tx, status_rx) = mpsc::channel(65_536);
+    let (lease_tx, lease_rx) = watch::channel(None);
+    tokio::spawn(push::run_replica_lease(
+        store.clone(),
+        Duration::from_secs(args.agent_lease_ttl),
+        lease_tx,
+    ));
 
     tokio::spawn(cache::run(
         store.clone(),
@@ -131,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             ..PushConfig::default()
         },
         status_tx,
+        lease_rx,
         shutdown_rx,
     );
 
@@ -142,7 +153,10 @@ async fn main() -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FunctionServiceServer::new(FunctionApi::new(store.clone())))
-        .add_service(MeshServiceServer::new(MeshApi::new(store.clone(), tables_rx)))
+        .add_service(MeshServiceServer::new(MeshApi::new(
+            store.clone(),
+            tables_rx,
+        )))
         .add_service(AgentServiceServer::new(push))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

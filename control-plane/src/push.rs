@@ -1,6 +1,12 @@
-//! `AgentService.Connect`: one session per agent stream. Registers the agent under an etcd lease,
-//! pushes its region's table (full, then deltas; one push in flight; latest wins), records
-//! acks and nacks, and writes the endpoints the agent reports under the same lease.
+//! `AgentService.Connect`: one session per agent stream. Registers the agent in etcd, pushes its
+//! region's table (full, then deltas; one push in flight; latest wins), records acks and nacks,
+//! and writes the endpoints the agent reports.
+//!
+//! Records of agents are held by one lease per replica rather than one per agent: thousands of
+//! agents then cost one keep-alive stream, not thousands. If the replica dies, its lease expires
+//! and takes its agents' records along (the agents re-register elsewhere). If an agent's stream
+//! ends, the replica removes the agent's records one lease TTL later unless the agent has
+//! registered again meanwhile, which is the same visible behaviour as a lease per agent.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::spec::FunctionKey;
-use crate::store::{LeaseGuard, Store};
+use crate::store::Store;
 use crate::table::{RegionTable, Tables};
 
 /// Settings of agent sessions.
@@ -110,6 +116,32 @@ impl TryFrom<&pb::Hello> for AgentIdentity {
     }
 }
 
+/// Holds this replica's lease: grants one, keeps it alive, and grants a new one when it is lost
+/// (etcd unreachable for longer than the TTL). `current` is `None` while there is none.
+pub async fn run_replica_lease(store: Store, ttl: Duration, current: watch::Sender<Option<i64>>) {
+    let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(10);
+    let mut backoff =
+        meridian_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let lease = match store.grant_lease(ttl_secs).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                tracing::warn!(%error, "cannot obtain a lease from etcd; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let guard = store.keep_alive(lease, ttl);
+        let mut lost = guard.lost.clone();
+        current.send_replace(Some(lease));
+        tracing::info!(lease, "holding replica lease");
+        let _ = lost.wait_for(|lost| *lost).await;
+        current.send_replace(None);
+        tracing::warn!(lease, "replica lease lost; agents must register again");
+    }
+}
+
 /// A status to write for an agent (coalesced by [`run_status_writer`]).
 #[derive(Debug)]
 pub struct StatusWrite {
@@ -156,6 +188,7 @@ pub struct AgentPush {
     tables: watch::Receiver<Arc<Tables>>,
     config: PushConfig,
     statuses: mpsc::Sender<StatusWrite>,
+    lease: watch::Receiver<Option<i64>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -165,6 +198,7 @@ impl AgentPush {
         tables: watch::Receiver<Arc<Tables>>,
         config: PushConfig,
         statuses: mpsc::Sender<StatusWrite>,
+        lease: watch::Receiver<Option<i64>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -172,6 +206,7 @@ impl AgentPush {
             tables,
             config,
             statuses,
+            lease,
             shutdown,
         }
     }
@@ -206,13 +241,9 @@ impl pb::agent_service_server::AgentService for AgentPush {
         let identity =
             AgentIdentity::try_from(&hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
 
-        let ttl_secs = i64::try_from(self.config.lease_ttl.as_secs().max(1)).unwrap_or(10);
-        let lease = self
-            .store
-            .grant_lease(ttl_secs)
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot register agent: {e}")))?;
-        let guard = self.store.keep_alive(lease, self.config.lease_ttl);
+        let lease = (*self.lease.borrow()).ok_or_else(|| {
+            Status::unavailable("this control-plane replica cannot reach etcd; try another")
+        })?;
         let connected_since = unix_ms(SystemTime::now());
         let record = pb::AgentStatus {
             agent_id: identity.agent_id.clone(),
@@ -228,8 +259,13 @@ impl pb::agent_service_server::AgentService for AgentPush {
             .store
             .keys()
             .agent(&identity.region, &identity.agent_id);
-        self.store
-            .write_leased(lease, vec![(agent_key, record.encode_to_vec())], Vec::new())
+        let registered_revision = self
+            .store
+            .write_leased(
+                lease,
+                vec![(agent_key.clone(), record.encode_to_vec())],
+                Vec::new(),
+            )
             .await
             .map_err(|e| Status::unavailable(format!("cannot register agent: {e}")))?;
         tracing::info!(
@@ -246,8 +282,11 @@ impl pb::agent_service_server::AgentService for AgentPush {
             statuses: self.statuses.clone(),
             tables: self.tables.clone(),
             shutdown: self.shutdown.clone(),
+            lease_changes: self.lease.clone(),
             identity,
-            lease: guard,
+            lease,
+            agent_key,
+            registered_revision,
             status: record,
             acked: None,
             held_version: hello.last_version,
@@ -274,8 +313,12 @@ struct Session {
     statuses: mpsc::Sender<StatusWrite>,
     tables: watch::Receiver<Arc<Tables>>,
     shutdown: watch::Receiver<bool>,
+    lease_changes: watch::Receiver<Option<i64>>,
     identity: AgentIdentity,
-    lease: LeaseGuard,
+    lease: i64,
+    /// The agent's record key and the revision this session wrote it at.
+    agent_key: String,
+    registered_revision: i64,
     status: pb::AgentStatus,
     /// The table the agent is known to hold (acked); `None`: unknown, send a full table.
     acked: Option<Arc<RegionTable>>,
@@ -294,12 +337,16 @@ enum Flow {
     End(&'static str),
 }
 
+/// Session-end reasons after which the agent's records are left alone: the replica lost its
+/// lease (etcd removes them) or is stopping (the agent re-registers elsewhere within the TTL).
+const LEAVE_RECORDS: [&str; 2] = ["lease lost", "control plane stopping"];
+
 impl Session {
     async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
-        let mut lease_lost = self.lease.lost.clone();
+        let mut lease_changes = self.lease_changes.clone();
         let mut shutdown = self.shutdown.clone();
         let mut tables = self.tables.clone();
         tables.mark_changed();
@@ -333,9 +380,15 @@ impl Session {
                         Flow::Continue
                     }
                 },
-                _ = lease_lost.changed() => {
-                    let _ = self.outbound.try_send(Err(Status::unavailable("agent lease lost; reconnect")));
-                    Flow::End("lease lost")
+                _ = lease_changes.changed() => {
+                    if *lease_changes.borrow() == Some(self.lease) {
+                        Flow::Continue
+                    } else {
+                        let _ = self.outbound.try_send(Err(Status::unavailable(
+                            "control-plane replica lost its etcd lease; register again",
+                        )));
+                        Flow::End("lease lost")
+                    }
                 },
                 _ = shutdown.changed() => Flow::End("control plane stopping"),
                 _ = self.outbound.closed() => Flow::End("agent went away"),
@@ -353,6 +406,36 @@ impl Session {
             reason,
             "agent session ended"
         );
+        if !LEAVE_RECORDS.contains(&reason) {
+            self.remove_records_later();
+        }
+    }
+
+    /// One lease TTL after the stream ended, removes the agent's records unless it registered
+    /// again meanwhile (which rewrote its record).
+    fn remove_records_later(self) {
+        let mut keys: Vec<String> = self.endpoints_written.keys().cloned().collect();
+        keys.push(
+            self.store
+                .keys()
+                .agent_status(&self.identity.region, &self.identity.agent_id),
+        );
+        keys.push(self.agent_key.clone());
+        let store = self.store.clone();
+        let ttl = self.config.lease_ttl;
+        let agent = self.identity.agent_id.clone();
+        let (agent_key, revision) = (self.agent_key, self.registered_revision);
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            match store.delete_if_unchanged(&agent_key, revision, keys).await {
+                Ok(true) => tracing::info!(%agent, "agent did not come back; removed its records"),
+                Ok(false) => {}
+                Err(error) => {
+                    // The replica lease still bounds how long they can outlive the agent.
+                    tracing::warn!(%agent, %error, "cannot remove records of a departed agent")
+                }
+            }
+        });
     }
 
     fn current_table(&self) -> Option<Arc<RegionTable>> {
@@ -485,10 +568,10 @@ impl Session {
                 if endpoint.zone.is_empty() {
                     endpoint.zone = self.identity.zone.clone();
                 }
-                let etcd_key = self
-                    .store
-                    .keys()
-                    .endpoint(&key, &self.identity.region, &endpoint.id);
+                let etcd_key =
+                    self.store
+                        .keys()
+                        .endpoint(&key, &self.identity.region, &endpoint.id);
                 records.insert(etcd_key, endpoint.encode_to_vec());
             }
         }
@@ -512,8 +595,8 @@ impl Session {
             .filter(|k| !self.endpoints_desired.contains_key(*k))
             .cloned()
             .collect();
-        match self.store.write_leased(self.lease.lease, puts, deletes).await {
-            Ok(()) => self.endpoints_written = self.endpoints_desired.clone(),
+        match self.store.write_leased(self.lease, puts, deletes).await {
+            Ok(_) => self.endpoints_written = self.endpoints_desired.clone(),
             Err(error) => {
                 tracing::warn!(agent = %self.identity.agent_id, %error, "cannot write endpoints; will retry")
             }
@@ -522,7 +605,7 @@ impl Session {
 
     fn report_status(&mut self) {
         let write = StatusWrite {
-            lease: self.lease.lease,
+            lease: self.lease,
             key: self
                 .store
                 .keys()
@@ -557,7 +640,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            AgentIdentity::try_from(&hello).expect_err("bad gateway").field,
+            AgentIdentity::try_from(&hello)
+                .expect_err("bad gateway")
+                .field,
             "gateway"
         );
 

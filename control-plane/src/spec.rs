@@ -354,7 +354,9 @@ fn external_runtime(
 fn scaling(scaling: pb::Scaling) -> Result<Scaling, SpecError> {
     const FIELD: &str = "spec.scaling";
     let min_instances = scaling.min_instances.unwrap_or(0);
-    let max_instances = scaling.max_instances.unwrap_or(DEFAULT_MAX_INSTANCES.max(min_instances));
+    let max_instances = scaling
+        .max_instances
+        .unwrap_or(DEFAULT_MAX_INSTANCES.max(min_instances));
     if max_instances == 0 {
         return Err(SpecError::new(
             format!("{FIELD}.maxInstances"),
@@ -471,7 +473,10 @@ fn routing(routing: pb::RoutingPolicy) -> Result<RoutingPolicy, SpecError> {
         let field = format!("{FIELD}.retryableMethods[{index}]");
         check_method(&field, method)?;
         if !methods.insert(method.as_str()) {
-            return Err(SpecError::new(field, format!("duplicate method {method:?}")));
+            return Err(SpecError::new(
+                field,
+                format!("duplicate method {method:?}"),
+            ));
         }
     }
     unique_regions(
@@ -706,7 +711,10 @@ mod tests {
         let mut spec = process();
         spec.runtime = None;
         assert_eq!(error_field(spec), "spec.runtime");
-        assert_eq!(url_authority("http://127.0.0.1/x"), Ok("127.0.0.1:80".into()));
+        assert_eq!(
+            url_authority("http://127.0.0.1/x"),
+            Ok("127.0.0.1:80".into())
+        );
         assert_eq!(url_authority("http://h:9000/"), Ok("h:9000".into()));
         assert!(url_authority("http://h:0").is_err());
         assert!(url_authority("http:///x").is_err());

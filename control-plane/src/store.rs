@@ -447,12 +447,7 @@ impl Store {
     }
 
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
-        Ok(self
-            .client
-            .lease_client()
-            .grant(ttl_secs, None)
-            .await?
-            .id())
+        Ok(self.client.lease_client().grant(ttl_secs, None).await?.id())
     }
 
     /// Keeps a lease alive until the returned handle is dropped. `lost` fires when the lease
@@ -487,24 +482,55 @@ impl Store {
 
     /// Writes records under a lease (the agent record and its endpoints), in as few
     /// transactions as etcd allows; deletes go with them.
+    /// Returns the revision of the last transaction (the mod revision of what it wrote).
     pub async fn write_leased(
         &self,
         lease: i64,
         puts: Vec<(String, Vec<u8>)>,
         deletes: Vec<String>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut ops: Vec<TxnOp> = puts
             .into_iter()
             .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))))
             .collect();
         ops.extend(deletes.into_iter().map(|k| TxnOp::delete(k, None)));
         let mut kv = self.client.kv_client();
+        let mut revision = 0;
         while !ops.is_empty() {
             let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
-            kv.txn(Txn::new().and_then(ops)).await?;
+            let response = kv.txn(Txn::new().and_then(ops)).await?;
+            revision = response.header().map(|h| h.revision()).unwrap_or(revision);
             ops = rest;
         }
-        Ok(())
+        Ok(revision)
+    }
+
+    /// Deletes `keys` if `guard_key` still has mod revision `guard_revision`, i.e. nobody
+    /// rewrote it since. Returns whether it deleted.
+    pub async fn delete_if_unchanged(
+        &self,
+        guard_key: &str,
+        guard_revision: i64,
+        keys: Vec<String>,
+    ) -> Result<bool, StoreError> {
+        let mut kv = self.client.kv_client();
+        let mut ops: Vec<TxnOp> = keys.into_iter().map(|k| TxnOp::delete(k, None)).collect();
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
+            // The guard key is deleted last, so every batch is still guarded by it.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    guard_key.to_owned(),
+                    CompareOp::Equal,
+                    guard_revision,
+                )])
+                .and_then(ops);
+            if !kv.txn(txn).await?.succeeded() {
+                return Ok(false);
+            }
+            ops = rest;
+        }
+        Ok(true)
     }
 
     /// Writes agent statuses, each under its agent's lease, batched. A status whose lease has
@@ -544,7 +570,11 @@ impl Store {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(start_revision);
-        let stream = self.client.watch_client().watch(prefix, Some(options)).await?;
+        let stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await?;
         Ok(Watch {
             stream,
             keys: self.keys.clone(),

@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Runs a whole Meridian on this machine, three regions on three loopback addresses:
+#   etcd                 127.0.0.1:2379 (data in a temp dir)
+#   control planes       127.0.0.1:7000 and 127.0.0.1:7001
+#   agents               us-east 127.0.1.1, eu-west 127.0.2.1, ap-south 127.0.3.1
+#                        (local API :7100, gateway :15002 on each), each pointed at both replicas
+# then applies deploy/local/sample-function.yaml, waits until every agent acknowledged it, and
+# keeps running until Ctrl-C, which stops everything.
+#
+# Usage: deploy/local/run.sh [--release]
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$PWD
+
+PROFILE=debug
+case "${1:-}" in
+    "") ;;
+    --release) PROFILE=release ;;
+    -h | --help)
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "unknown argument: $1 (usage: deploy/local/run.sh [--release])" >&2
+        exit 2
+        ;;
+esac
+
+REGIONS=(us-east eu-west ap-south)
+CP_ADDRS=(127.0.0.1:7000 127.0.0.1:7001)
+ETCD_CLIENT=127.0.0.1:2379
+ETCD_PEER=127.0.0.1:2380
+AGENT_API_PORT=7100
+GATEWAY_PORT=15002
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+install_prerequisites() {
+    local packages=()
+    command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+    command -v etcd >/dev/null 2>&1 || packages+=(etcd-server etcd-client)
+    if [ "${#packages[@]}" -eq 0 ]; then
+        return 0
+    fi
+    local cmd="apt-get update && apt-get install -y ${packages[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        die "missing: ${packages[*]}. Install them as root first: sudo sh -c '$cmd'"
+    fi
+    log "installing ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y "${packages[@]}"
+}
+
+region_ip() { echo "127.0.$(($1 + 1)).1"; }
+
+# Whether something accepts connections on host:port.
+listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS LOG COMMAND...: polls COMMAND until it succeeds; on timeout shows
+# the end of LOG and fails.
+wait_for() {
+    local what=$1 seconds=$2 logfile=$3
+    shift 3
+    local deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            [ -f "$logfile" ] && tail -n 30 "$logfile" >&2
+            die "timed out after ${seconds}s waiting for $what (log: $logfile)"
+        fi
+        sleep 0.2
+    done
+}
+
+etcd_healthy() {
+    local response
+    response=$(
+        exec 3<>"/dev/tcp/${ETCD_CLIENT%:*}/${ETCD_CLIENT##*:}" || exit 1
+        printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$ETCD_CLIENT" >&3
+        timeout 2 cat <&3
+    ) || return 1
+    [[ $response == *'"health":"true"'* ]]
+}
+
+ctl() { "$BIN_DIR/meridianctl" --control-plane "http://${CP_ADDRS[0]}" "$@"; }
+
+# Every agent acknowledged a table at least as new as the sample function.
+agents_acked_sample() {
+    local fn_json agents_json version acked count=0
+    fn_json=$(ctl get functions hello -o json) || return 1
+    version=$(grep -o '"version": *[0-9]*' <<<"$fn_json" | head -n 1 | grep -o '[0-9]*$') || return 1
+    agents_json=$(ctl get agents -o json) || return 1
+    for region in "${REGIONS[@]}"; do
+        [[ $agents_json == *"\"$region-1\""* ]] || return 1
+    done
+    for acked in $(grep -o '"ackedVersion": *[0-9]*' <<<"$agents_json" | grep -o '[0-9]*$'); do
+        [ "$acked" -ge "$version" ] && count=$((count + 1))
+    done
+    [ "$count" -ge "${#REGIONS[@]}" ]
+}
+
+install_prerequisites
+command -v cargo >/dev/null 2>&1 || die "cargo is not on the PATH: install Rust (https://rustup.rs) first"
+
+AGENT_ADDRS=()
+for i in "${!REGIONS[@]}"; do
+    AGENT_ADDRS+=("$(region_ip "$i"):$AGENT_API_PORT")
+done
+for addr in "$ETCD_CLIENT" "$ETCD_PEER" "${CP_ADDRS[@]}" "${AGENT_ADDRS[@]}"; do
+    listening "$addr" && die "$addr is already in use (another Meridian or etcd running?)"
+done
+
+log "building the binaries ($PROFILE)"
+build_flags=(--workspace --bins --locked)
+[ "$PROFILE" = release ] && build_flags+=(--release)
+cargo build "${build_flags[@]}"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
+BIN_DIR=$TARGET_DIR/$PROFILE
+
+RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/meridian-local.XXXXXX")
+LOGS=$RUN_DIR/logs
+mkdir -p "$LOGS"
+log "run directory (logs, etcd data, agent state): $RUN_DIR"
+
+# Started processes, in start order; stopped in reverse order.
+NAMES=()
+PIDS=()
+
+start() {
+    local name=$1
+    shift
+    "$@" >"$LOGS/$name.log" 2>&1 &
+    NAMES+=("$name")
+    PIDS+=("$!")
+    log "started $name (pid $!), log: $LOGS/$name.log"
+}
+
+stop_all() {
+    trap - INT TERM EXIT
+    [ "${#PIDS[@]}" -eq 0 ] && return 0
+    echo >&2
+    log "stopping"
+    local i pid deadline
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${PIDS[i]}
+        kill -0 "$pid" 2>/dev/null || continue
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 10))
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "${NAMES[i]} did not stop within 10 s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    log "stopped; logs kept in $LOGS"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start etcd etcd --name local --data-dir "$RUN_DIR/etcd" \
+    --listen-client-urls "http://$ETCD_CLIENT" --advertise-client-urls "http://$ETCD_CLIENT" \
+    --listen-peer-urls "http://$ETCD_PEER" --initial-advertise-peer-urls "http://$ETCD_PEER" \
+    --initial-cluster "local=http://$ETCD_PEER" \
+    --heartbeat-interval 10 --election-timeout 100
+wait_for "etcd" 30 "$LOGS/etcd.log" etcd_healthy
+
+CP_URLS=()
+for i in "${!CP_ADDRS[@]}"; do
+    addr=${CP_ADDRS[i]}
+    start "control-plane-$i" "$BIN_DIR/meridian-control-plane" \
+        --listen "$addr" --etcd-endpoints "http://$ETCD_CLIENT" --replica-id "cp-$i"
+    CP_URLS+=("http://$addr")
+done
+for i in "${!CP_ADDRS[@]}"; do
+    wait_for "control plane ${CP_ADDRS[i]}" 30 "$LOGS/control-plane-$i.log" \
+        "$BIN_DIR/meridianctl" --control-plane "${CP_URLS[i]}" get functions
+done
+
+control_planes=$(
+    IFS=,
+    echo "${CP_URLS[*]}"
+)
+for i in "${!REGIONS[@]}"; do
+    region=${REGIONS[i]}
+    ip=$(region_ip "$i")
+    mkdir -p "$RUN_DIR/agent-$region"
+    start "agent-$region" "$BIN_DIR/meridian-agent" \
+        --region "$region" --agent-id "$region-1" --zone "$region-a" \
+        --listen "$ip:$AGENT_API_PORT" --gateway "$ip:$GATEWAY_PORT" \
+        --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region"
+done
+
+log "applying deploy/local/sample-function.yaml"
+ctl apply -f "$ROOT/deploy/local/sample-function.yaml"
+wait_for "every agent to acknowledge the sample function" 60 "$LOGS/agent-us-east.log" \
+    agents_acked_sample
+ctl get agents
+
+cat <<EOF
+
+Meridian is running: etcd, 2 control-plane replicas, 3 agents. Ctrl-C stops everything.
+Logs: $LOGS
+
+Try:
+  export PATH="$BIN_DIR:\$PATH"
+  meridianctl get functions
+  meridianctl get agents
+  meridianctl get routes us-east
+  meridianctl describe function hello
+  meridianctl --control-plane 127.0.0.1:7001 get agents -o yaml
+  grpcurl -plaintext 127.0.0.1:7000 list
+
+EOF
+
+# Until Ctrl-C, or until one of the processes dies (then say which, and stop the rest).
+set +e
+wait -n "${PIDS[@]}"
+status=$?
+set -e
+for i in "${!PIDS[@]}"; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+        log "${NAMES[i]} exited (status $status); see $LOGS/${NAMES[i]}.log"
+    fi
+done
+exit 1

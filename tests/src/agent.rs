@@ -1,0 +1,367 @@
+//! A real `meridian-agent` for one region, bound to the region's loopback address, with a state
+//! dir that survives restarts; and a watcher of its local routing API.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
+use meridian_proto::v1::{GetRoutesRequest, RoutingTable, WatchRoutesRequest};
+use tempfile::TempDir;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::{bin, connect, fatal, free_port, poll_until, region_ip, Process};
+
+/// How long an agent gets to serve its local API after it starts.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+
+/// Options of an agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOpts {
+    /// `--agent-id`; `<region>-1` when `None`.
+    pub agent_id: Option<String>,
+    /// `--zone`; the binary's default when `None`.
+    pub zone: Option<String>,
+    /// `--state-dir`; a temp dir owned by the [`Agent`] when `None`.
+    pub state_dir: Option<PathBuf>,
+    /// Appended to the command line.
+    pub extra_args: Vec<String>,
+}
+
+/// One agent.
+pub struct Agent {
+    process: Process,
+    region: String,
+    region_index: usize,
+    agent_id: String,
+    listen: SocketAddr,
+    gateway: SocketAddr,
+    state_dir: PathBuf,
+    _state_tmp: Option<TempDir>,
+}
+
+impl Agent {
+    /// Starts an agent of `region` (bound to the loopback address of `region_index`) connected to
+    /// `control_planes` (URLs), and waits until its local API answers.
+    pub async fn start(
+        region_index: usize,
+        region: &str,
+        control_planes: &[String],
+        opts: AgentOpts,
+    ) -> Result<Agent> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut agent = Agent::spawn(region_index, region, control_planes, opts.clone())?;
+            match agent.wait_ready().await {
+                Ok(()) => return Ok(agent),
+                Err(_)
+                    if attempt < 3
+                        && agent
+                            .process
+                            .log()
+                            .to_lowercase()
+                            .contains("address already in use") =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts an agent without waiting for it (for agents expected to exit).
+    pub fn spawn(
+        region_index: usize,
+        region: &str,
+        control_planes: &[String],
+        opts: AgentOpts,
+    ) -> Result<Agent> {
+        let ip = region_ip(region_index);
+        let listen = SocketAddr::from((ip, free_port(ip)?));
+        // Nothing listens on the gateway yet (no sidecar); the address is only reported.
+        let gateway = SocketAddr::from((ip, free_port(ip)?));
+        let agent_id = opts
+            .agent_id
+            .clone()
+            .unwrap_or_else(|| format!("{region}-1"));
+        let (state_dir, state_tmp) = match &opts.state_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!("meridian-agent-{region}-"))
+                    .tempdir()
+                    .context("creating the agent's state dir")?;
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        let mut args: Vec<OsString> = vec![
+            "--region".into(),
+            region.into(),
+            "--agent-id".into(),
+            agent_id.clone().into(),
+            "--gateway".into(),
+            gateway.to_string().into(),
+            "--control-plane".into(),
+            control_planes.join(",").into(),
+            "--state-dir".into(),
+            state_dir.clone().into_os_string(),
+            "--listen".into(),
+            listen.to_string().into(),
+            // Fast reconnects keep failover tests short.
+            "--reconnect-base-ms".into(),
+            "50".into(),
+            "--reconnect-max-ms".into(),
+            "500".into(),
+        ];
+        if let Some(zone) = &opts.zone {
+            args.extend(["--zone".into(), zone.into()]);
+        }
+        args.extend(opts.extra_args.iter().map(OsString::from));
+        let process = Process::spawn(&format!("agent-{agent_id}"), &bin("meridian-agent")?, args)?;
+        Ok(Agent {
+            process,
+            region: region.to_string(),
+            region_index,
+            agent_id,
+            listen,
+            gateway,
+            state_dir,
+            _state_tmp: state_tmp,
+        })
+    }
+
+    /// The region it was started with.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The region index (which loopback address it binds).
+    pub fn region_index(&self) -> usize {
+        self.region_index
+    }
+
+    /// `--agent-id`.
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// The local API address.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// `http://<listen>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// `--gateway`.
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    /// `--state-dir`.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// A `LocalRoutingService` client.
+    pub async fn local(&self) -> Result<LocalRoutingServiceClient<Channel>> {
+        Ok(LocalRoutingServiceClient::new(connect(&self.url()).await?))
+    }
+
+    /// The agent's current table (`Get`); `None` when it answers NOT_FOUND.
+    pub async fn table(&self) -> Result<Option<RoutingTable>> {
+        match self.local().await?.get(GetRoutesRequest {}).await {
+            Ok(table) => Ok(Some(table.into_inner())),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(anyhow::Error::new(status).context("LocalRoutingService.Get")),
+        }
+    }
+
+    /// Opens a `Watch` stream on the local API.
+    pub async fn watch(&self) -> Result<RouteWatcher> {
+        let stream = self
+            .local()
+            .await?
+            .watch(WatchRoutesRequest {
+                client: "meridian-tests".to_string(),
+            })
+            .await
+            .context("LocalRoutingService.Watch")?
+            .into_inner();
+        Ok(RouteWatcher {
+            name: self.agent_id.clone(),
+            stream,
+            latest: None,
+            received: 0,
+        })
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.process.stop(Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    /// Stops the agent if it runs, starts it again with the same flags and state dir, and waits
+    /// until its local API answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.process.is_running() {
+            self.stop().await?;
+        }
+        self.process.start()?;
+        self.wait_ready().await
+    }
+
+    /// Waits up to `within` for the agent to exit on its own.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        self.process.wait_exit(within).await
+    }
+
+    /// Whether the process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// The process (for its log).
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
+    /// Ready = the local API answers `Get` (with a table or NOT_FOUND).
+    async fn wait_ready(&mut self) -> Result<()> {
+        let url = self.url();
+        let process = &mut self.process;
+        poll_until(READY_WITHIN, "the agent's local API to answer", || {
+            let exited = process.try_exit().map(|s| process.exited_error(s));
+            let url = url.clone();
+            async move {
+                if let Some(err) = exited {
+                    return Err(fatal(err));
+                }
+                let mut client = LocalRoutingServiceClient::new(connect(&url).await?);
+                match client.get(GetRoutesRequest {}).await {
+                    Ok(_) => Ok(()),
+                    Err(status) if status.code() == Code::NotFound => Ok(()),
+                    Err(status) => Err(anyhow::Error::new(status)),
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// A `LocalRoutingService.Watch` stream and the last table it delivered.
+pub struct RouteWatcher {
+    name: String,
+    stream: Streaming<RoutingTable>,
+    latest: Option<RoutingTable>,
+    received: usize,
+}
+
+impl RouteWatcher {
+    /// The last table received, if any.
+    pub fn latest(&self) -> Option<&RoutingTable> {
+        self.latest.as_ref()
+    }
+
+    /// How many tables the stream delivered so far.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// The next table, at most `within`. Errors if the stream ends or fails.
+    pub async fn next(&mut self, within: Duration) -> Result<RoutingTable> {
+        match tokio::time::timeout(within, self.stream.message()).await {
+            Err(_) => Err(anyhow!(
+                "no table from {}'s Watch within {within:?}",
+                self.name
+            )),
+            Ok(Err(status)) => {
+                Err(anyhow::Error::new(status).context(format!("{}'s Watch failed", self.name)))
+            }
+            Ok(Ok(None)) => bail!("{}'s Watch stream ended", self.name),
+            Ok(Ok(Some(table))) => {
+                self.received += 1;
+                self.latest = Some(table.clone());
+                Ok(table)
+            }
+        }
+    }
+
+    /// Returns the first table (the latest one held, or one still to come within `within`) for
+    /// which `accept` is true.
+    pub async fn wait_for(
+        &mut self,
+        within: Duration,
+        what: &str,
+        accept: impl Fn(&RoutingTable) -> bool,
+    ) -> Result<RoutingTable> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(table) = &self.latest {
+                if accept(table) {
+                    return Ok(table.clone());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(err) = self.next(left).await {
+                return Err(err.context(format!(
+                    "waiting up to {within:?} on {} for {what}; last table: {}",
+                    self.name,
+                    self.latest
+                        .as_ref()
+                        .map_or_else(|| "none".to_string(), summarize)
+                )));
+            }
+        }
+    }
+
+    /// Checks that the stream stays open and silent (or repeats nothing new) for `window`:
+    /// an error or the end of the stream fails.
+    pub async fn expect_open_for(&mut self, window: Duration) -> Result<()> {
+        let deadline = Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.message()).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(Some(table))) => {
+                    self.received += 1;
+                    self.latest = Some(table);
+                }
+                Ok(Ok(None)) => bail!("{}'s Watch stream ended", self.name),
+                Ok(Err(status)) => {
+                    return Err(
+                        anyhow::Error::new(status).context(format!("{}'s Watch failed", self.name))
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// A one-line description of a table for error messages.
+pub fn summarize(table: &RoutingTable) -> String {
+    let functions: Vec<String> = table
+        .functions
+        .iter()
+        .map(|f| format!("{}/{}@{}", f.namespace, f.name, f.function_version))
+        .collect();
+    format!(
+        "version {} region {} [{}]",
+        table.version,
+        table.region,
+        functions.join(", ")
+    )
+}

@@ -1,0 +1,360 @@
+//! `bench-push`: how fast a function change reaches every agent, and what the control plane costs.
+//!
+//! Starts a real etcd and one real control plane, connects N simulated agents from this process
+//! (each a real `AgentService.Connect` stream that applies updates and acks them), applies a
+//! stream of function changes one at a time, and prints p50/p99/max of the time from Apply
+//! returning to the last agent acking that version, plus the control plane's RSS and CPU.
+//!
+//! Usage: bench-push [--agents N] [--functions F] [--changes C] [--regions R] [--streams-per-conn S]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use meridian_proto::v1 as pb;
+use meridian_tests::{ControlPlane, ControlPlaneOpts, Etcd};
+use pb::agent_service_client::AgentServiceClient;
+use pb::function_service_client::FunctionServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+const REGION_NAMES: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+#[derive(Debug)]
+struct Options {
+    agents: usize,
+    functions: usize,
+    changes: usize,
+    regions: usize,
+    streams_per_connection: usize,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut options = Options {
+        agents: 1000,
+        functions: 100,
+        changes: 200,
+        regions: 3,
+        streams_per_connection: 100,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || -> Result<usize> {
+            let raw = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            raw.parse()
+                .with_context(|| format!("{flag}: {raw:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--agents" => options.agents = value()?,
+            "--functions" => options.functions = value()?,
+            "--changes" => options.changes = value()?,
+            "--regions" => options.regions = value()?,
+            "--streams-per-conn" => options.streams_per_connection = value()?.max(1),
+            "-h" | "--help" => {
+                println!("usage: bench-push [--agents N] [--functions F] [--changes C] [--regions R] [--streams-per-conn S]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other:?} (try --help)"),
+        }
+    }
+    if options.agents == 0 || options.functions == 0 || options.regions == 0 {
+        bail!("--agents, --functions and --regions must be at least 1");
+    }
+    Ok(options)
+}
+
+fn region(index: usize) -> String {
+    match REGION_NAMES.get(index) {
+        Some(name) => (*name).to_string(),
+        None => format!("region-{index}"),
+    }
+}
+
+fn spec(name: &str, regions: usize, generation: usize) -> pb::FunctionSpec {
+    pb::FunctionSpec {
+        name: name.into(),
+        labels: [("generation".to_string(), generation.to_string())]
+            .into_iter()
+            .collect(),
+        runtime: Some(pb::function_spec::Runtime::External(pb::ExternalRuntime {
+            regions: (0..regions)
+                .map(|i| pb::ExternalRegion {
+                    region: region(i),
+                    urls: vec![format!("http://127.0.{}.1:9000", i + 1)],
+                })
+                .collect(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// An acknowledgement seen by a simulated agent.
+struct AckEvent {
+    agent: usize,
+    version: i64,
+    at: Instant,
+}
+
+/// One simulated agent: hello, then apply and ack every update, forever.
+async fn simulated_agent(
+    index: usize,
+    channel: Channel,
+    region: String,
+    acks: mpsc::UnboundedSender<AckEvent>,
+) -> Result<()> {
+    let (sender, receiver) = mpsc::channel(16);
+    sender
+        .send(pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                agent_id: format!("sim-{index}"),
+                region: region.clone(),
+                zone: format!("{region}-a"),
+                cloud: "bench".into(),
+                // Simulated hosts run no gateway; real ones would add one endpoint per host.
+                gateway: String::new(),
+                last_version: 0,
+            })),
+        })
+        .await?;
+    // Heartbeats, as a real agent sends them: the control plane drops silent streams.
+    let beats = sender.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let beat = pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat::default())),
+            };
+            if beats.send(beat).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut client = AgentServiceClient::new(channel);
+    let mut inbound = client
+        .connect(ReceiverStream::new(receiver))
+        .await?
+        .into_inner();
+    let mut table: HashMap<(String, String), pb::FunctionRoute> = HashMap::new();
+    while let Some(message) = inbound.message().await? {
+        let Some(pb::control_message::Kind::Update(update)) = message.kind else {
+            continue;
+        };
+        // Apply it as an agent would, so that the cost of big updates is real.
+        if update.full {
+            table.clear();
+        }
+        for removed in update.removed {
+            table.remove(&(removed.namespace, removed.name));
+        }
+        for route in update.functions {
+            table.insert((route.namespace.clone(), route.name.clone()), route);
+        }
+        sender
+            .send(pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Ack(pb::Ack {
+                    version: update.version,
+                })),
+            })
+            .await?;
+        let _ = acks.send(AckEvent {
+            agent: index,
+            version: update.version,
+            at: Instant::now(),
+        });
+    }
+    Ok(())
+}
+
+/// Tracks the newest version each agent acked.
+struct AckTracker {
+    acked: Vec<i64>,
+    events: mpsc::UnboundedReceiver<AckEvent>,
+}
+
+impl AckTracker {
+    /// Waits until every agent acked at least `version`; returns when the last one did.
+    async fn wait_all(&mut self, version: i64, within: Duration) -> Result<Instant> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut behind = self.acked.iter().filter(|v| **v < version).count();
+        let mut last = Instant::now();
+        while behind > 0 {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .with_context(|| {
+                    format!("{behind} agents did not ack version {version} within {within:?}")
+                })?
+                .context("all simulated agents stopped")?;
+            let slot = &mut self.acked[event.agent];
+            if *slot < version && event.version >= version {
+                behind -= 1;
+                last = event.at;
+            }
+            *slot = (*slot).max(event.version);
+        }
+        Ok(last)
+    }
+}
+
+/// Resident set size and peak of a process, in MiB, from /proc.
+fn memory_mib(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+/// User + system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc stat format")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the command.
+    Ok((ticks(11) + ticks(12)) / 100.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let options = parse_options()?;
+    println!("bench-push: {options:?}");
+
+    let etcd = Etcd::start().await?;
+    let cp = ControlPlane::start(&etcd.url(), ControlPlaneOpts::default()).await?;
+    let pid = cp.process().pid().context("control plane has no pid")?;
+    let mut functions = FunctionServiceClient::new(cp.channel().await?);
+
+    let mut last_version = 0;
+    for f in 0..options.functions {
+        let response = functions
+            .apply(pb::ApplyFunctionRequest {
+                spec: Some(spec(&format!("fn-{f}"), options.regions, 0)),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        last_version = response.function.map(|f| f.version).unwrap_or_default();
+    }
+
+    let connect_started = Instant::now();
+    let (ack_sender, ack_events) = mpsc::unbounded_channel();
+    let mut channel = None;
+    for index in 0..options.agents {
+        if index % options.streams_per_connection == 0 {
+            channel = Some(
+                Endpoint::from_shared(cp.url())?
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await?,
+            );
+        }
+        let channel = channel.clone().context("no channel")?;
+        let acks = ack_sender.clone();
+        let region = region(index % options.regions);
+        tokio::spawn(async move {
+            if let Err(error) = simulated_agent(index, channel, region, acks).await {
+                eprintln!("simulated agent {index} stopped: {error:#}");
+            }
+        });
+    }
+    drop(ack_sender);
+    let mut tracker = AckTracker {
+        acked: vec![0; options.agents],
+        events: ack_events,
+    };
+    tracker
+        .wait_all(last_version, Duration::from_secs(300))
+        .await?;
+    let connect_time = connect_started.elapsed();
+    let (rss_connected, _) = memory_mib(pid)?;
+    println!(
+        "{} agents connected and holding {} functions after {}; control plane RSS {:.1} MiB",
+        options.agents,
+        options.functions,
+        ms(connect_time),
+        rss_connected
+    );
+
+    let cpu_before = cpu_seconds(pid)?;
+    let changes_started = Instant::now();
+    let mut latencies = Vec::with_capacity(options.changes);
+    for change in 0..options.changes {
+        let name = format!("fn-{}", change % options.functions);
+        let response = functions
+            .apply(pb::ApplyFunctionRequest {
+                spec: Some(spec(&name, options.regions, change + 1)),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let applied = Instant::now();
+        let version = response.function.map(|f| f.version).unwrap_or_default();
+        let last_ack = tracker.wait_all(version, Duration::from_secs(60)).await?;
+        latencies.push(last_ack.saturating_duration_since(applied));
+    }
+    let wall = changes_started.elapsed();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let (rss, peak) = memory_mib(pid)?;
+    latencies.sort();
+
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| agents (simulated, real gRPC streams) | {} |",
+        options.agents
+    );
+    println!("| functions | {} |", options.functions);
+    println!("| changes applied (one at a time) | {} |", options.changes);
+    println!(
+        "| Apply returned → every agent acked: p50 | {} |",
+        ms(percentile(&latencies, 50.0))
+    );
+    println!("| p99 | {} |", ms(percentile(&latencies, 99.0)));
+    println!(
+        "| max | {} |",
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!("| control plane RSS after the changes | {rss:.1} MiB (peak {peak:.1} MiB) |");
+    println!(
+        "| control plane CPU during the changes | {cpu:.2} s over {:.2} s wall ({:.1} ms per change) |",
+        wall.as_secs_f64(),
+        cpu * 1000.0 / options.changes.max(1) as f64
+    );
+    println!(
+        "| initial connect + full sync of all agents | {} |",
+        ms(connect_time)
+    );
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! A real `meridian-control-plane` replica on 127.0.0.1, ready once grpc.health.v1 says SERVING.
+
+use std::ffi::{OsStr, OsString};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use meridian_proto::v1::agent_service_client::AgentServiceClient;
+use meridian_proto::v1::function_service_client::FunctionServiceClient;
+use meridian_proto::v1::mesh_service_client::MeshServiceClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::{bin, connect, fatal, free_port, meridianctl, poll_until, Process, LEASE_TTL_SECS};
+
+/// How long a replica gets to load its first etcd snapshot and report SERVING.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// Options of a control-plane replica.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOpts {
+    /// `--replica-id`; the binary's default (`cp-<port>`) when `None`.
+    pub replica_id: Option<String>,
+    /// `--agent-lease-ttl` in seconds.
+    pub agent_lease_ttl_secs: u64,
+    /// `--key-prefix`; the binary's default when `None`.
+    pub key_prefix: Option<String>,
+    /// Appended to the command line.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ControlPlaneOpts {
+    fn default() -> Self {
+        ControlPlaneOpts {
+            replica_id: None,
+            agent_lease_ttl_secs: LEASE_TTL_SECS,
+            key_prefix: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl ControlPlaneOpts {
+    /// Default options with `--replica-id id`.
+    pub fn replica(id: &str) -> Self {
+        ControlPlaneOpts {
+            replica_id: Some(id.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// One control-plane replica.
+pub struct ControlPlane {
+    process: Process,
+    addr: SocketAddr,
+    replica_id: String,
+}
+
+impl ControlPlane {
+    /// Starts a replica on a fresh port of 127.0.0.1 against `etcd_urls` (comma separated) and
+    /// waits until its overall health is SERVING.
+    pub async fn start(etcd_urls: &str, opts: ControlPlaneOpts) -> Result<ControlPlane> {
+        let program = bin("meridian-control-plane")?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port(Ipv4Addr::LOCALHOST)?;
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let replica_id = opts
+                .replica_id
+                .clone()
+                .unwrap_or_else(|| format!("cp-{port}"));
+            let mut args: Vec<OsString> = vec![
+                "--listen".into(),
+                addr.to_string().into(),
+                "--etcd-endpoints".into(),
+                etcd_urls.into(),
+                "--agent-lease-ttl".into(),
+                opts.agent_lease_ttl_secs.to_string().into(),
+            ];
+            if let Some(id) = &opts.replica_id {
+                args.extend(["--replica-id".into(), id.into()]);
+            }
+            if let Some(prefix) = &opts.key_prefix {
+                args.extend(["--key-prefix".into(), prefix.into()]);
+            }
+            args.extend(opts.extra_args.iter().map(OsString::from));
+            let process = Process::spawn(&format!("control-plane-{replica_id}"), &program, args)?;
+            let mut cp = ControlPlane {
+                process,
+                addr,
+                replica_id,
+            };
+            match cp.wait_ready().await {
+                Ok(()) => return Ok(cp),
+                Err(_)
+                    if attempt < 3
+                        && cp
+                            .process
+                            .log()
+                            .to_lowercase()
+                            .contains("address already in use") =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The listen address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The replica id it runs with (what `AgentStatus.replica` names).
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// A new channel to this replica.
+    pub async fn channel(&self) -> Result<Channel> {
+        connect(&self.url()).await
+    }
+
+    /// A `FunctionService` client.
+    pub async fn functions(&self) -> Result<FunctionServiceClient<Channel>> {
+        Ok(FunctionServiceClient::new(self.channel().await?))
+    }
+
+    /// A `MeshService` client.
+    pub async fn mesh(&self) -> Result<MeshServiceClient<Channel>> {
+        Ok(MeshServiceClient::new(self.channel().await?))
+    }
+
+    /// An `AgentService` client.
+    pub async fn agent_service(&self) -> Result<AgentServiceClient<Channel>> {
+        Ok(AgentServiceClient::new(self.channel().await?))
+    }
+
+    /// Runs `meridianctl --control-plane <this replica> args...`.
+    pub async fn ctl<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<OsString> = vec!["--control-plane".into(), self.url().into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        meridianctl(all).await
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.process.stop(Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    /// Stops the replica if it runs, starts it again on the same port, waits until SERVING.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.process.is_running() {
+            self.stop().await?;
+        }
+        self.process.start()?;
+        self.wait_ready().await
+    }
+
+    /// Whether the process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// The process (for its log).
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
+    /// Whether grpc.health.v1 says the overall service is SERVING right now.
+    pub async fn check_serving(&self) -> Result<()> {
+        serving(&self.url()).await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let url = self.url();
+        let process = &mut self.process;
+        poll_until(READY_WITHIN, "the control plane to report SERVING", || {
+            let exited = process.try_exit().map(|s| process.exited_error(s));
+            let url = url.clone();
+            async move {
+                if let Some(err) = exited {
+                    return Err(fatal(err));
+                }
+                serving(&url).await
+            }
+        })
+        .await
+    }
+}
+
+async fn serving(url: &str) -> Result<()> {
+    let mut health = HealthClient::new(connect(url).await?);
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    ensure!(
+        status == ServingStatus::Serving as i32,
+        "health status is {:?}",
+        ServingStatus::try_from(status)
+    );
+    Ok(())
+}

@@ -10,9 +10,11 @@ use futures::Stream;
 use meridian_proto::v1::local_routing_service_server::{
     LocalRoutingService, LocalRoutingServiceServer,
 };
-use meridian_proto::v1::{GetRoutesRequest, RoutingTable, WatchRoutesRequest};
+use meridian_proto::v1::{
+    GetRoutesRequest, RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
+};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
@@ -34,11 +36,21 @@ pub enum LocalApiError {
 #[derive(Debug, Clone)]
 pub struct LocalApi {
     routes: watch::Receiver<CurrentTable>,
+    refusals: Option<mpsc::Sender<TableReport>>,
 }
 
 impl LocalApi {
     pub fn new(routes: watch::Receiver<CurrentTable>) -> Self {
-        Self { routes }
+        Self {
+            routes,
+            refusals: None,
+        }
+    }
+
+    /// Sidecars' refusals of tables go to `refusals` (the session forwards them as Nacks).
+    pub fn with_refusals(mut self, refusals: mpsc::Sender<TableReport>) -> Self {
+        self.refusals = Some(refusals);
+        self
     }
 }
 
@@ -70,13 +82,36 @@ impl LocalRoutingService for LocalApi {
             None => Err(Status::not_found(NO_TABLE_YET)),
         }
     }
+
+    async fn report_table(
+        &self,
+        request: Request<TableReport>,
+    ) -> Result<Response<TableReportResponse>, Status> {
+        let report = request.into_inner();
+        if report.accepted {
+            tracing::debug!(client = %report.client, version = report.version, "sidecar accepted table");
+            return Ok(Response::new(TableReportResponse {}));
+        }
+        if report.reason.is_empty() {
+            return Err(Status::invalid_argument(
+                "reason: required when accepted is false",
+            ));
+        }
+        tracing::warn!(client = %report.client, version = report.version, reason = %report.reason, "sidecar refused routing table");
+        if let Some(refusals) = &self.refusals {
+            // A full queue means the control plane is unreachable and already has a backlog of
+            // refusals to hear about; dropping one loses nothing the next table will not repeat.
+            let _ = refusals.try_send(report);
+        }
+        Ok(Response::new(TableReportResponse {}))
+    }
 }
 
 /// Serves `LocalRoutingService` and `grpc.health.v1.Health` on `listener` until `shutdown`
 /// resolves and the open streams have ended.
 pub async fn serve(
     listener: TcpListener,
-    routes: watch::Receiver<CurrentTable>,
+    api: LocalApi,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), LocalApiError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -85,7 +120,7 @@ pub async fn serve(
         .await;
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(LocalRoutingServiceServer::new(LocalApi::new(routes)))
+        .add_service(LocalRoutingServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
         .map_err(LocalApiError::Serve)
@@ -155,7 +190,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (publisher, routes) = watch::channel(Some(table(4)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, routes, async {
+        let server = tokio::spawn(serve(listener, LocalApi::new(routes), async {
             let _ = stopped.await;
         }));
 

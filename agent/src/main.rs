@@ -197,7 +197,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         None => tracing::info!(dir = %state_dir.display(), "no persisted routing table"),
     }
     let (publisher, routes) = watch::channel(None);
-    let mut state = AgentState::new(identity, store, publisher, held);
+    let state = AgentState::new(identity, store, publisher, held);
 
     // 2. The local API, serving that table.
     let listener = TcpListener::bind(listen)
@@ -207,7 +207,10 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .local_addr()
         .context("cannot read the bound address")?;
     let (stop_server, server_stopped) = oneshot::channel::<()>();
-    let mut server = tokio::spawn(local_api::serve(listener, routes, async {
+    let (refusals, refused) = tokio::sync::mpsc::channel(64);
+    let mut state = state.with_sidecar_refusals(refused);
+    let api = local_api::LocalApi::new(routes).with_refusals(refusals);
+    let mut server = tokio::spawn(local_api::serve(listener, api, async {
         let _ = server_stopped.await;
     }));
     tracing::info!("serving local routing API on {local_addr}");

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use meridian_proto::v1::agent_service_client::AgentServiceClient;
 use meridian_proto::v1::{
     agent_message, control_message, Ack, AgentMessage, ControlMessage, FunctionEndpoints,
-    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate,
+    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate, TableReport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{self, Instant, MissedTickBehavior};
@@ -172,6 +172,8 @@ pub struct AgentState {
     publisher: watch::Sender<CurrentTable>,
     held: Option<Table>,
     timing: Timing,
+    /// Tables the local sidecars could not compile, to be Nacked upstream.
+    sidecar_refusals: Option<mpsc::Receiver<TableReport>>,
 }
 
 impl AgentState {
@@ -190,7 +192,14 @@ impl AgentState {
             publisher,
             held,
             timing: Timing::default(),
+            sidecar_refusals: None,
         }
+    }
+
+    /// Refusals reported by sidecars (see `LocalApi::with_refusals`) are forwarded as Nacks.
+    pub fn with_sidecar_refusals(mut self, refusals: mpsc::Receiver<TableReport>) -> Self {
+        self.sidecar_refusals = Some(refusals);
+        self
     }
 
     pub fn with_timing(mut self, timing: Timing) -> Self {
@@ -299,6 +308,16 @@ impl OpenStream<'_> {
                     }
                 }
                 () = time::sleep_until(deadline) => return SessionError::Silent(timing.silence),
+                Some(report) = next_refusal(&mut self.state.sidecar_refusals) => {
+                    let held = self.state.held.as_ref().map_or(0, Table::version);
+                    // A refusal of an older table is moot: the sidecar has been sent a newer one.
+                    if report.version == held {
+                        let reason = format!("sidecar {}: {}", report.client, report.reason);
+                        if let Err(error) = self.nack(report.version, reason).await {
+                            return error;
+                        }
+                    }
+                }
                 next = inbound.next() => {
                     let msg = match next {
                         None => return SessionError::Closed,
@@ -364,6 +383,17 @@ impl OpenStream<'_> {
             Ok(Err(_)) => Err(SessionError::Closed),
             Err(_) => Err(SessionError::SendStalled),
         }
+    }
+}
+
+/// The next sidecar refusal; never resolves when there is no source of them.
+async fn next_refusal(source: &mut Option<mpsc::Receiver<TableReport>>) -> Option<TableReport> {
+    match source {
+        Some(receiver) => match receiver.recv().await {
+            Some(report) => Some(report),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_common::names::validate_dns_label;
 use meridian_proto::v1 as pb;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,6 +36,10 @@ pub struct PushConfig {
     pub silence_timeout: Duration,
     /// How long a push may stay unacknowledged before the agent is assumed to have lost it.
     pub ack_timeout: Duration,
+    /// Full tables in flight at once across all agents. A full table is large; after a
+    /// restart thousands of agents want one at the same moment, and this bounds the memory
+    /// they take (deltas are small and never wait).
+    pub max_full_syncs: usize,
 }
 
 impl Default for PushConfig {
@@ -46,6 +50,7 @@ impl Default for PushConfig {
             heartbeat_interval: Duration::from_secs(5),
             silence_timeout: Duration::from_secs(15),
             ack_timeout: Duration::from_secs(30),
+            max_full_syncs: 64,
         }
     }
 }
@@ -190,6 +195,7 @@ pub struct AgentPush {
     statuses: mpsc::Sender<StatusWrite>,
     lease: watch::Receiver<Option<i64>>,
     shutdown: watch::Receiver<bool>,
+    full_syncs: Arc<Semaphore>,
 }
 
 impl AgentPush {
@@ -201,6 +207,7 @@ impl AgentPush {
         lease: watch::Receiver<Option<i64>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let full_syncs = Arc::new(Semaphore::new(config.max_full_syncs.max(1)));
         Self {
             store,
             tables,
@@ -208,6 +215,7 @@ impl AgentPush {
             statuses,
             lease,
             shutdown,
+            full_syncs,
         }
     }
 }
@@ -283,6 +291,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             tables: self.tables.clone(),
             shutdown: self.shutdown.clone(),
             lease_changes: self.lease.clone(),
+            full_syncs: self.full_syncs.clone(),
             identity,
             lease,
             agent_key,
@@ -305,6 +314,8 @@ struct InFlight {
     table: Arc<RegionTable>,
     full: bool,
     sent_at: Instant,
+    /// Held from sending a full table until it is acknowledged.
+    _full_sync: Option<OwnedSemaphorePermit>,
 }
 
 struct Session {
@@ -314,6 +325,7 @@ struct Session {
     tables: watch::Receiver<Arc<Tables>>,
     shutdown: watch::Receiver<bool>,
     lease_changes: watch::Receiver<Option<i64>>,
+    full_syncs: Arc<Semaphore>,
     identity: AgentIdentity,
     lease: i64,
     /// The agent's record key and the revision this session wrote it at.
@@ -396,8 +408,13 @@ impl Session {
             if let Flow::End(reason) = flow {
                 break reason;
             }
+            let waited = Instant::now();
             if let Err(reason) = self.push_if_needed().await {
                 break reason;
+            }
+            // Waiting for a full-sync slot is our delay, not the agent's silence.
+            if waited.elapsed() > self.config.heartbeat_interval {
+                last_heard = Instant::now();
             }
         };
         tracing::info!(
@@ -475,6 +492,17 @@ impl Session {
             None => current.full_update(),
         };
         let full = update.full;
+        let permit = if full {
+            let permit = self
+                .full_syncs
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "control plane stopping")?;
+            Some(permit)
+        } else {
+            None
+        };
         let message = pb::ControlMessage {
             kind: Some(pb::control_message::Kind::Update((*update).clone())),
         };
@@ -486,6 +514,7 @@ impl Session {
             table: current,
             full,
             sent_at: Instant::now(),
+            _full_sync: permit,
         });
         Ok(())
     }

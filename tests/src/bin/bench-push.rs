@@ -7,7 +7,7 @@
 //!
 //! Usage: bench-push [--agents N] [--functions F] [--changes C] [--regions R] [--streams-per-conn S]
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -98,24 +98,62 @@ struct AckEvent {
     at: Instant,
 }
 
-/// One simulated agent: hello, then apply and ack every update, forever.
+/// What a simulated agent keeps of its table across reconnects: the version and the function
+/// names. (Ten thousand full copies of the routes would measure this process, not the
+/// control plane.)
+#[derive(Default)]
+struct HeldTable {
+    version: i64,
+    functions: HashSet<(String, String)>,
+}
+
+/// One simulated agent: like a real one, it reconnects with capped, jittered backoff when its
+/// stream fails (e.g. when the control plane sheds load during a connection storm).
 async fn simulated_agent(
     index: usize,
     channel: Channel,
     region: String,
     acks: mpsc::UnboundedSender<AckEvent>,
+) {
+    let mut held = HeldTable::default();
+    let mut ceiling_ms = 100u64;
+    loop {
+        match agent_session(index, channel.clone(), &region, &acks, &mut held).await {
+            Ok(()) => return,
+            Err(error) => {
+                if acks.is_closed() {
+                    return;
+                }
+                // Deterministic jitter (index-based) keeps the bench reproducible.
+                let delay = (index as u64 * 7919) % ceiling_ms.max(1);
+                ceiling_ms = (ceiling_ms * 2).min(5000);
+                if ceiling_ms >= 5000 {
+                    eprintln!("simulated agent {index} retrying: {error:#}");
+                }
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+        }
+    }
+}
+
+async fn agent_session(
+    index: usize,
+    channel: Channel,
+    region: &str,
+    acks: &mpsc::UnboundedSender<AckEvent>,
+    held: &mut HeldTable,
 ) -> Result<()> {
     let (sender, receiver) = mpsc::channel(16);
     sender
         .send(pb::AgentMessage {
             kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
                 agent_id: format!("sim-{index}"),
-                region: region.clone(),
+                region: region.to_string(),
                 zone: format!("{region}-a"),
                 cloud: "bench".into(),
                 // Simulated hosts run no gateway; real ones would add one endpoint per host.
                 gateway: String::new(),
-                last_version: 0,
+                last_version: held.version,
             })),
         })
         .await?;
@@ -138,7 +176,7 @@ async fn simulated_agent(
         .connect(ReceiverStream::new(receiver))
         .await?
         .into_inner();
-    let mut table: HashMap<(String, String), pb::FunctionRoute> = HashMap::new();
+    let table = &mut held.functions;
     while let Some(message) = inbound.message().await? {
         let Some(pb::control_message::Kind::Update(update)) = message.kind else {
             continue;
@@ -151,8 +189,9 @@ async fn simulated_agent(
             table.remove(&(removed.namespace, removed.name));
         }
         for route in update.functions {
-            table.insert((route.namespace.clone(), route.name.clone()), route);
+            table.insert((route.namespace, route.name));
         }
+        held.version = update.version;
         sender
             .send(pb::AgentMessage {
                 kind: Some(pb::agent_message::Kind::Ack(pb::Ack {
@@ -251,7 +290,12 @@ async fn main() -> Result<()> {
     println!("bench-push: {options:?}");
 
     let etcd = Etcd::start().await?;
-    let cp = ControlPlane::start(&etcd.url(), ControlPlaneOpts::default()).await?;
+    // The production lease TTL, not the tests' short one: that is what a fleet runs with.
+    let cp_options = ControlPlaneOpts {
+        agent_lease_ttl_secs: 10,
+        ..ControlPlaneOpts::default()
+    };
+    let cp = ControlPlane::start(&etcd.url(), cp_options).await?;
     let pid = cp.process().pid().context("control plane has no pid")?;
     let mut functions = FunctionServiceClient::new(cp.channel().await?);
 
@@ -282,11 +326,7 @@ async fn main() -> Result<()> {
         let channel = channel.clone().context("no channel")?;
         let acks = ack_sender.clone();
         let region = region(index % options.regions);
-        tokio::spawn(async move {
-            if let Err(error) = simulated_agent(index, channel, region, acks).await {
-                eprintln!("simulated agent {index} stopped: {error:#}");
-            }
-        });
+        tokio::spawn(simulated_agent(index, channel, region, acks));
     }
     drop(ack_sender);
     let mut tracker = AckTracker {

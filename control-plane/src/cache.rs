@@ -220,7 +220,7 @@ pub async fn run(
     let mut topology = Topology::default();
     loop {
         // (Re)load everything. After a compaction we cannot know what we missed.
-        let snapshot = match store.load(&store.keys().all()).await {
+        let snapshot = match store.load_range(store.keys().routing_range()).await {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 tracing::warn!(%error, "cannot load state from etcd; retrying");
@@ -276,7 +276,10 @@ async fn follow(
     let mut next_revision = state.revision + 1;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
-        let mut watch = match store.watch(&store.keys().all(), next_revision).await {
+        let mut watch = match store
+            .watch_range(store.keys().routing_range(), next_revision)
+            .await
+        {
             Ok(watch) => watch,
             Err(error) => {
                 tracing::warn!(%error, next_revision, "cannot start watch; retrying");

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::spec::FunctionKey;
-use crate::store::Store;
+use crate::store::{LeasedWrite, Store};
 use crate::table::{RegionTable, Tables};
 
 /// Settings of agent sessions.
@@ -147,6 +147,83 @@ pub async fn run_replica_lease(store: Store, ttl: Duration, current: watch::Send
     }
 }
 
+/// A write waiting for the group commit, and who to tell when it is done.
+#[derive(Debug)]
+pub struct PendingWrite {
+    write: LeasedWrite,
+    done: tokio::sync::oneshot::Sender<Result<i64, String>>,
+}
+
+/// Commits agents' registrations and endpoint writes in groups: when thousands of agents
+/// connect at once (a control-plane restart), one etcd transaction per agent would overload
+/// etcd until leases expire and the storm repeats.
+pub async fn run_write_batcher(store: Store, mut writes: mpsc::Receiver<PendingWrite>) {
+    const MAX_OPS: usize = 120;
+    while let Some(first) = writes.recv().await {
+        let mut ops = first.write.ops();
+        let mut batch = vec![first];
+        while ops < MAX_OPS {
+            match writes.try_recv() {
+                Ok(next) => {
+                    ops += next.write.ops();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = store
+            .write_many(batch.iter().map(|p| p.write.clone()).collect())
+            .await;
+        match result {
+            Ok(revision) => {
+                for pending in batch {
+                    let _ = pending.done.send(Ok(revision));
+                }
+            }
+            Err(error) if batch.len() > 1 => {
+                // Perhaps two writes of one key (an agent reconnecting mid-batch): one by one.
+                tracing::debug!(%error, "group commit failed; writing one by one");
+                for pending in batch {
+                    let result = store
+                        .write_many(vec![pending.write])
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = pending.done.send(result);
+                }
+            }
+            Err(error) => {
+                for pending in batch {
+                    let _ = pending.done.send(Err(error.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Sends writes to the batcher and waits for their commit.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<PendingWrite>,
+}
+
+impl Writer {
+    pub fn new(queue: mpsc::Sender<PendingWrite>) -> Self {
+        Self { queue }
+    }
+
+    /// Returns the revision of the commit.
+    pub async fn write(&self, write: LeasedWrite) -> Result<i64, String> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(PendingWrite { write, done })
+            .await
+            .map_err(|_| "control plane stopping".to_string())?;
+        result
+            .await
+            .map_err(|_| "control plane stopping".to_string())?
+    }
+}
+
 /// A status to write for an agent (coalesced by [`run_status_writer`]).
 #[derive(Debug)]
 pub struct StatusWrite {
@@ -196,6 +273,7 @@ pub struct AgentPush {
     lease: watch::Receiver<Option<i64>>,
     shutdown: watch::Receiver<bool>,
     full_syncs: Arc<Semaphore>,
+    writer: Writer,
 }
 
 impl AgentPush {
@@ -207,6 +285,9 @@ impl AgentPush {
         lease: watch::Receiver<Option<i64>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let (queue, pending) = mpsc::channel(4096);
+        tokio::spawn(run_write_batcher(store.clone(), pending));
+        let writer = Writer::new(queue);
         let full_syncs = Arc::new(Semaphore::new(config.max_full_syncs.max(1)));
         Self {
             store,
@@ -216,6 +297,7 @@ impl AgentPush {
             lease,
             shutdown,
             full_syncs,
+            writer,
         }
     }
 }
@@ -268,12 +350,12 @@ impl pb::agent_service_server::AgentService for AgentPush {
             .keys()
             .agent(&identity.region, &identity.agent_id);
         let registered_revision = self
-            .store
-            .write_leased(
+            .writer
+            .write(LeasedWrite {
                 lease,
-                vec![(agent_key.clone(), record.encode_to_vec())],
-                Vec::new(),
-            )
+                puts: vec![(agent_key.clone(), record.encode_to_vec())],
+                deletes: Vec::new(),
+            })
             .await
             .map_err(|e| Status::unavailable(format!("cannot register agent: {e}")))?;
         tracing::info!(
@@ -292,6 +374,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             shutdown: self.shutdown.clone(),
             lease_changes: self.lease.clone(),
             full_syncs: self.full_syncs.clone(),
+            writer: self.writer.clone(),
             identity,
             lease,
             agent_key,
@@ -326,6 +409,7 @@ struct Session {
     shutdown: watch::Receiver<bool>,
     lease_changes: watch::Receiver<Option<i64>>,
     full_syncs: Arc<Semaphore>,
+    writer: Writer,
     identity: AgentIdentity,
     lease: i64,
     /// The agent's record key and the revision this session wrote it at.
@@ -624,7 +708,12 @@ impl Session {
             .filter(|k| !self.endpoints_desired.contains_key(*k))
             .cloned()
             .collect();
-        match self.store.write_leased(self.lease, puts, deletes).await {
+        let write = LeasedWrite {
+            lease: self.lease,
+            puts,
+            deletes,
+        };
+        match self.writer.write(write).await {
             Ok(_) => self.endpoints_written = self.endpoints_desired.clone(),
             Err(error) => {
                 tracing::warn!(agent = %self.identity.agent_id, %error, "cannot write endpoints; will retry")

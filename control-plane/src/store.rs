@@ -124,8 +124,10 @@ impl Keys {
         Self { prefix }
     }
 
-    pub fn all(&self) -> String {
-        self.prefix.clone()
+    /// The key range that routing tables depend on: `agents/`, `endpoints/` and `functions/`,
+    /// but not `status/`, which sorts after them and changes with every acknowledgement.
+    pub fn routing_range(&self) -> (String, String) {
+        (self.prefix.clone(), format!("{}status/", self.prefix))
     }
 
     pub fn function(&self, key: &FunctionKey) -> String {
@@ -264,11 +266,18 @@ impl Store {
 
     /// Everything under `prefix` (a full key prefix from [`Keys`]) at one revision.
     pub async fn load(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-        let response = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
+        self.load_with(prefix, GetOptions::new().with_prefix())
+            .await
+    }
+
+    /// Everything in `[start, end)` at one revision.
+    pub async fn load_range(&self, (start, end): (String, String)) -> Result<Snapshot, StoreError> {
+        self.load_with(&start, GetOptions::new().with_range(end))
+            .await
+    }
+
+    async fn load_with(&self, key: &str, options: GetOptions) -> Result<Snapshot, StoreError> {
+        let response = self.client.kv_client().get(key, Some(options)).await?;
         let revision = response.header().map(|h| h.revision()).unwrap_or_default();
         let records = response
             .kvs()
@@ -489,11 +498,28 @@ impl Store {
         puts: Vec<(String, Vec<u8>)>,
         deletes: Vec<String>,
     ) -> Result<i64, StoreError> {
-        let mut ops: Vec<TxnOp> = puts
-            .into_iter()
-            .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))))
-            .collect();
-        ops.extend(deletes.into_iter().map(|k| TxnOp::delete(k, None)));
+        self.write_many(vec![LeasedWrite {
+            lease,
+            puts,
+            deletes,
+        }])
+        .await
+    }
+
+    /// Several leased writes in as few transactions as etcd allows (group commit). The keys of
+    /// the writes must be distinct.
+    pub async fn write_many(&self, writes: Vec<LeasedWrite>) -> Result<i64, StoreError> {
+        let mut ops: Vec<TxnOp> = Vec::new();
+        for write in writes {
+            let lease = write.lease;
+            ops.extend(
+                write
+                    .puts
+                    .into_iter()
+                    .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease)))),
+            );
+            ops.extend(write.deletes.into_iter().map(|k| TxnOp::delete(k, None)));
+        }
         let mut kv = self.client.kv_client();
         let mut revision = 0;
         while !ops.is_empty() {
@@ -562,11 +588,24 @@ impl Store {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(start_revision);
-        let stream = self
-            .client
-            .watch_client()
-            .watch(prefix, Some(options))
-            .await?;
+        self.start_watch(prefix, options).await
+    }
+
+    /// Watches keys in `[start, end)` from `start_revision` (inclusive).
+    pub async fn watch_range(
+        &self,
+        (start, end): (String, String),
+        start_revision: i64,
+    ) -> Result<Watch, StoreError> {
+        let options = WatchOptions::new()
+            .with_range(end)
+            .with_prev_key()
+            .with_start_revision(start_revision);
+        self.start_watch(&start, options).await
+    }
+
+    async fn start_watch(&self, key: &str, options: WatchOptions) -> Result<Watch, StoreError> {
+        let stream = self.client.watch_client().watch(key, Some(options)).await?;
         Ok(Watch {
             stream,
             keys: self.keys.clone(),
@@ -590,6 +629,20 @@ async fn keep_alive_stream(
             None => return Ok(()),
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Puts under a lease and deletes, applied together.
+#[derive(Debug, Clone, Default)]
+pub struct LeasedWrite {
+    pub lease: i64,
+    pub puts: Vec<(String, Vec<u8>)>,
+    pub deletes: Vec<String>,
+}
+
+impl LeasedWrite {
+    pub fn ops(&self) -> usize {
+        self.puts.len() + self.deletes.len()
     }
 }
 

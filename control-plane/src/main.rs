@@ -121,14 +121,24 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Both reflection versions: grpcurl still speaks v1alpha. The descriptor set also holds the
+    // agent's local API, which this server does not serve, so the services are listed by name.
+    let reflection = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for service in [
+            "meridian.v1.FunctionService",
+            "meridian.v1.MeshService",
+            "meridian.v1.AgentService",
+            "grpc.health.v1.Health",
+        ] {
+            builder = builder.with_service_name(service);
+        }
+        builder
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let push = AgentPush::new(
         store.clone(),

@@ -268,6 +268,7 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
         tx,
         received_update: false,
         reported: None,
+        parts: Vec::new(),
     };
     let error = stream.run(inbound).await;
     outcome(stream.received_update, error)
@@ -291,7 +292,12 @@ struct OpenStream<'a> {
     received_update: bool,
     /// The endpoint set last reported after an update on this stream; `None` before the first.
     reported: Option<Vec<FunctionEndpoints>>,
+    /// Parts of an update received so far (`more` was set); applied when the last arrives.
+    parts: Vec<RoutingUpdate>,
 }
+
+/// More parts than any table needs (64 functions each): a stream that never ends an update.
+const MAX_PARTS: usize = 4096;
 
 impl OpenStream<'_> {
     async fn run(&mut self, mut inbound: ControlStream) -> SessionError {
@@ -327,6 +333,16 @@ impl OpenStream<'_> {
                     deadline = Instant::now() + timing.silence;
                     if let Some(control_message::Kind::Update(update)) = msg.kind {
                         self.received_update = true;
+                        let update = match self.assemble(update) {
+                            Ok(Some(update)) => update,
+                            Ok(None) => continue,
+                            Err((version, reason)) => {
+                                if let Err(error) = self.nack(version, reason).await {
+                                    return error;
+                                }
+                                continue;
+                            }
+                        };
                         if let Err(error) = self.handle_update(update).await {
                             return error;
                         }
@@ -336,6 +352,44 @@ impl OpenStream<'_> {
                 }
             }
         }
+    }
+
+    /// Collects the parts of a large update; returns the whole update once its last part is in.
+    fn assemble(&mut self, part: RoutingUpdate) -> Result<Option<RoutingUpdate>, (i64, String)> {
+        if let Some(first) = self.parts.first() {
+            if first.version != part.version {
+                let reason = format!(
+                    "part of update {} arrived before update {} was complete",
+                    part.version, first.version
+                );
+                self.parts.clear();
+                return Err((part.version, reason));
+            }
+        }
+        if part.more {
+            if self.parts.len() >= MAX_PARTS {
+                self.parts.clear();
+                return Err((
+                    part.version,
+                    format!("update has more than {MAX_PARTS} parts"),
+                ));
+            }
+            self.parts.push(part);
+            return Ok(None);
+        }
+        if self.parts.is_empty() {
+            return Ok(Some(part));
+        }
+        let mut parts = std::mem::take(&mut self.parts).into_iter();
+        let Some(mut whole) = parts.next() else {
+            return Ok(Some(part));
+        };
+        for next in parts.chain(std::iter::once(part)) {
+            whole.functions.extend(next.functions);
+            whole.removed.extend(next.removed);
+        }
+        whole.more = false;
+        Ok(Some(whole))
     }
 
     /// Apply, persist, Ack, publish, report; or Nack and keep the old table.

@@ -255,6 +255,7 @@ mod tests {
             version,
             base_version: base,
             full: false,
+            more: false,
             region: "us-east".into(),
             functions,
             removed: removed

@@ -433,8 +433,8 @@ mod tests {
         let us2 = &second.regions["us-east"];
         assert!(Arc::ptr_eq(&us.routes[&key("a")], &us2.routes[&key("a")]));
         let delta = us2.delta_from(us);
-        assert!(delta.functions.is_empty());
-        assert_eq!(delta.removed.len(), 1);
+        assert!(delta[0].functions.is_empty());
+        assert_eq!(delta[0].removed.len(), 1);
     }
 
     #[test]

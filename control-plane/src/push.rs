@@ -575,7 +575,7 @@ impl Session {
             }
             None => current.full_update(),
         };
-        let full = update.full;
+        let full = update.first().is_some_and(|part| part.full);
         let permit = if full {
             let permit = self
                 .full_syncs
@@ -587,13 +587,15 @@ impl Session {
         } else {
             None
         };
-        let message = pb::ControlMessage {
-            kind: Some(pb::control_message::Kind::Update((*update).clone())),
-        };
-        self.outbound
-            .send(Ok(message))
-            .await
-            .map_err(|_| "agent went away")?;
+        for part in update.iter() {
+            let message = pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Update(part.clone())),
+            };
+            self.outbound
+                .send(Ok(message))
+                .await
+                .map_err(|_| "agent went away")?;
+        }
         self.in_flight = Some(InFlight {
             table: current,
             full,

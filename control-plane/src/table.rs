@@ -12,6 +12,40 @@ use meridian_proto::v1 as pb;
 
 use crate::spec::{FunctionKey, FunctionSpec, Runtime};
 
+/// Functions per part of an update: about 20 KB encoded with three tiers. Bounding the part
+/// bounds the buffers each agent stream keeps (they retain the capacity of their largest
+/// message), which is what makes 10,000 streams affordable.
+pub const FUNCTIONS_PER_PART: usize = 64;
+
+/// An update, split into the parts it is sent in (`more` set on all but the last).
+pub type UpdateParts = Arc<Vec<pb::RoutingUpdate>>;
+
+/// Splits an update into parts of at most `per_part` functions; removals go in the last part.
+pub fn split_update(update: pb::RoutingUpdate, per_part: usize) -> Vec<pb::RoutingUpdate> {
+    let per_part = per_part.max(1);
+    if update.functions.len() <= per_part {
+        return vec![update];
+    }
+    let mut functions = update.functions.into_iter().peekable();
+    let mut parts = Vec::new();
+    while functions.peek().is_some() {
+        parts.push(pb::RoutingUpdate {
+            version: update.version,
+            base_version: update.base_version,
+            full: update.full,
+            region: update.region.clone(),
+            functions: functions.by_ref().take(per_part).collect(),
+            removed: Vec::new(),
+            more: true,
+        });
+    }
+    if let Some(last) = parts.last_mut() {
+        last.more = false;
+        last.removed = update.removed;
+    }
+    parts
+}
+
 /// A function as the table builder needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedFunction {
@@ -38,8 +72,8 @@ pub struct RegionTable {
     pub version: i64,
     pub region: String,
     pub routes: BTreeMap<FunctionKey, Arc<pb::FunctionRoute>>,
-    full: OnceLock<Arc<pb::RoutingUpdate>>,
-    deltas: Mutex<HashMap<i64, Arc<pb::RoutingUpdate>>>,
+    full: OnceLock<UpdateParts>,
+    deltas: Mutex<HashMap<i64, UpdateParts>>,
 }
 
 impl RegionTable {
@@ -66,24 +100,28 @@ impl RegionTable {
         }
     }
 
-    /// The whole table as an update.
-    pub fn full_update(&self) -> Arc<pb::RoutingUpdate> {
+    /// The whole table as an update, in parts.
+    pub fn full_update(&self) -> UpdateParts {
         self.full
             .get_or_init(|| {
-                Arc::new(pb::RoutingUpdate {
-                    version: self.version,
-                    base_version: 0,
-                    full: true,
-                    region: self.region.clone(),
-                    functions: self.routes.values().map(|r| (**r).clone()).collect(),
-                    removed: Vec::new(),
-                })
+                Arc::new(split_update(
+                    pb::RoutingUpdate {
+                        version: self.version,
+                        base_version: 0,
+                        full: true,
+                        region: self.region.clone(),
+                        functions: self.routes.values().map(|r| (**r).clone()).collect(),
+                        removed: Vec::new(),
+                        more: false,
+                    },
+                    FUNCTIONS_PER_PART,
+                ))
             })
             .clone()
     }
 
-    /// The delta that turns `base` into this table; computed once per base version.
-    pub fn delta_from(&self, base: &RegionTable) -> Arc<pb::RoutingUpdate> {
+    /// The delta that turns `base` into this table, in parts; computed once per base version.
+    pub fn delta_from(&self, base: &RegionTable) -> UpdateParts {
         let mut deltas = match self.deltas.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -109,14 +147,18 @@ impl RegionTable {
                         name: key.name.clone(),
                     })
                     .collect();
-                Arc::new(pb::RoutingUpdate {
-                    version: self.version,
-                    base_version: base.version,
-                    full: false,
-                    region: self.region.clone(),
-                    functions,
-                    removed,
-                })
+                Arc::new(split_update(
+                    pb::RoutingUpdate {
+                        version: self.version,
+                        base_version: base.version,
+                        full: false,
+                        region: self.region.clone(),
+                        functions,
+                        removed,
+                        more: false,
+                    },
+                    FUNCTIONS_PER_PART,
+                ))
             })
             .clone()
     }
@@ -349,14 +391,42 @@ mod tests {
             "us-east".into(),
             BTreeMap::from([(key("a"), Arc::new(changed))]),
         );
-        let delta = new.delta_from(&old);
+        let parts = new.delta_from(&old);
+        assert_eq!(parts.len(), 1);
+        let delta = &parts[0];
+        assert!(!delta.more);
         assert!(!delta.full);
         assert_eq!(delta.base_version, 10);
         assert_eq!(delta.functions.len(), 1);
         assert_eq!(delta.functions[0].function_version, 11);
         assert_eq!(delta.removed.len(), 1);
         assert_eq!(delta.removed[0].name, "b");
-        assert!(Arc::ptr_eq(&delta, &new.delta_from(&old)));
-        assert_eq!(new.full_update().functions.len(), 1);
+        assert!(Arc::ptr_eq(&parts, &new.delta_from(&old)));
+        assert_eq!(new.full_update()[0].functions.len(), 1);
+    }
+
+    #[test]
+    fn large_updates_are_split_with_removals_last() {
+        let route = |i: usize| pb::FunctionRoute {
+            name: format!("f{i}"),
+            ..Default::default()
+        };
+        let update = pb::RoutingUpdate {
+            version: 9,
+            base_version: 8,
+            functions: (0..130).map(route).collect(),
+            removed: vec![pb::FunctionRef::default()],
+            ..Default::default()
+        };
+        let parts = split_update(update, 64);
+        let sizes: Vec<usize> = parts.iter().map(|p| p.functions.len()).collect();
+        assert_eq!(sizes, vec![64, 64, 2]);
+        assert_eq!(
+            parts.iter().map(|p| p.more).collect::<Vec<_>>(),
+            vec![true, true, false]
+        );
+        assert!(parts.iter().all(|p| p.version == 9 && p.base_version == 8));
+        assert!(parts[..2].iter().all(|p| p.removed.is_empty()));
+        assert_eq!(parts[2].removed.len(), 1);
     }
 }

@@ -177,19 +177,26 @@ async fn agent_session(
         .await?
         .into_inner();
     let table = &mut held.functions;
+    // Inside a multi-part update (all parts but the last have `more` set).
+    let mut assembling = false;
     while let Some(message) = inbound.message().await? {
         let Some(pb::control_message::Kind::Update(update)) = message.kind else {
             continue;
         };
         // Apply it as an agent would, so that the cost of big updates is real.
-        if update.full {
+        if update.full && !assembling {
             table.clear();
         }
+        assembling = update.more;
         for removed in update.removed {
             table.remove(&(removed.namespace, removed.name));
         }
         for route in update.functions {
             table.insert((route.namespace, route.name));
+        }
+        if update.more {
+            // A part of a large update: acknowledged when its last part is applied.
+            continue;
         }
         held.version = update.version;
         sender

@@ -1,0 +1,167 @@
+//! A sample function for demos and tests: an HTTP/1.1 and h2c server that says which instance
+//! and region answered.
+//!
+//! Environment: `PORT` (required), `HOST` (default 127.0.0.1), `REGION` and `INSTANCE_ID`
+//! (default "unknown"). Every request gets 200 `hello from <instance> in <region>` and an
+//! `x-instance` header, except `GET /status/<code>` (answers that status, e.g. 503 for retry
+//! tests) and `POST /echo` (streams the request body back). Stops cleanly on SIGTERM/SIGINT.
+//!
+//! Run: `PORT=9000 REGION=us-east INSTANCE_ID=a cargo run -p meridian-sidecar --example sample_function`
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+/// Who this instance is.
+struct Identity {
+    greeting: Bytes,
+    instance: HeaderValue,
+}
+
+/// Either a fixed greeting or the request body echoed back as it arrives.
+enum Reply {
+    Full(Option<Bytes>),
+    Echo(Incoming),
+}
+
+impl Body for Reply {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Reply::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Reply::Echo(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Reply::Full(data) => data.is_none(),
+            Reply::Echo(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Reply::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Reply::Echo(body) => body.size_hint(),
+        }
+    }
+}
+
+fn answer(identity: &Identity, request: Request<Incoming>) -> Response<Reply> {
+    let path = request.uri().path();
+    let (status, body) = if request.method() == Method::POST && path == "/echo" {
+        (StatusCode::OK, Reply::Echo(request.into_body()))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
+            Some(status) => (
+                status,
+                Reply::Full(Some(Bytes::from(format!("status {}\n", status.as_u16())))),
+            ),
+            None => (
+                StatusCode::BAD_REQUEST,
+                Reply::Full(Some(Bytes::from_static(b"bad status code\n"))),
+            ),
+        }
+    } else {
+        (StatusCode::OK, Reply::Full(Some(identity.greeting.clone())))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("x-instance", identity.instance.clone());
+    response
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    meridian_common::telemetry::init("info");
+    let port: u16 = std::env::var("PORT")
+        .context("PORT must be set")?
+        .parse()
+        .context("PORT must be a port number")?;
+    let host: IpAddr = env_or("HOST", "127.0.0.1")
+        .parse()
+        .context("HOST must be an IP address")?;
+    let region = env_or("REGION", "unknown");
+    let instance = env_or("INSTANCE_ID", "unknown");
+    let identity = Arc::new(Identity {
+        greeting: Bytes::from(format!("hello from {instance} in {region}\n")),
+        instance: HeaderValue::from_str(&instance).context("INSTANCE_ID must be a header value")?,
+    });
+
+    let listener = TcpListener::bind(SocketAddr::new(host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    tracing::info!(%region, %instance, "listening on {}", listener.local_addr()?);
+
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let shutdown = meridian_common::shutdown::signal();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let identity = Arc::clone(&identity);
+        let service = service_fn(move |request| {
+            let response = answer(&identity, request);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

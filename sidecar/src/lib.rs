@@ -1,0 +1,34 @@
+//! Meridian's sidecar, the data plane: an HTTP/1.1 and h2c proxy with an outbound listener for
+//! applications and a gateway listener for other regions; tiered failover across regions
+//! (Envoy-style priority levels), power-of-two-choices load balancing, passive ejection and
+//! active probes, retries within a budget, and per-try and total timeouts. Its configuration is
+//! the routing table its local agent serves.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod budget;
+pub mod endpoints;
+pub mod errors;
+pub mod health;
+pub mod metrics;
+pub mod priority;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod watch;
+
+pub use server::{run, Bound, Config};
+
+/// An error and its sources on one line, `outer: inner: ...` (log lines, error bodies, the
+/// reason of a refused table).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

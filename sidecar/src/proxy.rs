@@ -1,0 +1,892 @@
+//! The request path: find the function by Host / :authority, pick a tier (priority load) and an
+//! endpoint in it (P2C), forward with pooled hyper clients, retry elsewhere within the budget and
+//! the timeouts, and answer every failure at once with a reason. No lock is taken: the routing
+//! state is loaded from an `ArcSwap`, and everything that changes is an atomic.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST, TE, UPGRADE};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::balance::{self, Tried};
+use crate::body::{Replayable, RequestBody, ResponseBody};
+use crate::endpoints::{InFlight, ProbeState};
+use crate::errors::{ProxyError, MERIDIAN_HOP, MERIDIAN_REGION};
+use crate::health::{self, HEALTH_PATH};
+use crate::metrics::GlobalStats;
+use crate::priority::{self, MAX_TIERS};
+use crate::routes::{Endpoint, FunctionRoute, HostError, RoutingState, Tier};
+
+/// Request headers beyond this many bytes are refused with 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Bodies up to this size (with a known length) are kept to be replayed on a retry; larger or
+/// unknown-length bodies are streamed through and never retried.
+pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
+/// Connection attempts give up after this (the per-try timeout may cut them shorter).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 header lists accepted from peers: above our own 64 KiB check, so that check answers.
+pub const MAX_H2_HEADER_LIST: u32 = 256 * 1024;
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Applications of this region: any tier.
+    Outbound,
+    /// Other regions' sidecars: local instances only, so a request never travels to a third
+    /// region (no loops).
+    Gateway,
+}
+
+pub type HttpClient = Client<HttpConnector, RequestBody>;
+
+/// Builds the pooled client: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+pub fn client(http2: bool) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90));
+    if http2 {
+        builder
+            .http2_only(true)
+            .http2_adaptive_window(true)
+            .http2_max_header_list_size(MAX_H2_HEADER_LIST);
+    }
+    builder.build(connector)
+}
+
+/// The proxy shared by every connection of both listeners.
+#[derive(Debug)]
+pub struct Proxy {
+    region_header: HeaderValue,
+    state: Arc<ArcSwapOption<RoutingState>>,
+    http1: HttpClient,
+    http2: HttpClient,
+    global: Arc<GlobalStats>,
+}
+
+/// Where one attempt goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick<'s> {
+    /// Index of the tier in the function's `tiers`.
+    pub index: usize,
+    pub tier: &'s Tier,
+    pub endpoint: &'s Endpoint,
+}
+
+/// Why no endpoint could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The function has no endpoint that could take traffic at all.
+    NoEndpoints,
+    /// It has some, but every one is ejected, down or already tried.
+    AllEjected,
+}
+
+/// The priority computation for one request: tiers in the order tried, their health and load.
+#[derive(Debug)]
+pub struct Plan {
+    pub len: usize,
+    /// Tier indices, in priority order.
+    pub order: [usize; MAX_TIERS],
+    /// Permille, by position in `order`.
+    pub health: [u32; MAX_TIERS],
+    pub load: [u32; MAX_TIERS],
+    /// Endpoints that may take this request, by position in `order`.
+    pub eligible: [usize; MAX_TIERS],
+    /// Endpoints that could take traffic if healthy (allowed tiers, routable state).
+    pub candidates: usize,
+}
+
+/// Whether `endpoint` of `tier` may be sent a request now (ignoring retries).
+pub fn available(tier: &Tier, endpoint: &Endpoint, now: u64) -> bool {
+    endpoint.routable
+        && !endpoint.shared.is_ejected(now)
+        && (tier.local || endpoint.shared.probe_state() != ProbeState::Down)
+}
+
+/// Computes the priority load of `function`'s tiers for one request. `avoid` is a bitmask of
+/// tier indices that failed regionally for this request.
+pub fn plan(
+    function: &FunctionRoute,
+    now: u64,
+    local_only: bool,
+    tried: &Tried,
+    avoid: u32,
+) -> Plan {
+    let mut plan = Plan {
+        len: 0,
+        order: [0; MAX_TIERS],
+        health: [0; MAX_TIERS],
+        load: [0; MAX_TIERS],
+        eligible: [0; MAX_TIERS],
+        candidates: 0,
+    };
+    plan.len = priority::order(&function.tiers, &mut plan.order);
+    for slot in 0..plan.len {
+        let index = plan.order[slot];
+        let Some(tier) = function.tiers.get(index) else {
+            continue;
+        };
+        if local_only && !tier.local {
+            continue;
+        }
+        // A remote region with no ready instance behind its gateways cannot serve.
+        if !tier.local && tier.ready_instances == 0 {
+            continue;
+        }
+        let avoided = index < 32 && avoid & (1 << index) != 0;
+        let mut eligible = 0;
+        for endpoint in &tier.endpoints {
+            if !endpoint.routable {
+                continue;
+            }
+            plan.candidates += 1;
+            if !avoided && available(tier, endpoint, now) && !tried.contains(&endpoint.shared) {
+                eligible += 1;
+            }
+        }
+        plan.eligible[slot] = eligible;
+        plan.health[slot] = priority::tier_health(eligible, tier.endpoints.len());
+    }
+    priority::priority_load(&plan.health[..plan.len], &mut plan.load[..plan.len]);
+    plan
+}
+
+/// Picks the tier by priority load and the endpoint in it by P2C.
+pub fn choose<'f>(
+    function: &'f FunctionRoute,
+    now: u64,
+    local_only: bool,
+    tried: &Tried,
+    avoid: u32,
+) -> Result<Pick<'f>, Unavailable> {
+    let plan = plan(function, now, local_only, tried, avoid);
+    let total: u32 = plan.load[..plan.len].iter().sum();
+    if total == 0 {
+        return Err(if plan.candidates == 0 {
+            Unavailable::NoEndpoints
+        } else {
+            Unavailable::AllEjected
+        });
+    }
+    let roll = u32::try_from(balance::random() % u64::from(total)).unwrap_or(0);
+    let slot = priority::pick(&plan.load[..plan.len], roll).ok_or(Unavailable::AllEjected)?;
+    let index = plan.order[slot];
+    let tier = function.tiers.get(index).ok_or(Unavailable::AllEjected)?;
+    let endpoint = balance::p2c(&tier.endpoints, plan.eligible[slot], |e| {
+        available(tier, e, now) && !tried.contains(&e.shared)
+    })
+    .ok_or(Unavailable::AllEjected)?;
+    Ok(Pick {
+        index,
+        tier,
+        endpoint,
+    })
+}
+
+/// What went wrong with the last attempt, kept in case no retry follows.
+enum Failure<'s> {
+    /// An upstream 5xx: passed on as is if it is the final answer.
+    Response {
+        response: Response<Incoming>,
+        in_flight: InFlight,
+        tier: &'s Tier,
+    },
+    /// No response. `sent`: the request may have reached the endpoint (only idempotent
+    /// methods may then be retried).
+    Error {
+        error: ProxyError,
+        sent: bool,
+        tier: &'s Tier,
+    },
+}
+
+impl Failure<'_> {
+    fn sent(&self) -> bool {
+        match self {
+            Failure::Response { .. } => true,
+            Failure::Error { sent, .. } => *sent,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Response {
+                response,
+                in_flight,
+                ..
+            } => format!(
+                "{} answered {}",
+                in_flight.endpoint().address(),
+                response.status()
+            ),
+            Failure::Error { error, .. } => crate::error_chain(error),
+        }
+    }
+
+    fn tier(&self) -> &Tier {
+        match self {
+            Failure::Response { tier, .. } | Failure::Error { tier, .. } => tier,
+        }
+    }
+}
+
+impl Proxy {
+    /// `region` must be a valid header value (a DNS label is).
+    pub fn new(
+        region: &str,
+        state: Arc<ArcSwapOption<RoutingState>>,
+        global: Arc<GlobalStats>,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
+        // Leaked once per proxy so every response's header is a static copy, not an allocation.
+        let leaked: &'static str = Box::leak(region.to_owned().into_boxed_str());
+        let region_header = HeaderValue::from_maybe_shared(Bytes::from_static(leaked.as_bytes()))?;
+        Ok(Self {
+            region_header,
+            state,
+            http1: client(false),
+            http2: client(true),
+            global,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<ArcSwapOption<RoutingState>> {
+        &self.state
+    }
+
+    /// Serves one request; never fails (failures are responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        listener: Listener,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        if listener == Listener::Gateway && request.uri().path() == HEALTH_PATH {
+            return self.health();
+        }
+        let size = header_bytes(request.headers());
+        if size > MAX_HEADER_BYTES {
+            return self.unrouted(ProxyError::HeadersTooLarge {
+                size,
+                limit: MAX_HEADER_BYTES,
+            });
+        }
+        let Some(state) = self.state.load_full() else {
+            return self.unrouted(ProxyError::NoTable);
+        };
+        let function = match request_host(&request) {
+            Err(error) => return self.unrouted(error),
+            Ok(host) => match state.lookup(host) {
+                Ok(function) => function,
+                Err(HostError::Unknown) => {
+                    let host = host.to_owned();
+                    return self.unrouted(ProxyError::UnknownFunction { host });
+                }
+                Err(HostError::Malformed(why)) => {
+                    let host = host.to_owned();
+                    return self.unrouted(ProxyError::BadHost { host, why });
+                }
+            },
+        };
+        self.forward(&state, function, request, listener, start)
+            .await
+    }
+
+    async fn forward(
+        &self,
+        state: &RoutingState,
+        function: &FunctionRoute,
+        request: Request<Incoming>,
+        listener: Listener,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        let policy = &function.policy;
+        let deadline = start + policy.timeout;
+        function.budget().deposit();
+        let local_only = listener == Listener::Gateway;
+        let (mut parts, body) = request.into_parts();
+        let method_retryable = policy.retryable(&parts.method);
+        strip_hop_by_hop(&mut parts.headers);
+        // The function name travels in Host: the legacy client puts the endpoint's address in
+        // the URI (and, for HTTP/2, in :authority), and a remote gateway routes by Host.
+        if !parts.headers.contains_key(HOST) {
+            if let Some(value) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(HOST, value);
+            }
+        }
+
+        // A small body of known length is kept so a retry can send it again; anything else
+        // streams through once.
+        let mut stream = None;
+        let replay = if body.is_end_stream() {
+            Some(Replayable::default())
+        } else if policy.max_retries > 0
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= MAX_REPLAY_BYTES)
+        {
+            match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => {
+                    let trailers = collected.trailers().cloned();
+                    Some(Replayable::new(collected.to_bytes(), trailers))
+                }
+                Ok(Err(error)) => {
+                    return self.fail(function, None, ProxyError::RequestBody(error), start)
+                }
+                Err(_) => {
+                    return self.fail(function, None, ProxyError::Timeout(policy.timeout), start)
+                }
+            }
+        } else {
+            stream = Some(body);
+            None
+        };
+
+        let http2 = parts.version == Version::HTTP_2;
+        let client = if http2 { &self.http2 } else { &self.http1 };
+        if !http2 {
+            // HTTP/1.0 clients still get pooled keep-alive connections upstream.
+            parts.version = Version::HTTP_11;
+        }
+        let max_attempts = policy.max_retries.saturating_add(1);
+        let mut headers = Some(std::mem::take(&mut parts.headers));
+        let mut tried = Tried::default();
+        let mut avoid: u32 = 0;
+        let mut last: Option<Failure<'_>> = None;
+
+        for attempt in 0..max_attempts {
+            if let Some(failure) = &last {
+                // Only a replayable body can be sent again, and only a request that did not
+                // reach anyone, or that is safe to repeat.
+                if replay.is_none() || (failure.sent() && !method_retryable) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let now = state.clock().now();
+            let pick = match choose(function, now, local_only, &tried, avoid) {
+                Ok(pick) => pick,
+                Err(unavailable) if last.is_none() => {
+                    let error = match unavailable {
+                        Unavailable::NoEndpoints => ProxyError::NoEndpoints {
+                            function: function.label().to_owned(),
+                            where_: if local_only { " in this region" } else { "" },
+                        },
+                        Unavailable::AllEjected => ProxyError::AllEjected {
+                            function: function.label().to_owned(),
+                        },
+                    };
+                    return self.fail(function, None, error, start);
+                }
+                // Nowhere else to go: answer with what the last attempt got.
+                Err(_) => break,
+            };
+            if let Some(failure) = &last {
+                if !function.budget().withdraw() {
+                    self.global.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    let error = ProxyError::BudgetExhausted {
+                        last: failure.describe(),
+                    };
+                    return self.fail(function, Some(failure.tier()), error, start);
+                }
+                function.stats().retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let per_try = policy.per_try_timeout.min(remaining);
+            let endpoint = &pick.endpoint.shared;
+            tried.insert(endpoint);
+
+            let final_attempt = replay.is_none() || attempt + 1 >= max_attempts;
+            let attempt_headers = if final_attempt {
+                headers.take()
+            } else {
+                headers.clone()
+            };
+            let body = match (&replay, stream.take()) {
+                (Some(replay), _) => replay.body(),
+                (None, Some(stream)) => RequestBody::Stream(stream),
+                (None, None) => break,
+            };
+            let Some(attempt_headers) = attempt_headers else {
+                break;
+            };
+            let hop = (!pick.tier.local).then_some(&self.region_header);
+            let upstream = match build_request(&parts, attempt_headers, body, pick, hop) {
+                Ok(upstream) => upstream,
+                Err(error) => return self.fail(function, Some(pick.tier), error, start),
+            };
+
+            let in_flight = endpoint.start_request();
+            let sent_at = Instant::now();
+            let outcome = tokio::time::timeout(per_try, client.request(upstream)).await;
+            let now = state.clock().now();
+            match outcome {
+                Ok(Ok(response)) => {
+                    endpoint.observe_latency(now, sent_at.elapsed());
+                    if response.status().is_server_error() {
+                        // A remote gateway's 5xx is the remote region's answer (its own
+                        // sidecar already ejects its instances): retried, not held against
+                        // the gateway, which serves every other function too.
+                        if pick.tier.local {
+                            health::record_failure(pick.tier, endpoint, now, &self.global);
+                        }
+                        last = Some(Failure::Response {
+                            response,
+                            in_flight,
+                            tier: pick.tier,
+                        });
+                        continue;
+                    }
+                    endpoint.record_success(now);
+                    return self.respond(function, pick.tier, response, in_flight, start);
+                }
+                Ok(Err(source)) => {
+                    drop(in_flight);
+                    let connect = source.is_connect();
+                    if pick.tier.local {
+                        health::record_failure(pick.tier, endpoint, now, &self.global);
+                    } else {
+                        // A gateway we cannot connect to: its region looks gone. Stop sending
+                        // there until a probe says otherwise, and retry in another region.
+                        if connect {
+                            endpoint.mark_down();
+                        }
+                        avoid |= tier_bit(pick.index);
+                    }
+                    tracing::debug!(endpoint = endpoint.address(), error = %crate::error_chain(&source), "attempt failed");
+                    last = Some(Failure::Error {
+                        error: ProxyError::Upstream {
+                            endpoint: endpoint.address().to_owned(),
+                            source,
+                        },
+                        sent: !connect,
+                        tier: pick.tier,
+                    });
+                }
+                Err(_elapsed) => {
+                    drop(in_flight);
+                    if pick.tier.local {
+                        health::record_failure(pick.tier, endpoint, now, &self.global);
+                    } else {
+                        avoid |= tier_bit(pick.index);
+                    }
+                    let error = if Instant::now() >= deadline {
+                        ProxyError::Timeout(policy.timeout)
+                    } else {
+                        ProxyError::TryTimeout {
+                            endpoint: endpoint.address().to_owned(),
+                            after: per_try,
+                        }
+                    };
+                    last = Some(Failure::Error {
+                        error,
+                        sent: true,
+                        tier: pick.tier,
+                    });
+                }
+            }
+        }
+
+        match last {
+            Some(Failure::Response {
+                response,
+                in_flight,
+                tier,
+            }) => self.respond(function, tier, response, in_flight, start),
+            Some(Failure::Error { error, tier, .. }) => {
+                let error = if Instant::now() >= deadline {
+                    ProxyError::Timeout(policy.timeout)
+                } else {
+                    error
+                };
+                self.fail(function, Some(tier), error, start)
+            }
+            None => self.fail(function, None, ProxyError::Timeout(policy.timeout), start),
+        }
+    }
+
+    /// Passes an upstream response on, with `meridian-region` set: this region for local
+    /// instances; for a remote tier the remote gateway's own header (added if missing).
+    fn respond(
+        &self,
+        function: &FunctionRoute,
+        tier: &Tier,
+        response: Response<Incoming>,
+        in_flight: InFlight,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if tier.local {
+            parts
+                .headers
+                .insert(MERIDIAN_REGION, self.region_header.clone());
+        } else if !parts.headers.contains_key(MERIDIAN_REGION) {
+            parts
+                .headers
+                .insert(MERIDIAN_REGION, tier.region_header.clone());
+        }
+        tier.stats.responses.record(parts.status.as_u16());
+        function.stats().latency.observe(start.elapsed());
+        Response::from_parts(parts, ResponseBody::Upstream { body, in_flight })
+    }
+
+    fn fail(
+        &self,
+        function: &FunctionRoute,
+        tier: Option<&Tier>,
+        error: ProxyError,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        tracing::debug!(function = function.label(), error = %crate::error_chain(&error), "request failed");
+        let response = error.to_response(&self.region_header);
+        let status = response.status().as_u16();
+        match tier {
+            Some(tier) => tier.stats.responses.record(status),
+            None => function.stats().untiered.record(status),
+        }
+        function.stats().latency.observe(start.elapsed());
+        response
+    }
+
+    fn unrouted(&self, error: ProxyError) -> Response<ResponseBody> {
+        let response = error.to_response(&self.region_header);
+        self.global.unrouted.record(response.status().as_u16());
+        response
+    }
+
+    fn health(&self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(Bytes::from_static(b"ok\n")));
+        *response.status_mut() = StatusCode::OK;
+        response
+            .headers_mut()
+            .insert(MERIDIAN_REGION, self.region_header.clone());
+        response
+    }
+}
+
+fn tier_bit(index: usize) -> u32 {
+    u32::try_from(index)
+        .ok()
+        .and_then(|i| 1u32.checked_shl(i))
+        .unwrap_or(0)
+}
+
+/// The host the request names: the Host header, else the URI's authority (HTTP/2 :authority).
+fn request_host(request: &Request<Incoming>) -> Result<&str, ProxyError> {
+    if let Some(value) = request.headers().get(HOST) {
+        return value.to_str().map_err(|_| ProxyError::BadHost {
+            host: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            why: "the host is not visible ASCII",
+        });
+    }
+    request
+        .uri()
+        .authority()
+        .map(|authority| authority.as_str())
+        .ok_or(ProxyError::MissingHost)
+}
+
+/// Size of the header section as sent on HTTP/1.1 (`name: value\r\n` each).
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// Removes connection-scoped headers (RFC 9110 §7.6.1): they describe one hop, and forwarding
+/// e.g. `Connection: close` would close the pooled upstream connection every time.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(CONNECTION) {
+        if let Ok(list) = connection.to_str() {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if !name.eq_ignore_ascii_case("te") {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(UPGRADE);
+    // gRPC needs `te: trailers` end to end; any other TE is hop-by-hop.
+    if let Some(te) = headers.get(TE) {
+        if te.as_bytes() != b"trailers" {
+            headers.remove(TE);
+        }
+    }
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    headers: HeaderMap,
+    body: RequestBody,
+    pick: Pick<'_>,
+    hop: Option<&HeaderValue>,
+) -> Result<Request<RequestBody>, ProxyError> {
+    let endpoint = &pick.endpoint.shared;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.authority().clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(uri).map_err(|source| ProxyError::BadUri {
+        endpoint: endpoint.address().to_owned(),
+        source,
+    })?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = headers;
+    if let Some(hop) = hop {
+        request.headers_mut().insert(MERIDIAN_HOP, hop.clone());
+    }
+    Ok(request)
+}
+
+/// The proxy as a tower `Service` for one listener (boxed future; the servers use
+/// [`Proxy::handle`] directly, which needs no box).
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    proxy: Arc<Proxy>,
+    listener: Listener,
+}
+
+impl ProxyService {
+    pub fn new(proxy: Arc<Proxy>, listener: Listener) -> Self {
+        Self { proxy, listener }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let proxy = Arc::clone(&self.proxy);
+        let listener = self.listener;
+        Box::pin(async move { Ok(proxy.handle(request, listener).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::tests::{route, table, tier};
+    use crate::routes::Compiler;
+
+    fn compile(tiers: Vec<meridian_proto::v1::Tier>) -> RoutingState {
+        Compiler::new("us-east")
+            .compile(&table(vec![route("default", "f", tiers)]))
+            .unwrap()
+    }
+
+    fn share(state: &RoutingState, tries: usize) -> Vec<usize> {
+        let function = state.lookup("f").unwrap();
+        let mut counts = vec![0; function.tiers.len()];
+        let now = state.clock().now();
+        for _ in 0..tries {
+            let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+            counts[pick.index] += 1;
+        }
+        counts
+    }
+
+    const LOCAL4: [&str; 4] = ["127.0.1.1:1", "127.0.1.1:2", "127.0.1.1:3", "127.0.1.1:4"];
+
+    #[tokio::test(start_paused = true)]
+    async fn healthy_local_tier_takes_all() {
+        let state = compile(vec![
+            tier("us-east", true, &LOCAL4),
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+        ]);
+        assert_eq!(share(&state, 1000), vec![1000, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_ejected_local_tier_spills_thirty_percent() {
+        let state = compile(vec![
+            tier("us-east", true, &LOCAL4),
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+        ]);
+        let now = state.clock().now();
+        let function = state.lookup("f").unwrap();
+        function.tiers[0].endpoints[0].shared.eject(now);
+        function.tiers[0].endpoints[1].shared.eject(now);
+        let counts = share(&state, 10_000);
+        assert!((6600..7400).contains(&counts[0]), "{counts:?}");
+        // Never an ejected endpoint.
+        for _ in 0..1000 {
+            let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+            assert!(!pick.endpoint.shared.is_ejected(now));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn down_gateway_gets_nothing_and_gateway_listener_stays_local() {
+        let state = compile(vec![
+            tier("us-east", true, &["127.0.1.1:1"]),
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+            tier("ap-south", false, &["127.0.3.1:15002"]),
+        ]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        function.tiers[0].endpoints[0].shared.eject(now);
+        function.tiers[1].endpoints[0].shared.mark_down();
+        assert_eq!(share(&state, 200), vec![0, 0, 200]);
+        assert_eq!(
+            choose(function, now, true, &Tried::default(), 0).unwrap_err(),
+            Unavailable::AllEjected
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_go_to_a_different_endpoint_then_tier() {
+        let state = compile(vec![
+            tier("us-east", true, &["127.0.1.1:1", "127.0.1.1:2"]),
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+        ]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        let mut tried = Tried::default();
+        let first = choose(function, now, false, &tried, 0).unwrap();
+        tried.insert(&first.endpoint.shared);
+        // One of two local endpoints left: health 70%, the rest spills; never the tried one.
+        for _ in 0..200 {
+            let next = choose(function, now, false, &tried, 0).unwrap();
+            assert!(!Arc::ptr_eq(&next.endpoint.shared, &first.endpoint.shared));
+        }
+        let second = function.tiers[0]
+            .endpoints
+            .iter()
+            .find(|e| !Arc::ptr_eq(&e.shared, &first.endpoint.shared))
+            .unwrap();
+        tried.insert(&second.shared);
+        let third = choose(function, now, false, &tried, 0).unwrap();
+        assert_eq!(third.tier.region, "eu-west");
+        tried.insert(&third.endpoint.shared);
+        assert_eq!(
+            choose(function, now, false, &tried, 0).unwrap_err(),
+            Unavailable::AllEjected
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn avoided_region_is_skipped() {
+        let state = compile(vec![
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+            tier("ap-south", false, &["127.0.3.1:15002"]),
+        ]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        for _ in 0..100 {
+            let pick = choose(function, now, false, &Tried::default(), tier_bit(0)).unwrap();
+            assert_eq!(pick.tier.region, "ap-south");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_endpoints_vs_all_ejected() {
+        let state = compile(vec![tier("us-east", true, &[])]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        assert_eq!(
+            choose(function, now, false, &Tried::default(), 0).unwrap_err(),
+            Unavailable::NoEndpoints
+        );
+        // A remote region without ready instances is no candidate either.
+        let mut remote = tier("eu-west", false, &["127.0.2.1:15002"]);
+        remote.ready_instances = 0;
+        let state = compile(vec![remote]);
+        let function = state.lookup("f").unwrap();
+        assert_eq!(
+            choose(function, now, false, &Tried::default(), 0).unwrap_err(),
+            Unavailable::NoEndpoints
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn measured_tiers_follow_probe_rtt() {
+        let mut far = tier("ap-south", false, &["127.0.3.1:15002"]);
+        far.order = meridian_proto::v1::TierOrder::Measured as i32;
+        let mut near = tier("eu-west", false, &["127.0.2.1:15002"]);
+        near.order = meridian_proto::v1::TierOrder::Measured as i32;
+        let state = compile(vec![far, near]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        // Both unknown: table order.
+        let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+        assert_eq!(pick.tier.region, "ap-south");
+        function.tiers[0].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(240));
+        function.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+        assert_eq!(pick.tier.region, "eu-west");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers_but_keeps_te_trailers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, "close, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(TE, "trailers".parse().unwrap());
+        headers.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["te", "x-kept"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+    }
+}

@@ -1,0 +1,259 @@
+//! The listeners (outbound and gateway: HTTP/1.1 and h2c on one port; admin: HTTP/1.1) and
+//! the start-up and shutdown of the whole sidecar.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::admin::Admin;
+use crate::health::Prober;
+use crate::metrics::GlobalStats;
+use crate::proxy::{Listener, Proxy, MAX_H2_HEADER_LIST};
+use crate::routes::Compiler;
+use crate::watch::Watcher;
+
+/// How long open connections get to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid region {0:?} for a header value")]
+    Region(String, #[source] http::header::InvalidHeaderValue),
+}
+
+/// Everything the sidecar needs to run (the flags, validated).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub region: String,
+    /// URL of the agent's LocalRoutingService.
+    pub agent: String,
+    pub outbound: SocketAddr,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    /// The name this sidecar reports to the agent.
+    pub client_id: String,
+}
+
+/// Bound listeners, before serving (so a caller knows the actual addresses).
+#[derive(Debug)]
+pub struct Bound {
+    outbound: TcpListener,
+    gateway: TcpListener,
+    admin: TcpListener,
+}
+
+impl Bound {
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        async fn one(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        }
+        Ok(Self {
+            outbound: one("outbound", config.outbound).await?,
+            gateway: one("gateway", config.gateway).await?,
+            admin: one("admin", config.admin).await?,
+        })
+    }
+
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound.local_addr().ok()
+    }
+
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// Runs the sidecar on `bound` until `shutdown` resolves, then lets open connections finish
+/// (at most [`SHUTDOWN_GRACE`]).
+pub async fn run(
+    config: Config,
+    bound: Bound,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let state = Arc::new(ArcSwapOption::empty());
+    let refused = Arc::new(ArcSwapOption::empty());
+    let global = Arc::new(GlobalStats::default());
+    let swapped = Arc::new(Notify::new());
+    let proxy = Proxy::new(&config.region, Arc::clone(&state), Arc::clone(&global))
+        .map_err(|e| ServerError::Region(config.region.clone(), e))?;
+    let proxy = Arc::new(proxy);
+    let admin = Arc::new(Admin::new(
+        config.region.clone(),
+        Arc::clone(&state),
+        Arc::clone(&refused),
+        Arc::clone(&global),
+    ));
+    let watcher = Watcher::new(
+        config.agent.clone(),
+        config.client_id.clone(),
+        Compiler::new(config.region.clone()),
+        Arc::clone(&state),
+        refused,
+        Arc::clone(&swapped),
+    );
+    let prober = Prober::new(
+        config.probe_interval,
+        config.probe_timeout,
+        Arc::clone(&state),
+        swapped,
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    log_listening("outbound", &bound.outbound);
+    log_listening("gateway", &bound.gateway);
+    log_listening("admin", &bound.admin);
+    let tasks = [
+        tokio::spawn(serve_proxy(
+            bound.outbound,
+            Arc::clone(&proxy),
+            Listener::Outbound,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(serve_proxy(
+            bound.gateway,
+            proxy,
+            Listener::Gateway,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(serve_admin(
+            bound.admin,
+            admin,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(watcher.run(until_stopped(stopped.clone()))),
+        tokio::spawn(prober.run(until_stopped(stopped))),
+    ];
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+fn log_listening(what: &str, listener: &TcpListener) {
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!("{what} listening on {addr}"),
+        Err(error) => tracing::warn!(%error, "{what} listener has no local address"),
+    }
+}
+
+/// The HTTP server settings of both proxy listeners.
+fn proxy_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No h1 timer: a header-read timeout would arm a timer for every request on the hot path.
+    builder.http1().keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .adaptive_window(true);
+    builder
+}
+
+async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    kind: Listener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = proxy_builder();
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        let service = service_fn(move |request| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.handle(request, kind).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("connections still open after the shutdown grace period");
+        }
+    }
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let admin = Arc::clone(&admin);
+        let service = service_fn(move |request| Arc::clone(&admin).handle(request));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+    }
+}

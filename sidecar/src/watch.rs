@@ -1,0 +1,330 @@
+//! The configuration loop: watch the local agent's routing tables, compile each one off the
+//! request path, swap the result in atomically, and tell the agent whether the table was
+//! accepted. A table that does not compile is reported refused (the agent Nacks it to the
+//! control plane) and the previous state keeps serving.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use meridian_common::backoff::Backoff;
+use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
+use meridian_proto::v1::{RoutingTable, TableReport, WatchRoutesRequest};
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::routes::{Compiler, RoutingState, TableError};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const RECONNECT_BASE: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("invalid agent URL {url:?}")]
+    Url {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to the agent at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the agent refused the watch")]
+    Watch(#[source] tonic::Status),
+    #[error("the watch stream broke")]
+    Stream(#[source] tonic::Status),
+    #[error("compiling the table did not finish")]
+    Compile(#[source] tokio::task::JoinError),
+}
+
+/// The last table this sidecar refused, for `/routes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub version: i64,
+    pub reason: String,
+}
+
+/// Watches the agent and keeps `state` current.
+#[derive(Debug)]
+pub struct Watcher {
+    agent: String,
+    client_id: String,
+    compiler: Compiler,
+    state: Arc<ArcSwapOption<RoutingState>>,
+    refused: Arc<ArcSwapOption<Refusal>>,
+    swapped: Arc<Notify>,
+}
+
+impl Watcher {
+    /// `swapped` is notified after each swap (the prober probes new gateways at once).
+    pub fn new(
+        agent: impl Into<String>,
+        client_id: impl Into<String>,
+        compiler: Compiler,
+        state: Arc<ArcSwapOption<RoutingState>>,
+        refused: Arc<ArcSwapOption<Refusal>>,
+        swapped: Arc<Notify>,
+    ) -> Self {
+        Self {
+            agent: agent.into(),
+            client_id: client_id.into(),
+            compiler,
+            state,
+            refused,
+            swapped,
+        }
+    }
+
+    /// Watches until `shutdown` resolves, reconnecting with capped, jittered backoff.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+        loop {
+            let result = tokio::select! {
+                result = self.subscribe(&mut backoff) => result,
+                _ = &mut shutdown => return,
+            };
+            match result {
+                Ok(()) => tracing::info!(agent = %self.agent, "agent closed the watch stream"),
+                Err(error) => tracing::warn!(
+                    agent = %self.agent,
+                    error = %crate::error_chain(&error),
+                    "watching routes failed; still serving the last table"
+                ),
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    async fn subscribe(&self, backoff: &mut Backoff) -> Result<(), WatchError> {
+        let endpoint =
+            Endpoint::from_shared(self.agent.clone()).map_err(|source| WatchError::Url {
+                url: self.agent.clone(),
+                source,
+            })?;
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|source| WatchError::Connect {
+                url: self.agent.clone(),
+                source,
+            })?;
+        let mut client = LocalRoutingServiceClient::new(channel);
+        let request = WatchRoutesRequest {
+            client: self.client_id.clone(),
+        };
+        let mut tables = client
+            .watch(request)
+            .await
+            .map_err(WatchError::Watch)?
+            .into_inner();
+        tracing::info!(agent = %self.agent, "watching routes");
+        while let Some(table) = tables.message().await.map_err(WatchError::Stream)? {
+            backoff.reset();
+            self.apply(&mut client, table).await?;
+        }
+        Ok(())
+    }
+
+    /// Compiles `table` on a blocking thread, swaps it in if it compiles, and reports.
+    async fn apply(
+        &self,
+        client: &mut LocalRoutingServiceClient<Channel>,
+        table: RoutingTable,
+    ) -> Result<(), WatchError> {
+        let version = table.version;
+        let compiler = self.compiler.clone();
+        let compiled = tokio::task::spawn_blocking(move || compiler.compile(&table))
+            .await
+            .map_err(WatchError::Compile)?;
+        let report = match apply_compiled(&self.state, &self.compiler, compiled) {
+            Ok(functions) => {
+                self.swapped.notify_one();
+                tracing::info!(version, functions, "routing table applied");
+                TableReport {
+                    client: self.client_id.clone(),
+                    version,
+                    accepted: true,
+                    reason: String::new(),
+                }
+            }
+            Err(error) => {
+                let reason = error.reason();
+                tracing::warn!(version, %reason, "routing table refused; keeping the previous one");
+                self.refused.store(Some(Arc::new(Refusal {
+                    version,
+                    reason: reason.clone(),
+                })));
+                TableReport {
+                    client: self.client_id.clone(),
+                    version,
+                    accepted: false,
+                    reason,
+                }
+            }
+        };
+        match tokio::time::timeout(REPORT_TIMEOUT, client.report_table(report)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                tracing::warn!(version, %status, "could not report the table verdict to the agent")
+            }
+            Err(_) => tracing::warn!(
+                version,
+                "reporting the table verdict to the agent timed out"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Swaps in a compiled state (returning its function count) or leaves the current one.
+pub fn apply_compiled(
+    state: &ArcSwapOption<RoutingState>,
+    compiler: &Compiler,
+    compiled: Result<RoutingState, TableError>,
+) -> Result<usize, TableError> {
+    let compiled = compiled?;
+    let functions = compiled.functions().count();
+    state.store(Some(Arc::new(compiled)));
+    compiler.prune();
+    Ok(functions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::tests::{route, table, tier};
+    use meridian_proto::v1::local_routing_service_server::{
+        LocalRoutingService, LocalRoutingServiceServer,
+    };
+    use meridian_proto::v1::{GetRoutesRequest, TableReportResponse};
+    use std::pin::Pin;
+    use tokio::sync::{mpsc, Mutex};
+    use tokio_stream_shim::ReceiverStream;
+    use tonic::{Request, Response, Status};
+
+    /// A minimal stream over an mpsc receiver (avoids a tokio-stream dependency here).
+    mod tokio_stream_shim {
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        use tokio::sync::mpsc;
+
+        pub struct ReceiverStream<T>(pub mpsc::Receiver<T>);
+
+        impl<T> futures::Stream for ReceiverStream<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+
+    struct FakeAgent {
+        tables: Mutex<Option<mpsc::Receiver<Result<RoutingTable, Status>>>>,
+        reports: mpsc::Sender<TableReport>,
+    }
+
+    #[tonic::async_trait]
+    impl LocalRoutingService for FakeAgent {
+        type WatchStream =
+            Pin<Box<dyn futures::Stream<Item = Result<RoutingTable, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            _request: Request<WatchRoutesRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let rx = self.tables.lock().await.take().unwrap();
+            Ok(Response::new(Box::pin(ReceiverStream(rx))))
+        }
+
+        async fn get(
+            &self,
+            _request: Request<GetRoutesRequest>,
+        ) -> Result<Response<RoutingTable>, Status> {
+            Err(Status::unimplemented("get"))
+        }
+
+        async fn report_table(
+            &self,
+            request: Request<TableReport>,
+        ) -> Result<Response<TableReportResponse>, Status> {
+            self.reports.send(request.into_inner()).await.unwrap();
+            Ok(Response::new(TableReportResponse {}))
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_good_tables_and_reports_refusals() {
+        let (table_tx, table_rx) = mpsc::channel(4);
+        let (report_tx, mut report_rx) = mpsc::channel(4);
+        let agent = FakeAgent {
+            tables: Mutex::new(Some(table_rx)),
+            reports: report_tx,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LocalRoutingServiceServer::new(agent))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+
+        let state = Arc::new(ArcSwapOption::empty());
+        let refused = Arc::new(ArcSwapOption::empty());
+        let watcher = Watcher::new(
+            format!("http://{addr}"),
+            "sidecar-test",
+            Compiler::new("us-east"),
+            Arc::clone(&state),
+            Arc::clone(&refused),
+            Arc::new(Notify::new()),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(watcher.run(async {
+            let _ = stop_rx.await;
+        }));
+
+        let good = table(vec![route(
+            "default",
+            "f",
+            vec![tier("us-east", true, &["127.0.1.1:9000"])],
+        )]);
+        table_tx.send(Ok(good.clone())).await.unwrap();
+        let report = report_rx.recv().await.unwrap();
+        assert!(report.accepted, "{report:?}");
+        assert_eq!(report.client, "sidecar-test");
+        assert_eq!(state.load().as_ref().unwrap().version(), 7);
+
+        let mut bad = good.clone();
+        bad.version = 8;
+        bad.functions[0].tiers[0].endpoints[0].address = "nope".into();
+        table_tx.send(Ok(bad)).await.unwrap();
+        let report = report_rx.recv().await.unwrap();
+        assert!(!report.accepted);
+        assert_eq!(report.version, 8);
+        assert!(
+            report
+                .reason
+                .starts_with("functions[0].tiers[0].endpoints[0].address"),
+            "{}",
+            report.reason
+        );
+        // The old state keeps serving.
+        assert_eq!(state.load().as_ref().unwrap().version(), 7);
+        assert_eq!(refused.load().as_ref().unwrap().version, 8);
+
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

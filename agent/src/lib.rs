@@ -15,14 +15,4 @@ pub mod session;
 pub mod state;
 pub mod table;
 
-/// An error and all its sources on one line (`outer: inner: root`), for logs and Nack reasons.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+pub use meridian_common::error_chain;

@@ -5,3 +5,16 @@ pub mod backoff;
 pub mod names;
 pub mod shutdown;
 pub mod telemetry;
+
+/// An error and all its sources on one line (`outer: inner: root`), for logs, error bodies and
+/// Nack reasons.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

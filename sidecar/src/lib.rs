@@ -20,15 +20,4 @@ pub mod watch;
 
 pub use server::{run, Bound, Config};
 
-/// An error and its sources on one line, `outer: inner: ...` (log lines, error bodies, the
-/// reason of a refused table).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+pub use meridian_common::error_chain;

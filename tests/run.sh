@@ -61,9 +61,10 @@ step() {
 
 step fmt cargo fmt --all --check || true
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings || true
-if step build cargo build --workspace --bins --locked; then
-    # The end-to-end tests start the binaries built above (target/<profile>/); each test has its
-    # own deadlines, and the timeout is only a last resort against a hang.
+if step build cargo build --workspace --bins --examples --locked; then
+    # The end-to-end tests start the binaries and the sample function built above
+    # (target/<profile>/, target/<profile>/examples/); each test has its own deadlines, and the
+    # timeout is only a last resort against a hang.
     step test timeout 1500 cargo test --workspace --locked -- "$@" || true
 else
     failed+=("test (skipped: the build failed)")

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs a whole Meridian on this machine, three regions on three loopback addresses:
-#   etcd                 127.0.0.1:2379 (data in a temp dir)
-#   control planes       127.0.0.1:7000 and 127.0.0.1:7001
-#   agents               us-east 127.0.1.1, eu-west 127.0.2.1, ap-south 127.0.3.1
-#                        (local API :7100, gateway :15002 on each), each pointed at both replicas
-# then applies deploy/local/sample-function.yaml, waits until every agent acknowledged it, and
-# keeps running until Ctrl-C, which stops everything.
+#   etcd               127.0.0.1:2379 (data in a temp dir)
+#   control planes     127.0.0.1:7000 and 127.0.0.1:7001
+#   agents             us-east 127.0.1.1, eu-west 127.0.2.1, ap-south 127.0.3.1
+#                      (local API :7100 on each), each pointed at both replicas
+#   sidecars           one per region: outbound :15001, gateway :15002, admin :15090
+#   sample function    one instance per region on :9000: the `external` function `hello`
+#   relay              the cross-region links, with latency (one way: us-east<->eu-west 40 ms,
+#                      us-east<->ap-south 120 ms, eu-west<->ap-south 100 ms); each sidecar reads
+#                      its tables through the relay (:7101), control API on 127.0.0.1:7199
+# then applies deploy/local/sample-function.yaml, waits until us-east's sidecar serves `hello`,
+# prints what to try (a call, failover, a partition) and keeps running until Ctrl-C, which stops
+# everything.
 #
 # Usage: deploy/local/run.sh [--release]
 set -euo pipefail
@@ -18,7 +24,7 @@ case "${1:-}" in
     "") ;;
     --release) PROFILE=release ;;
     -h | --help)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -32,7 +38,13 @@ CP_ADDRS=(127.0.0.1:7000 127.0.0.1:7001)
 ETCD_CLIENT=127.0.0.1:2379
 ETCD_PEER=127.0.0.1:2380
 AGENT_API_PORT=7100
+TAP_PORT=7101
+OUTBOUND_PORT=15001
 GATEWAY_PORT=15002
+ADMIN_PORT=15090
+SAMPLE_PORT=9000
+RELAY_CONTROL=127.0.0.1:7199
+LATENCIES=(us-east:eu-west=40 us-east:ap-south=120 eu-west:ap-south=100)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {
@@ -107,16 +119,20 @@ agents_acked_sample() {
 install_prerequisites
 command -v cargo >/dev/null 2>&1 || die "cargo is not on the PATH: install Rust (https://rustup.rs) first"
 
-AGENT_ADDRS=()
+REGION_ADDRS=()
 for i in "${!REGIONS[@]}"; do
-    AGENT_ADDRS+=("$(region_ip "$i"):$AGENT_API_PORT")
+    ip=$(region_ip "$i")
+    for port in "$AGENT_API_PORT" "$TAP_PORT" "$OUTBOUND_PORT" "$GATEWAY_PORT" "$ADMIN_PORT" \
+        "$SAMPLE_PORT"; do
+        REGION_ADDRS+=("$ip:$port")
+    done
 done
-for addr in "$ETCD_CLIENT" "$ETCD_PEER" "${CP_ADDRS[@]}" "${AGENT_ADDRS[@]}"; do
+for addr in "$ETCD_CLIENT" "$ETCD_PEER" "${CP_ADDRS[@]}" "$RELAY_CONTROL" "${REGION_ADDRS[@]}"; do
     listening "$addr" && die "$addr is already in use (another Meridian or etcd running?)"
 done
 
-log "building the binaries ($PROFILE)"
-build_flags=(--workspace --bins --locked)
+log "building the binaries and the sample function ($PROFILE)"
+build_flags=(--workspace --bins --examples --locked)
 [ "$PROFILE" = release ] && build_flags+=(--release)
 cargo build "${build_flags[@]}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -128,9 +144,11 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$LOGS"
 log "run directory (logs, etcd data, agent state): $RUN_DIR"
 
-# Started processes, in start order; stopped in reverse order.
+# Started processes, in start order; stopped in reverse order. The script ends when one of the
+# WATCHED ones dies; the sample-function instances are not watched (stopping one is the demo).
 NAMES=()
 PIDS=()
+WATCHED=()
 
 start() {
     local name=$1
@@ -138,7 +156,26 @@ start() {
     "$@" >"$LOGS/$name.log" 2>&1 &
     NAMES+=("$name")
     PIDS+=("$!")
+    WATCHED+=("$!")
     log "started $name (pid $!), log: $LOGS/$name.log"
+}
+
+# start_instance NAME VAR=VALUE... -- COMMAND...: like start, with environment variables, not
+# watched. Sets LAST_PID.
+start_instance() {
+    local name=$1
+    shift
+    local vars=()
+    while [ "$1" != -- ]; do
+        vars+=("$1")
+        shift
+    done
+    shift
+    env "${vars[@]}" "$@" >"$LOGS/$name.log" 2>&1 &
+    LAST_PID=$!
+    NAMES+=("$name")
+    PIDS+=("$LAST_PID")
+    log "started $name (pid $LAST_PID), log: $LOGS/$name.log"
 }
 
 stop_all() {
@@ -200,18 +237,81 @@ for i in "${!REGIONS[@]}"; do
         --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region"
 done
 
+# The relay: each region's sidecar reads its tables through the relay (:$TAP_PORT), which
+# rewrites the other regions' gateway addresses into links (with latency) from this region.
+relay_args=(--control "$RELAY_CONTROL")
+for i in "${!REGIONS[@]}"; do
+    ip=$(region_ip "$i")
+    relay_args+=(--region "${REGIONS[i]}=$ip:$TAP_PORT=http://$ip:$AGENT_API_PORT")
+done
+for latency in "${LATENCIES[@]}"; do
+    relay_args+=(--latency "$latency")
+done
+start relay "$BIN_DIR/meridian-relay" "${relay_args[@]}"
+
+for i in "${!REGIONS[@]}"; do
+    region=${REGIONS[i]}
+    ip=$(region_ip "$i")
+    start "sidecar-$region" "$BIN_DIR/meridian-sidecar" \
+        --region "$region" --agent "http://$ip:$TAP_PORT" --client-id "sidecar-$region" \
+        --outbound "$ip:$OUTBOUND_PORT" --gateway "$ip:$GATEWAY_PORT" --admin "$ip:$ADMIN_PORT"
+done
+
+SAMPLE_PIDS=()
+for i in "${!REGIONS[@]}"; do
+    region=${REGIONS[i]}
+    start_instance "sample-function-$region" PORT="$SAMPLE_PORT" HOST="$(region_ip "$i")" \
+        REGION="$region" INSTANCE_ID="$region-1" -- "$BIN_DIR/examples/sample_function"
+    SAMPLE_PIDS+=("$LAST_PID")
+done
+
 log "applying deploy/local/sample-function.yaml"
 ctl apply -f "$ROOT/deploy/local/sample-function.yaml"
 wait_for "every agent to acknowledge the sample function" 60 "$LOGS/agent-us-east.log" \
     agents_acked_sample
 ctl get agents
 
+US_EAST=$(region_ip 0)
+CALL="curl -i -H 'Host: hello' http://$US_EAST:$OUTBOUND_PORT/"
+
+# One HTTP/1.0 GET through us-east's outbound listener with bash alone; prints the response.
+call_hello() {
+    (
+        exec 3<>"/dev/tcp/$US_EAST/$OUTBOUND_PORT" || exit 1
+        printf 'GET / HTTP/1.0\r\nHost: hello\r\n\r\n' >&3
+        timeout 5 cat <&3
+    )
+}
+served_by_us_east() { call_hello | grep -qi '^meridian-region: us-east'; }
+wait_for "us-east's sidecar to serve hello" 30 "$LOGS/sidecar-us-east.log" served_by_us_east
+printf '\n$ %s\n' "$CALL"
+call_hello | tr -d '\r'
+
 cat <<EOF
 
-Meridian is running: etcd, 2 control-plane replicas, 3 agents. Ctrl-C stops everything.
-Logs: $LOGS
+Meridian is running: etcd, 2 control-plane replicas, 3 agents, 3 sidecars, the relay, and one
+sample-function instance per region. Ctrl-C stops everything. Logs: $LOGS
 
-Try:
+Call the function hello through us-east's sidecar (answered in us-east, see meridian-region):
+  $CALL
+
+Failover: stop us-east's instance, then call again; eu-west answers (the nearest region as
+us-east's sidecar measures it: 40 ms away, against 120 ms for ap-south):
+  kill ${SAMPLE_PIDS[0]}
+  $CALL
+
+Partition: cut us-east off from eu-west; within a second ap-south answers. Then heal it:
+  curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/blackhole
+  $CALL
+  curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/heal
+  curl http://$RELAY_CONTROL/links
+
+What us-east's sidecar sees (each tier's priority and share, probe states and round trips,
+ejections) and counts:
+  curl http://$US_EAST:$ADMIN_PORT/routes
+  curl http://$US_EAST:$ADMIN_PORT/metrics
+
+The control plane:
   export PATH="$BIN_DIR:\$PATH"
   meridianctl get functions
   meridianctl get agents
@@ -222,13 +322,13 @@ Try:
 
 EOF
 
-# Until Ctrl-C, or until one of the processes dies (then say which, and stop the rest).
+# Until Ctrl-C, or until one of the watched processes dies (then say which, and stop the rest).
 set +e
-wait -n "${PIDS[@]}"
+wait -n "${WATCHED[@]}"
 status=$?
 set -e
 for i in "${!PIDS[@]}"; do
-    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+    if [[ " ${WATCHED[*]} " == *" ${PIDS[i]} "* ]] && ! kill -0 "${PIDS[i]}" 2>/dev/null; then
         log "${NAMES[i]} exited (status $status); see $LOGS/${NAMES[i]}.log"
     fi
 done

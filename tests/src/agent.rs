@@ -29,6 +29,10 @@ pub struct AgentOpts {
     pub zone: Option<String>,
     /// `--state-dir`; a temp dir owned by the [`Agent`] when `None`.
     pub state_dir: Option<PathBuf>,
+    /// `--gateway`: the address of this region's sidecar gateway, as the agent reports it to the
+    /// control plane. A fresh port of the region's address when `None` (nothing listens there
+    /// unless a test starts a sidecar on it).
+    pub gateway: Option<SocketAddr>,
     /// Appended to the command line.
     pub extra_args: Vec<String>,
 }
@@ -84,8 +88,10 @@ impl Agent {
     ) -> Result<Agent> {
         let ip = region_ip(region_index);
         let listen = SocketAddr::from((ip, free_port(ip)?));
-        // Nothing listens on the gateway yet (no sidecar); the address is only reported.
-        let gateway = SocketAddr::from((ip, free_port(ip)?));
+        let gateway = match opts.gateway {
+            Some(gateway) => gateway,
+            None => SocketAddr::from((ip, free_port(ip)?)),
+        };
         let agent_id = opts
             .agent_id
             .clone()

@@ -5,17 +5,33 @@
 //! file each, printed when the owner is dropped. libtest captures that output and shows it only
 //! for failing tests, which is what makes a CI failure debuggable without re-running it.
 //!
+//! The data plane adds: real sidecars ([`Sidecar`]) and sample-function instances
+//! ([`SampleFunction`]), backends served by the test process that count what reaches them
+//! ([`TestBackend`]), HTTP clients and an open-loop load generator ([`http`]), and the
+//! fault-injection [`Relay`] that every cross-region call crosses (latency per link, blackhole,
+//! reset), wired in by a [`RouteTap`] between each agent and its sidecar. [`World`] starts all of
+//! it for up to three regions.
+//!
 //! Rule for tests: never sleep to wait for state; poll for it with a deadline ([`poll_until`],
-//! [`RouteWatcher::wait_for`]).
+//! [`RouteWatcher::wait_for`]). (Sleeping until a point of a load run's schedule, e.g. "kill at
+//! t = 2 s", is timing the experiment, not waiting for state.)
 
 pub mod agent;
+pub mod backend;
 pub mod client;
 pub mod control_plane;
 pub mod etcd;
+pub mod http;
 pub mod mesh;
 pub mod process;
+pub mod relay;
+pub mod route_tap;
+pub mod sample;
+pub mod sidecar;
+pub mod world;
 
 pub use agent::{summarize, Agent, AgentOpts, RouteWatcher};
+pub use backend::{Behavior, TestBackend, Tombstone};
 pub use client::{
     agent_service_client, apply, connect, external_endpoint_id, external_spec, function_client,
     local_client, mesh_client, probe_hello, route, RawAgent,
@@ -24,6 +40,11 @@ pub use control_plane::{ControlPlane, ControlPlaneOpts};
 pub use etcd::Etcd;
 pub use mesh::Mesh;
 pub use process::Process;
+pub use relay::{Link, LinkControl, LinkState, Relay};
+pub use route_tap::RouteTap;
+pub use sample::SampleFunction;
+pub use sidecar::{function_tiers, metric_value, Sidecar, SidecarOpts, TierView};
+pub use world::{backend_spec, sample_spec, start_samples, World};
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

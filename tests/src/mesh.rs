@@ -24,6 +24,15 @@ impl Mesh {
     /// Starts etcd, `replicas` control planes (ids `cp-0`...) and one agent per region of
     /// `regions` (each a known region name, bound to its loopback address).
     pub async fn start(replicas: usize, regions: &[&str]) -> Result<Mesh> {
+        Mesh::start_with(replicas, regions, |_, _| AgentOpts::default()).await
+    }
+
+    /// Like [`Mesh::start`], with the options of each agent from `agent_opts(index, region)`.
+    pub async fn start_with(
+        replicas: usize,
+        regions: &[&str],
+        agent_opts: impl Fn(usize, &str) -> AgentOpts,
+    ) -> Result<Mesh> {
         let etcd = Etcd::start().await?;
         let etcd_url = etcd.url();
         let control_planes = try_join_all((0..replicas).map(|i| {
@@ -39,7 +48,12 @@ impl Mesh {
                     crate::REGIONS
                 );
             };
-            starts.push(Agent::start(index, region, &urls, AgentOpts::default()));
+            starts.push(Agent::start(
+                index,
+                region,
+                &urls,
+                agent_opts(index, region),
+            ));
         }
         let agents = try_join_all(starts).await?;
         Ok(Mesh {

@@ -22,6 +22,7 @@ pub struct Process {
     name: String,
     program: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     exit: Option<ExitStatus>,
     starts: u32,
@@ -32,6 +33,17 @@ pub struct Process {
 impl Process {
     /// Starts `program args`, stdout and stderr appended to a fresh log file.
     pub fn spawn(name: &str, program: &Path, args: Vec<OsString>) -> Result<Self> {
+        Process::spawn_with_env(name, program, args, &[])
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables (set after the hermetic
+    /// clean-up, so they may be `MERIDIAN_*` ones).
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: Vec<OsString>,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let log_dir = tempfile::Builder::new()
             .prefix(&format!("meridian-log-{name}-"))
             .tempdir()
@@ -41,6 +53,10 @@ impl Process {
             name: name.to_string(),
             program: program.to_path_buf(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), v.clone()))
+                .collect(),
             child: None,
             exit: None,
             starts: 0,
@@ -80,6 +96,7 @@ impl Process {
             .stdout(log.try_clone()?)
             .stderr(log);
         hermetic_env(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?;

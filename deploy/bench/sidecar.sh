@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The sidecar benchmark in one command: installs wrk and HAProxy (Debian packages) if missing,
+# builds meridian-sidecar and bench-sidecar in release mode, and runs bench-sidecar, which
+# measures on loopback, with the same backend and the same load generator (wrk):
+#   direct; through one meridian-sidecar (a 1,000-function table); through HAProxy (1 thread).
+# It prints a Markdown table of latency (p50/p99, and what the proxy adds), max throughput with
+# the proxy pinned to one CPU, CPU per request, and memory, then the targets met or missed.
+#
+# Usage: deploy/bench/sidecar.sh [bench-sidecar flags: --duration SECS --connections N
+#                                 --functions N --skip-haproxy]
+# Needs 2 CPUs or more; numbers are only comparable within one run on a quiet machine.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+packages=()
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
+command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+command -v taskset >/dev/null 2>&1 || packages+=(util-linux)
+if [ "${#packages[@]}" -ne 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing: ${packages[*]}. Install them as root first:" >&2
+        echo "    sudo sh -c 'apt-get update && apt-get install -y ${packages[*]}'" >&2
+        exit 1
+    fi
+    log "installing ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y "${packages[@]}"
+fi
+
+log "building meridian-sidecar and bench-sidecar (release)"
+cargo build --release --locked -p meridian-sidecar --bin meridian-sidecar \
+    -p meridian-tests --bin bench-sidecar
+
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+log "running bench-sidecar $*"
+exec "$TARGET_DIR/release/bench-sidecar" "$@"

@@ -1,0 +1,641 @@
+//! `bench-sidecar`: what one Meridian sidecar adds to a request, next to HAProxy doing the same
+//! job, on loopback with the same backend and the same load generator.
+//!
+//! One run measures three paths to one backend (a minimal hyper HTTP/1.1 server in this process):
+//! - **direct**: wrk -> backend;
+//! - **sidecar**: wrk -> `meridian-sidecar` outbound listener (`Host: bench`) -> backend, the
+//!   sidecar fed by a stand-in agent (a `LocalRoutingService` in this process) with a table of
+//!   `--functions` functions (default 1,000), one of which is `bench`;
+//! - **haproxy**: wrk -> HAProxy 2.6 (`nbthread 1`, HTTP mode, keep-alive both sides, the same
+//!   Host routing and the same added response header) -> backend.
+//!
+//! For each path it prints:
+//! - p50/p99 latency from `wrk -t1 -c1 --latency`: one connection, one request in flight, so
+//!   the rate is fixed by the path itself and nothing queues (wrk2, which holds a fixed request
+//!   rate and corrects for coordinated omission, is not packaged here; with one request in
+//!   flight there is no queue to omit). "Added" is the proxy's figure minus direct's.
+//! - max throughput: `wrk -t1 -c<connections>` with the proxy pinned to CPU 1 (`taskset`), wrk
+//!   and the backend on CPU 0; the proxy's CPU use during the run says whether it was the
+//!   bottleneck.
+//! - CPU per request: the proxy's user+system CPU time (`/proc/<pid>/stat`) over the throughput
+//!   run divided by the requests wrk completed.
+//! - memory: the sidecar's RSS with the table loaded before any traffic, and its peak (VmHWM)
+//!   after the runs; HAProxy's for comparison.
+//!
+//! Usage: bench-sidecar [--duration SECS] [--connections N] [--functions N] [--skip-haproxy]
+//! (deploy/bench/sidecar.sh installs wrk and haproxy, builds in release mode and runs this).
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use futures::Stream;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use meridian_proto::v1 as pb;
+use meridian_tests::sidecar::{proc_cpu_time, proc_status_kib};
+use meridian_tests::{free_port, Process};
+use pb::local_routing_service_server::{LocalRoutingService, LocalRoutingServiceServer};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+const REGION: &str = "us-east";
+
+#[derive(Debug)]
+struct Options {
+    duration: u64,
+    connections: u32,
+    functions: usize,
+    skip_haproxy: bool,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut options = Options {
+        duration: 10,
+        connections: 64,
+        functions: 1000,
+        skip_haproxy: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || -> Result<u64> {
+            let raw = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            raw.parse()
+                .with_context(|| format!("{flag}: {raw:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--duration" => options.duration = value()?.max(1),
+            "--connections" => options.connections = u32::try_from(value()?.max(1))?,
+            "--functions" => options.functions = usize::try_from(value()?.max(1))?,
+            "--skip-haproxy" => options.skip_haproxy = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: bench-sidecar [--duration SECS] [--connections N] [--functions N] \
+                     [--skip-haproxy]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other:?} (try --help)"),
+        }
+    }
+    Ok(options)
+}
+
+fn main() -> Result<()> {
+    let options = parse_options()?;
+    ensure!(
+        std::thread::available_parallelism().map_or(1, usize::from) >= 2,
+        "needs 2 CPUs: the proxy gets CPU 1, wrk and the backend CPU 0"
+    );
+    for tool in ["wrk", "taskset"] {
+        ensure!(
+            which(tool).is_some(),
+            "{tool} is not installed (deploy/bench/sidecar.sh installs it)"
+        );
+    }
+    if !options.skip_haproxy {
+        ensure!(
+            which("haproxy").is_some(),
+            "haproxy is not installed (deploy/bench/sidecar.sh installs it; or --skip-haproxy)"
+        );
+    }
+    // This process (the backend, the stand-in agent) and wrk share CPU 0; the proxy gets CPU 1.
+    run_quiet(
+        "taskset",
+        &["-a", "-cp", "0", &std::process::id().to_string()],
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(options))
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn run_quiet(program: &str, args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    ensure!(status.success(), "{program} {args:?} failed: {status}");
+    Ok(())
+}
+
+/// The backend: answers every request 200 with a small body, HTTP/1.1 keep-alive.
+async fn backend(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"hello from the bench backend\n"),
+                )))
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A stand-in agent: serves one fixed table, forever.
+#[derive(Clone)]
+struct FixedAgent {
+    table: pb::RoutingTable,
+}
+
+#[tonic::async_trait]
+impl LocalRoutingService for FixedAgent {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRoutesRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let first = futures::stream::iter([Ok(self.table.clone())]);
+        // Then nothing, without ending: the table never changes.
+        let rest = futures::stream::pending();
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            first, rest,
+        ))))
+    }
+
+    async fn get(
+        &self,
+        _request: Request<pb::GetRoutesRequest>,
+    ) -> Result<Response<pb::RoutingTable>, Status> {
+        Ok(Response::new(self.table.clone()))
+    }
+
+    async fn report_table(
+        &self,
+        request: Request<pb::TableReport>,
+    ) -> Result<Response<pb::TableReportResponse>, Status> {
+        let report = request.into_inner();
+        if !report.accepted {
+            eprintln!("the sidecar refused the bench table: {}", report.reason);
+        }
+        Ok(Response::new(pb::TableReportResponse {}))
+    }
+}
+
+/// `functions` functions like the control plane would send a us-east agent: `bench` (local tier
+/// only: the backend), and others with two local instances and the two other regions' gateways
+/// as remote tiers (ordered by measured round trip).
+fn bench_table(
+    functions: usize,
+    backend: SocketAddr,
+    gateways: [SocketAddr; 2],
+) -> pb::RoutingTable {
+    let endpoint = |address: String, id: String| pb::Endpoint {
+        address,
+        id,
+        state: pb::EndpointState::Ready as i32,
+        zone: format!("{REGION}-a"),
+    };
+    let mut routes = vec![pb::FunctionRoute {
+        namespace: "default".to_string(),
+        name: "bench".to_string(),
+        function_version: 1,
+        policy: Some(pb::RoutingPolicy::default()),
+        tiers: vec![pb::Tier {
+            region: REGION.to_string(),
+            local: true,
+            endpoints: vec![endpoint(backend.to_string(), "bench-1".to_string())],
+            order: pb::TierOrder::Local as i32,
+            ready_instances: 1,
+        }],
+        workload: None,
+    }];
+    for n in 1..functions {
+        let local = pb::Tier {
+            region: REGION.to_string(),
+            local: true,
+            endpoints: (0..2)
+                .map(|i| {
+                    endpoint(
+                        format!("127.0.1.1:{}", 40000 + (n * 2 + i) % 20000),
+                        format!("ext-{n:08x}{i:08x}"),
+                    )
+                })
+                .collect(),
+            order: pb::TierOrder::Local as i32,
+            ready_instances: 2,
+        };
+        let remote = |region: &str, gateway: SocketAddr| pb::Tier {
+            region: region.to_string(),
+            local: false,
+            endpoints: vec![endpoint(gateway.to_string(), format!("{region}-1"))],
+            order: pb::TierOrder::Measured as i32,
+            ready_instances: 2,
+        };
+        routes.push(pb::FunctionRoute {
+            namespace: "default".to_string(),
+            name: format!("fn-{n:04}"),
+            function_version: i64::try_from(n).unwrap_or(i64::MAX),
+            policy: Some(pb::RoutingPolicy::default()),
+            tiers: vec![
+                local,
+                remote("eu-west", gateways[0]),
+                remote("ap-south", gateways[1]),
+            ],
+            workload: None,
+        });
+    }
+    routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    pb::RoutingTable {
+        version: 1,
+        region: REGION.to_string(),
+        functions: routes,
+    }
+}
+
+/// What wrk printed, parsed.
+#[derive(Debug, Default)]
+struct WrkResult {
+    p50: Duration,
+    p99: Duration,
+    requests: u64,
+    rps: f64,
+    errors: String,
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let micros = match unit {
+        "us" => number,
+        "ms" => number * 1e3,
+        "s" => number * 1e6,
+        "m" => number * 60e6,
+        _ => return None,
+    };
+    Some(Duration::from_nanos((micros * 1e3) as u64))
+}
+
+fn parse_wrk(output: &str) -> Result<WrkResult> {
+    let mut result = WrkResult::default();
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", d] => result.p50 = parse_duration(d).context("50% line")?,
+            ["99%", d] => result.p99 = parse_duration(d).context("99% line")?,
+            [n, "requests", "in", ..] => result.requests = n.parse().context("requests line")?,
+            ["Requests/sec:", r] => result.rps = r.parse().context("Requests/sec line")?,
+            ["Non-2xx" | "Socket", ..] => {
+                let _ = writeln!(result.errors, "{}", line.trim());
+            }
+            _ => {}
+        }
+    }
+    ensure!(result.requests > 0, "wrk completed no request:\n{output}");
+    Ok(result)
+}
+
+/// Runs wrk pinned to CPU 0 against `url` with `Host: bench`.
+async fn wrk(url: &str, connections: u32, seconds: u64, latency: bool) -> Result<WrkResult> {
+    let mut cmd = tokio::process::Command::new("taskset");
+    cmd.args(["-c", "0", "wrk", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .args(["-H", "Host: bench"]);
+    if latency {
+        cmd.arg("--latency");
+    }
+    cmd.arg(url).stdin(Stdio::null()).kill_on_drop(true);
+    let output = cmd.output().await.context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "wrk failed ({}): {text}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_wrk(&text)
+}
+
+/// One path's figures.
+#[derive(Debug, Default)]
+struct Figures {
+    name: &'static str,
+    p50: Duration,
+    p99: Duration,
+    max_rps: f64,
+    cpu_per_request: Option<Duration>,
+    cpu_busy: Option<f64>,
+    rss_idle_kib: Option<u64>,
+    rss_peak_kib: Option<u64>,
+    errors: String,
+}
+
+/// Latency run, then throughput run; CPU of `pid` (the proxy) over the throughput run.
+async fn measure(
+    name: &'static str,
+    url: &str,
+    pid: Option<u32>,
+    options: &Options,
+) -> Result<Figures> {
+    eprintln!("{name}: warming up");
+    wrk(url, options.connections, 2, false).await?;
+    eprintln!("{name}: latency, 1 connection, {} s", options.duration);
+    let latency = wrk(url, 1, options.duration, true).await?;
+    let rss_idle_kib = pid.map(|p| proc_status_kib(p, "VmRSS")).transpose()?;
+    eprintln!(
+        "{name}: throughput, {} connections, {} s",
+        options.connections, options.duration
+    );
+    let cpu_before = pid.map(proc_cpu_time).transpose()?;
+    let started = Instant::now();
+    let throughput = wrk(url, options.connections, options.duration, false).await?;
+    let wall = started.elapsed();
+    let cpu = match (pid, cpu_before) {
+        (Some(p), Some(before)) => Some(proc_cpu_time(p)?.saturating_sub(before)),
+        _ => None,
+    };
+    Ok(Figures {
+        name,
+        p50: latency.p50,
+        p99: latency.p99,
+        max_rps: throughput.rps,
+        cpu_per_request: cpu.map(|c| c / u32::try_from(throughput.requests).unwrap_or(u32::MAX)),
+        cpu_busy: cpu.map(|c| c.as_secs_f64() / wall.as_secs_f64()),
+        rss_idle_kib,
+        rss_peak_kib: pid.map(|p| proc_status_kib(p, "VmHWM")).transpose()?,
+        errors: format!("{}{}", latency.errors, throughput.errors),
+    })
+}
+
+fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
+    format!(
+        "# What the sidecar does on this path: route by Host, keep-alive both sides, add the
+# region header; one thread (the sidecar gets one CPU too).
+global
+    nbthread 1
+    maxconn 4000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+
+frontend outbound
+    bind {listen}
+    acl bench hdr(host) -i bench
+    http-request return status 404 unless bench
+    use_backend bench if bench
+
+backend bench
+    http-response set-header meridian-region {REGION}
+    server b1 {backend}
+"
+    )
+}
+
+async fn wait_http(addr: SocketAddr, host: &str, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let client = meridian_tests::http::MeshClient::http1(addr);
+        match client.get(host, "/").await {
+            Ok(reply) if reply.status.is_success() => return Ok(()),
+            Ok(reply) if Instant::now() >= deadline => {
+                bail!("{what} answers {}", reply.describe())
+            }
+            Err(e) if Instant::now() >= deadline => return Err(e.context(what.to_string())),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn added(proxy: Duration, direct: Duration) -> String {
+    let delta = proxy.as_secs_f64() - direct.as_secs_f64();
+    format!("{:+.0} µs", delta * 1e6)
+}
+
+async fn bench(options: Options) -> Result<()> {
+    let ip = Ipv4Addr::LOCALHOST;
+    let backend_listener = TcpListener::bind((ip, free_port(ip)?)).await?;
+    let backend_addr = backend_listener.local_addr()?;
+    tokio::spawn(backend(backend_listener));
+
+    // The stand-in agent with the table; the gateways of the remote tiers are the backend too
+    // (it answers the sidecar's probes), so that every tier looks healthy.
+    let table = bench_table(
+        options.functions,
+        backend_addr,
+        [backend_addr, backend_addr],
+    );
+    let agent_listener = TcpListener::bind((ip, free_port(ip)?)).await?;
+    let agent_addr = agent_listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(LocalRoutingServiceServer::new(FixedAgent { table }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(agent_listener)),
+    );
+
+    let outbound = SocketAddr::from((ip, free_port(ip)?));
+    let gateway = SocketAddr::from((ip, free_port(ip)?));
+    let admin = SocketAddr::from((ip, free_port(ip)?));
+    // The sidecar built with this binary's profile (release from deploy/bench/sidecar.sh).
+    let sidecar_bin = std::env::current_exe()?
+        .parent()
+        .context("the benchmark binary has no directory")?
+        .join("meridian-sidecar");
+    ensure!(
+        sidecar_bin.is_file(),
+        "{} does not exist: cargo build --release -p meridian-sidecar",
+        sidecar_bin.display()
+    );
+    let mut sidecar = Process::spawn_with_env(
+        "sidecar",
+        &PathBuf::from("taskset"),
+        vec![
+            "-c".into(),
+            "1".into(),
+            sidecar_bin.into_os_string(),
+            "--region".into(),
+            REGION.into(),
+            "--agent".into(),
+            format!("http://{agent_addr}").into(),
+            "--outbound".into(),
+            outbound.to_string().into(),
+            "--gateway".into(),
+            gateway.to_string().into(),
+            "--admin".into(),
+            admin.to_string().into(),
+        ],
+        // Per-request logging would measure the terminal, not the proxy.
+        &[("RUST_LOG", "warn".to_string())],
+    )?;
+    wait_http(outbound, "bench", "the sidecar (Host: bench)").await?;
+    let sidecar_pid = sidecar.pid().context("the sidecar exited")?;
+    let routes = meridian_tests::http::MeshClient::http1(admin)
+        .get(&admin.to_string(), "/routes")
+        .await?;
+    let loaded: serde_json::Value = serde_json::from_slice(&routes.body)?;
+    let function_count = loaded["functions"].as_array().map_or(0, Vec::len);
+    ensure!(
+        function_count == options.functions,
+        "the sidecar holds {function_count} functions, expected {}",
+        options.functions
+    );
+    let sidecar_table_rss = proc_status_kib(sidecar_pid, "VmRSS")?;
+
+    let mut results = Vec::new();
+    results.push(measure("direct", &format!("http://{backend_addr}/"), None, &options).await?);
+    results.push(
+        measure(
+            "meridian-sidecar",
+            &format!("http://{outbound}/"),
+            Some(sidecar_pid),
+            &options,
+        )
+        .await?,
+    );
+    if !sidecar.is_running() {
+        bail!(
+            "the sidecar died during the benchmark:\n{}",
+            sidecar.log_tail(40)
+        );
+    }
+    let mut haproxy_version = String::new();
+    if !options.skip_haproxy {
+        let version = std::process::Command::new("haproxy").arg("-v").output()?;
+        haproxy_version = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let listen = SocketAddr::from((ip, free_port(ip)?));
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("haproxy.cfg");
+        std::fs::write(&config, haproxy_config(listen, backend_addr))?;
+        let haproxy = Process::spawn(
+            "haproxy",
+            &PathBuf::from("taskset"),
+            vec![
+                "-c".into(),
+                "1".into(),
+                "haproxy".into(),
+                "-db".into(),
+                "-f".into(),
+                config.into_os_string(),
+            ],
+        )?;
+        wait_http(listen, "bench", "haproxy (Host: bench)").await?;
+        let pid = haproxy.pid().context("haproxy exited")?;
+        results.push(measure("haproxy", &format!("http://{listen}/"), Some(pid), &options).await?);
+        drop(haproxy);
+    }
+    drop(sidecar);
+
+    print_report(&options, &results, sidecar_table_rss, &haproxy_version);
+    Ok(())
+}
+
+fn print_report(options: &Options, results: &[Figures], table_rss_kib: u64, haproxy: &str) {
+    let direct = &results[0];
+    println!();
+    println!(
+        "bench-sidecar: {} functions in the table, wrk -t1, latency with 1 connection, throughput \
+         with {} connections, {} s each; proxy on CPU 1, wrk and backend on CPU 0",
+        options.functions, options.connections, options.duration
+    );
+    if !haproxy.is_empty() {
+        println!("{haproxy}");
+    }
+    println!();
+    println!(
+        "| path | p50 | p99 | added p50 | added p99 | max req/s | proxy CPU busy | CPU/request | RSS idle | RSS peak |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for f in results {
+        let (added50, added99) = if f.name == "direct" {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (added(f.p50, direct.p50), added(f.p99, direct.p99))
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            f.name,
+            micros(f.p50),
+            micros(f.p99),
+            added50,
+            added99,
+            f.max_rps,
+            f.cpu_busy
+                .map_or("-".to_string(), |b| format!("{:.0}%", b * 100.0)),
+            f.cpu_per_request.map_or("-".to_string(), |c| format!(
+                "{:.1} µs",
+                c.as_secs_f64() * 1e6
+            )),
+            f.rss_idle_kib
+                .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            f.rss_peak_kib
+                .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        );
+    }
+    for f in results.iter().filter(|f| !f.errors.is_empty()) {
+        println!("\n{} errors reported by wrk:\n{}", f.name, f.errors);
+    }
+    println!();
+    println!(
+        "sidecar RSS with the {}-function table loaded, before any traffic: {:.1} MiB",
+        options.functions,
+        table_rss_kib as f64 / 1024.0
+    );
+    let sidecar = results.iter().find(|f| f.name == "meridian-sidecar");
+    let haproxy = results.iter().find(|f| f.name == "haproxy");
+    if let (Some(s), Some(h)) = (sidecar, haproxy) {
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
+        let added50 = ratio(
+            s.p50.as_secs_f64() - direct.p50.as_secs_f64(),
+            h.p50.as_secs_f64() - direct.p50.as_secs_f64(),
+        );
+        let added99 = ratio(
+            s.p99.as_secs_f64() - direct.p99.as_secs_f64(),
+            h.p99.as_secs_f64() - direct.p99.as_secs_f64(),
+        );
+        let cpu = match (s.cpu_per_request, h.cpu_per_request) {
+            (Some(a), Some(b)) => ratio(a.as_secs_f64(), b.as_secs_f64()),
+            _ => f64::NAN,
+        };
+        let verdict = |x: f64, target: f64| if x <= target { "met" } else { "MISSED" };
+        println!(
+            "targets: added p50 x{added50:.2} of HAProxy's ({}), added p99 x{added99:.2} ({}), \
+             CPU/request x{cpu:.2} ({}) [target <= 1.3]; RSS {:.1} MiB ({}) [target <= 20 MiB]",
+            verdict(added50, 1.3),
+            verdict(added99, 1.3),
+            verdict(cpu, 1.3),
+            s.rss_peak_kib.unwrap_or(table_rss_kib) as f64 / 1024.0,
+            verdict(
+                s.rss_peak_kib.unwrap_or(table_rss_kib) as f64 / 1024.0,
+                20.0
+            ),
+        );
+    }
+}

@@ -331,8 +331,11 @@ impl Proxy {
         let method_retryable = policy.retryable(&parts.method);
         strip_hop_by_hop(&mut parts.headers);
         // The function name travels in Host: the legacy client puts the endpoint's address in
-        // the URI (and, for HTTP/2, in :authority), and a remote gateway routes by Host.
-        if !parts.headers.contains_key(HOST) {
+        // the URI (and, for HTTP/2, in :authority), and a remote gateway routes by Host. The
+        // request was routed by an HTTP/1.x absolute-form target's authority when it had one,
+        // so Host must say the same.
+        let routed_by_uri = parts.version < http::Version::HTTP_2;
+        if routed_by_uri || !parts.headers.contains_key(HOST) {
             if let Some(value) = parts
                 .uri
                 .authority()
@@ -605,8 +608,23 @@ fn tier_bit(index: usize) -> u32 {
         .unwrap_or(0)
 }
 
-/// The host the request names: the Host header, else the URI's authority (HTTP/2 :authority).
+/// The host the request names. HTTP/1.x: an absolute-form target's authority wins over Host
+/// (RFC 9112 §3.2.2). HTTP/2: Host when present (a sidecar forwarding to a gateway puts the
+/// gateway's address in :authority and the function in Host), else :authority. Two Host headers
+/// are refused (§3.2): they are how request smuggling and routing confusion start.
 fn request_host(request: &Request<Incoming>) -> Result<&str, ProxyError> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    if let (Some(first), Some(_)) = (hosts.next(), hosts.next()) {
+        return Err(ProxyError::BadHost {
+            host: String::from_utf8_lossy(first.as_bytes()).into_owned(),
+            why: "the request has more than one Host header",
+        });
+    }
+    if request.version() < http::Version::HTTP_2 {
+        if let Some(authority) = request.uri().authority() {
+            return Ok(authority.as_str());
+        }
+    }
     if let Some(value) = request.headers().get(HOST) {
         return value.to_str().map_err(|_| ProxyError::BadHost {
             host: String::from_utf8_lossy(value.as_bytes()).into_owned(),

@@ -221,7 +221,6 @@ async fn bad_requests_get_a_clear_status_and_reason() -> Result<()> {
 /// are how request-smuggling and routing-confusion attacks start); §3.2.2: with an absolute-form
 /// target, the target's authority wins over Host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug, reported: duplicate Host is routed by the first; absolute-form routes by Host"]
 async fn host_ambiguities_follow_rfc_9112() -> Result<()> {
     let world = World::start_with(&["us-east"], Relay::new(), SidecarOpts::default()).await?;
     let ip = region_ip(0);

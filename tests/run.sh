@@ -65,7 +65,7 @@ if step build cargo build --workspace --bins --examples --locked; then
     # The end-to-end tests start the binaries and the sample function built above
     # (target/<profile>/, target/<profile>/examples/); each test has its own deadlines, and the
     # timeout is only a last resort against a hang.
-    step test timeout 1500 cargo test --workspace --locked -- "$@" || true
+    step test timeout 1500 cargo test --workspace --locked --no-fail-fast -- "$@" || true
 else
     failed+=("test (skipped: the build failed)")
 fi

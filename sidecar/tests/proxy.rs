@@ -469,11 +469,11 @@ async fn get_is_retried_elsewhere_post_is_not() -> Result<()> {
     .await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["meridian-region"], "us-east");
-    assert_eq!(
-        broken.hits.load(Ordering::SeqCst),
-        before + 1,
-        "POST sent once"
-    );
+    // At most once: never retried. (Zero when the loop above got `broken` ejected, which
+    // depends on which endpoints power-of-two-choices happened to pick; the 503 is then
+    // all-ejected instead of the instance's own.)
+    let sent = broken.hits.load(Ordering::SeqCst) - before;
+    assert!(sent <= 1, "POST sent {sent} times");
     Ok(())
 }
 

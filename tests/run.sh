@@ -14,22 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 install_prerequisites() {
-    local packages=()
-    command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
-    command -v etcd >/dev/null 2>&1 || packages+=(etcd-server etcd-client)
-    if [ "${#packages[@]}" -eq 0 ]; then
-        return 0
-    fi
-    local cmd="apt-get update && apt-get install -y ${packages[*]}"
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "missing: ${packages[*]}. Install them as root first:" >&2
-        echo "    sudo sh -c '$cmd'" >&2
-        exit 1
-    fi
-    log "installing ${packages[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y "${packages[@]}"
+    deploy/install-packages.sh protoc=protobuf-compiler etcd=etcd-server,etcd-client
 }
 
 install_prerequisites

@@ -15,22 +15,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 log() { printf '==> %s\n' "$*" >&2; }
 
-packages=()
-command -v wrk >/dev/null 2>&1 || packages+=(wrk)
-command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
-command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
-command -v taskset >/dev/null 2>&1 || packages+=(util-linux)
-if [ "${#packages[@]}" -ne 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "missing: ${packages[*]}. Install them as root first:" >&2
-        echo "    sudo sh -c 'apt-get update && apt-get install -y ${packages[*]}'" >&2
-        exit 1
-    fi
-    log "installing ${packages[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y "${packages[@]}"
-fi
+deploy/install-packages.sh \
+    wrk=wrk haproxy=haproxy protoc=protobuf-compiler taskset=util-linux
 
 log "building meridian-sidecar and bench-sidecar (release)"
 cargo build --release --locked -p meridian-sidecar --bin meridian-sidecar \

@@ -53,20 +53,8 @@ die() {
 }
 
 install_prerequisites() {
-    local packages=()
-    command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
-    command -v etcd >/dev/null 2>&1 || packages+=(etcd-server etcd-client)
-    if [ "${#packages[@]}" -eq 0 ]; then
-        return 0
-    fi
-    local cmd="apt-get update && apt-get install -y ${packages[*]}"
-    if [ "$(id -u)" -ne 0 ]; then
-        die "missing: ${packages[*]}. Install them as root first: sudo sh -c '$cmd'"
-    fi
-    log "installing ${packages[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y "${packages[@]}"
+    deploy/install-packages.sh \
+        protoc=protobuf-compiler etcd=etcd-server,etcd-client
 }
 
 region_ip() { echo "127.0.$(($1 + 1)).1"; }

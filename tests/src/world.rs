@@ -220,6 +220,26 @@ pub fn backend_spec(name: &str, urls: &[(&str, String)]) -> FunctionSpec {
 }
 
 impl World {
+    /// The common start of the failover tests: applies `hello` over `instances`, waits until
+    /// us-east serves it locally and has probed eu-west and ap-south up (so the failover order
+    /// is the measured one); returns us-east's tiers.
+    pub async fn serve_hello_in_us_east(
+        &self,
+        instances: &[SampleFunction],
+    ) -> Result<Vec<TierView>> {
+        self.apply(sample_spec("hello", &instances.iter().collect::<Vec<_>>()))
+            .await?;
+        self.wait_served("us-east", "hello", "us-east", Duration::from_secs(20))
+            .await?;
+        self.wait_remote_tiers_up(
+            "us-east",
+            "hello",
+            &["eu-west", "ap-south"],
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     /// Waits until `region`'s sidecar lists `function` with the remote tiers `expected` (in this
     /// order, after any local tier), each probed up with a measured round trip; returns the
     /// tiers.

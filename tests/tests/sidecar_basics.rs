@@ -9,28 +9,15 @@ use anyhow::{ensure, Result};
 use http::StatusCode;
 use meridian_tests::http::{raw_exchange, Load, LoadReport, LoadSpec, Reply};
 use meridian_tests::{
-    backend_spec, free_port, metric_value, region_ip, sample_spec, start_samples, Relay,
-    SidecarOpts, TestBackend, World,
+    backend_spec, free_port, metric_value, region_ip, start_samples, Relay, SidecarOpts,
+    TestBackend, World,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_local_instances_serve_every_request() -> Result<()> {
     let world = World::start().await?;
     let instances = start_samples(&[("us-east", 2), ("eu-west", 1), ("ap-south", 1)]).await?;
-    world
-        .apply(sample_spec("hello", &instances.iter().collect::<Vec<_>>()))
-        .await?;
-    world
-        .wait_served("us-east", "hello", "us-east", Duration::from_secs(20))
-        .await?;
-    world
-        .wait_remote_tiers_up(
-            "us-east",
-            "hello",
-            &["eu-west", "ap-south"],
-            Duration::from_secs(10),
-        )
-        .await?;
+    world.serve_hello_in_us_east(&instances).await?;
     let client = world.sidecar("us-east").client();
     let report = Load::start(&client, LoadSpec::get("hello", 100, Duration::from_secs(3)))
         .finish()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use meridian_tests::http::{Load, LoadReport, LoadSpec};
-use meridian_tests::{sample_spec, start_samples, World};
+use meridian_tests::{start_samples, World};
 
 const RATE: u32 = 200;
 const RUN: Duration = Duration::from_secs(6);
@@ -17,20 +17,7 @@ const KILL_AT: Duration = Duration::from_secs(2);
 async fn losing_half_the_local_instances_spills_some_traffic_without_failures() -> Result<()> {
     let world = World::start().await?;
     let mut instances = start_samples(&[("us-east", 4), ("eu-west", 1), ("ap-south", 1)]).await?;
-    world
-        .apply(sample_spec("hello", &instances.iter().collect::<Vec<_>>()))
-        .await?;
-    world
-        .wait_served("us-east", "hello", "us-east", Duration::from_secs(20))
-        .await?;
-    world
-        .wait_remote_tiers_up(
-            "us-east",
-            "hello",
-            &["eu-west", "ap-south"],
-            Duration::from_secs(10),
-        )
-        .await?;
+    world.serve_hello_in_us_east(&instances).await?;
 
     let client = world.sidecar("us-east").client();
     let load = Load::start(&client, LoadSpec::get("hello", RATE, RUN));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use meridian_tests::http::{LoadReport, LoadSpec};
-use meridian_tests::{sample_spec, start_samples, Tombstone, World};
+use meridian_tests::{start_samples, Tombstone, World};
 use tokio::time::Instant;
 
 const RATE: u32 = 200;
@@ -36,22 +36,9 @@ async fn region_loss_over_http2_fails_over_without_failures() -> Result<()> {
 async fn region_loss(http2: bool) -> Result<()> {
     let world = World::start().await?;
     let mut instances = start_samples(&[("us-east", 2), ("eu-west", 1), ("ap-south", 1)]).await?;
-    world
-        .apply(sample_spec("hello", &instances.iter().collect::<Vec<_>>()))
-        .await?;
-    world
-        .wait_served("us-east", "hello", "us-east", Duration::from_secs(20))
-        .await?;
     // The failover order is measured: wait until both remote regions have a round trip, so
     // that the order is the measured one and not "unknown last".
-    let tiers = world
-        .wait_remote_tiers_up(
-            "us-east",
-            "hello",
-            &["eu-west", "ap-south"],
-            Duration::from_secs(10),
-        )
-        .await?;
+    let tiers = world.serve_hello_in_us_east(&instances).await?;
     eprintln!("us-east tiers before the kill: {tiers:#?}");
 
     let client = if http2 {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use meridian_tests::http::{Load, LoadReport, LoadSpec};
-use meridian_tests::{sample_spec, start_samples, World};
+use meridian_tests::{start_samples, World};
 
 const RATE: u32 = 100;
 const RUN: Duration = Duration::from_secs(7);
@@ -17,20 +17,7 @@ const KILL_AT: Duration = Duration::from_secs(4);
 async fn traffic_continues_with_the_control_plane_and_etcd_stopped() -> Result<()> {
     let mut world = World::start().await?;
     let mut instances = start_samples(&[("us-east", 1), ("eu-west", 1), ("ap-south", 1)]).await?;
-    world
-        .apply(sample_spec("hello", &instances.iter().collect::<Vec<_>>()))
-        .await?;
-    world
-        .wait_served("us-east", "hello", "us-east", Duration::from_secs(20))
-        .await?;
-    world
-        .wait_remote_tiers_up(
-            "us-east",
-            "hello",
-            &["eu-west", "ap-south"],
-            Duration::from_secs(10),
-        )
-        .await?;
+    world.serve_hello_in_us_east(&instances).await?;
 
     let client = world.sidecar("us-east").client();
     let load = Load::start(&client, LoadSpec::get("hello", RATE, RUN));

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "meridian/v1/mesh.proto",
         "meridian/v1/agent.proto",
         "meridian/v1/local.proto",
+        "meridian/v1/scale.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

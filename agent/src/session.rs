@@ -224,6 +224,7 @@ impl AgentState {
             cloud: id.cloud.clone(),
             gateway: id.gateway.clone(),
             last_version: self.held.as_ref().map_or(0, Table::version),
+            api_address: String::new(),
         }))
     }
 }

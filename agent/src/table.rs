@@ -86,6 +86,7 @@ impl Table {
             version: self.version,
             region: self.region.clone(),
             functions: self.functions.values().cloned().collect(),
+            local_generation: 0,
         }
     }
 }

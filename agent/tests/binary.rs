@@ -104,6 +104,7 @@ async fn serves_persisted_table_without_control_plane_and_stops_on_sigterm() {
         .save(&RoutingTable {
             version: 42,
             region: "us-east".into(),
+            local_generation: 0,
             functions: vec![FunctionRoute {
                 namespace: "default".into(),
                 name: "hello".into(),

@@ -161,6 +161,7 @@ impl MeshService for Fake {
                 version: 7,
                 region,
                 functions: Vec::new(),
+                local_generation: 0,
             }))
         } else {
             Err(Status::not_found(format!(

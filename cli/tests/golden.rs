@@ -164,6 +164,7 @@ fn functions() -> Vec<wire::Function> {
 
 fn agents() -> wire::ListAgentsResponse {
     let agent = |region: &str, id: &str, zone: &str| wire::AgentStatus {
+        api_address: String::new(),
         agent_id: id.into(),
         region: region.into(),
         zone: zone.into(),
@@ -209,10 +210,12 @@ fn endpoint(address: &str, id: &str, state: wire::EndpointState, zone: &str) -> 
 fn routes() -> wire::RoutingTable {
     use wire::EndpointState::{Draining, Ready, Starting};
     wire::RoutingTable {
+        local_generation: 0,
         version: 231,
         region: "us-east".into(),
         functions: vec![
             wire::FunctionRoute {
+                cold_start_ms: 0,
                 namespace: "batch".into(),
                 name: "worker".into(),
                 function_version: 214,
@@ -229,6 +232,7 @@ fn routes() -> wire::RoutingTable {
                     ready_instances: 1,
                 }],
                 workload: Some(wire::LocalWorkload {
+                    scale: None,
                     kind: Some(wire::local_workload::Kind::Process(wire::ProcessRuntime {
                         command: "/usr/local/bin/worker".into(),
                         args: strings(&["--port", "8080"]),
@@ -238,6 +242,7 @@ fn routes() -> wire::RoutingTable {
                 }),
             },
             wire::FunctionRoute {
+                cold_start_ms: 0,
                 namespace: "default".into(),
                 name: "hello".into(),
                 function_version: 231,
@@ -286,6 +291,7 @@ fn routes() -> wire::RoutingTable {
                     },
                 ],
                 workload: Some(wire::LocalWorkload {
+                    scale: None,
                     kind: Some(wire::local_workload::Kind::External(wire::ExternalRegion {
                         region: "us-east".into(),
                         urls: strings(&["http://127.0.1.1:9000", "http://127.0.1.1:9001"]),
@@ -293,6 +299,7 @@ fn routes() -> wire::RoutingTable {
                 }),
             },
             wire::FunctionRoute {
+                cold_start_ms: 0,
                 namespace: "default".into(),
                 name: "idle".into(),
                 function_version: 40,
@@ -396,6 +403,7 @@ fn get_agents_json_and_yaml() {
 fn get_routes_table() {
     check("get_routes.txt", &output::routes_table(&routes()));
     let empty = wire::RoutingTable {
+        local_generation: 0,
         version: 5,
         region: "ap-south".into(),
         functions: Vec::new(),
@@ -422,9 +430,11 @@ fn describe_external_function_with_routes() {
         .find(|f| f.spec.as_ref().is_some_and(|s| s.name == "hello"))
         .expect("fixture");
     let eu_west = wire::RoutingTable {
+        local_generation: 0,
         version: 231,
         region: "eu-west".into(),
         functions: vec![wire::FunctionRoute {
+            cold_start_ms: 0,
             namespace: "default".into(),
             name: "hello".into(),
             function_version: 231,

@@ -644,6 +644,8 @@ impl Session {
                 Flow::Continue
             }
             Some(Kind::Heartbeat(_)) => Flow::Continue,
+            // Scale reports are stored once the scheduler work lands; until then they are moot.
+            Some(Kind::Scale(_)) => Flow::Continue,
             Some(Kind::Hello(_)) => {
                 let _ = self
                     .outbound

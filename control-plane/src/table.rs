@@ -97,6 +97,7 @@ impl RegionTable {
             version: self.version,
             region: self.region.clone(),
             functions: self.routes.values().map(|r| (**r).clone()).collect(),
+            local_generation: 0,
         }
     }
 
@@ -258,9 +259,11 @@ pub fn build_route(
                 region: region.to_owned(),
                 urls: urls.clone(),
             })),
+            scale: None,
         }),
         Runtime::Process(process) if hosting.contains(region) => Some(pb::LocalWorkload {
             kind: Some(pb::local_workload::Kind::Process(process.into())),
+            scale: None,
         }),
         Runtime::Process(_) => None,
     };
@@ -272,6 +275,7 @@ pub fn build_route(
         policy: Some((&spec.routing).into()),
         tiers,
         workload,
+        cold_start_ms: 0,
     }
 }
 

@@ -242,6 +242,7 @@ fn remote(region: &str, gateway: SocketAddr) -> pb::Tier {
 
 fn function(name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
     pb::FunctionRoute {
+        cold_start_ms: 0,
         namespace: "default".into(),
         name: name.into(),
         function_version: 1,
@@ -253,6 +254,7 @@ fn function(name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
 
 fn table(version: i64, region: &str, functions: Vec<pb::FunctionRoute>) -> pb::RoutingTable {
     pb::RoutingTable {
+        local_generation: 0,
         version,
         region: region.into(),
         functions,

@@ -120,6 +120,7 @@ pub fn probe_hello(region: &str, agent_id: &str, last_version: i64) -> Hello {
         cloud: "local".to_string(),
         gateway: format!("{ip}:15002"),
         last_version,
+        api_address: String::new(),
     }
 }
 

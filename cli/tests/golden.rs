@@ -469,6 +469,7 @@ fn describe_external_function_with_routes() {
                 version: 231,
                 region: "sa-east".into(),
                 functions: Vec::new(),
+                local_generation: 0,
             }),
         },
         RegionRoutes {

@@ -669,6 +669,7 @@ pub(crate) mod tests {
 
     pub(crate) fn route(namespace: &str, name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
         pb::FunctionRoute {
+            cold_start_ms: 0,
             namespace: namespace.into(),
             name: name.into(),
             function_version: 1,
@@ -680,6 +681,7 @@ pub(crate) mod tests {
 
     pub(crate) fn table(functions: Vec<pb::FunctionRoute>) -> pb::RoutingTable {
         pb::RoutingTable {
+            local_generation: 0,
             version: 7,
             region: "us-east".into(),
             functions,

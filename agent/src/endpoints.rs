@@ -171,6 +171,7 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             workload: Some(LocalWorkload {
+                scale: Default::default(),
                 kind: Some(local_workload::Kind::External(ExternalRegion {
                     region: "us-east".into(),
                     urls: urls.iter().map(|u| (*u).into()).collect(),
@@ -184,6 +185,7 @@ mod tests {
             ..Default::default()
         };
         let wire = RoutingTable {
+            local_generation: Default::default(),
             version: 1,
             region: "us-east".into(),
             functions: vec![

@@ -134,6 +134,7 @@ mod tests {
 
     fn table(version: i64) -> Arc<RoutingTable> {
         Arc::new(RoutingTable {
+            local_generation: Default::default(),
             version,
             region: "us-east".into(),
             functions: vec![],

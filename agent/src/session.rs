@@ -581,6 +581,7 @@ mod tests {
             name: name.into(),
             function_version: 1,
             workload: Some(LocalWorkload {
+                scale: Default::default(),
                 kind: Some(local_workload::Kind::External(ExternalRegion {
                     region: "us-east".into(),
                     urls: urls.iter().map(|u| (*u).into()).collect(),

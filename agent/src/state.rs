@@ -147,6 +147,7 @@ mod tests {
 
     fn wire(version: i64, names: &[&str]) -> RoutingTable {
         RoutingTable {
+            local_generation: Default::default(),
             version,
             region: "us-east".into(),
             functions: names

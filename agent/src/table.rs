@@ -380,6 +380,7 @@ mod tests {
         assert!(matches!(err, TableError::WrongRegion { .. }), "{err}");
 
         let wire = RoutingTable {
+            local_generation: Default::default(),
             version: 1,
             region: "eu-west".into(),
             functions: vec![],

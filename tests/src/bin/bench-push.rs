@@ -147,6 +147,7 @@ async fn agent_session(
     sender
         .send(pb::AgentMessage {
             kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                api_address: Default::default(),
                 agent_id: format!("sim-{index}"),
                 region: region.to_string(),
                 zone: format!("{region}-a"),

@@ -211,6 +211,7 @@ fn bench_table(
         zone: format!("{REGION}-a"),
     };
     let mut routes = vec![pb::FunctionRoute {
+        cold_start_ms: Default::default(),
         namespace: "default".to_string(),
         name: "bench".to_string(),
         function_version: 1,
@@ -247,6 +248,7 @@ fn bench_table(
             ready_instances: 2,
         };
         routes.push(pb::FunctionRoute {
+            cold_start_ms: Default::default(),
             namespace: "default".to_string(),
             name: format!("fn-{n:04}"),
             function_version: i64::try_from(n).unwrap_or(i64::MAX),
@@ -261,6 +263,7 @@ fn bench_table(
     }
     routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     pb::RoutingTable {
+        local_generation: Default::default(),
         version: 1,
         region: REGION.to_string(),
         functions: routes,

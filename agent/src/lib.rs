@@ -11,6 +11,7 @@ pub mod address;
 pub mod connector;
 pub mod endpoints;
 pub mod local_api;
+pub mod runtime;
 pub mod session;
 pub mod state;
 pub mod table;

@@ -1,0 +1,1 @@
+//! Runs the instances of `process` functions: spawn, readiness, restarts, drain, logs.

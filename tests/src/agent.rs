@@ -371,3 +371,39 @@ pub fn summarize(table: &RoutingTable) -> String {
         functions.join(", ")
     )
 }
+
+impl Drop for Agent {
+    /// The agent's instances run in their own process groups, so a SIGKILLed agent leaves them
+    /// behind (its next start would reap them). A test's agent never starts again: reap them
+    /// here so that no test leaks processes.
+    fn drop(&mut self) {
+        self.process.kill();
+        kill_processes_under(&self.state_dir);
+    }
+}
+
+/// SIGKILLs every process whose working directory is under `dir` (an agent's instances work in
+/// `<state-dir>/instances/...`).
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if cwd.starts_with(dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -183,6 +183,11 @@ impl ControlPlane {
         self.process.is_running()
     }
 
+    /// The process, to signal it (e.g. SIGSTOP).
+    pub fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
     /// The process (for its log).
     pub fn process(&self) -> &Process {
         &self.process

@@ -27,6 +27,7 @@ pub mod process;
 pub mod relay;
 pub mod route_tap;
 pub mod sample;
+pub mod scaling;
 pub mod sidecar;
 pub mod world;
 
@@ -43,6 +44,10 @@ pub use process::Process;
 pub use relay::{Link, LinkControl, LinkState, Relay};
 pub use route_tap::RouteTap;
 pub use sample::SampleFunction;
+pub use scaling::{
+    describe_scale, instance_processes, instances, leader, region_scale, scale_client, wait_scale,
+    ClosedLoop, ClosedLoopReport, ProcessFunction,
+};
 pub use sidecar::{function_tiers, metric_value, Sidecar, SidecarOpts, TierView};
 pub use world::{backend_spec, sample_spec, start_samples, World};
 

@@ -3,6 +3,9 @@
 //! gateway (see the design note in `relay.rs`), and passes the sidecar's `ReportTable` calls back
 //! to the agent, keeping a copy for the test.
 //!
+//! The sidecar's `LoadService` calls (load reports, activations) pass through to the agent
+//! unchanged.
+//!
 //! A test can also tamper with the tables on their way (e.g. make one the sidecar cannot
 //! compile) without going around the agent: the report still reaches the agent, which Nacks the
 //! version to the control plane as it would for any sidecar refusal.
@@ -13,12 +16,15 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
+use meridian_proto::v1::load_service_client::LoadServiceClient;
+use meridian_proto::v1::load_service_server::{LoadService, LoadServiceServer};
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
 use meridian_proto::v1::local_routing_service_server::{
     LocalRoutingService, LocalRoutingServiceServer,
 };
 use meridian_proto::v1::{
-    GetRoutesRequest, RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
+    ActivateRequest, ActivateResponse, GetRoutesRequest, LoadReport, LoadReportResponse,
+    RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
 };
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -38,6 +44,8 @@ struct Shared {
     tamper: Arc<Mutex<Option<Tamper>>>,
     reports: Arc<Mutex<Vec<TableReport>>>,
     delivered: Arc<Mutex<Vec<i64>>>,
+    /// One lazily connected channel to the agent for the frequent load calls.
+    load_channel: Channel,
 }
 
 impl Shared {
@@ -130,6 +138,27 @@ impl LocalRoutingService for Shared {
     }
 }
 
+#[tonic::async_trait]
+impl LoadService for Shared {
+    async fn report_load(
+        &self,
+        request: Request<LoadReport>,
+    ) -> Result<Response<LoadReportResponse>, Status> {
+        LoadServiceClient::new(self.load_channel.clone())
+            .report_load(request.into_inner())
+            .await
+    }
+
+    async fn activate(
+        &self,
+        request: Request<ActivateRequest>,
+    ) -> Result<Response<ActivateResponse>, Status> {
+        LoadServiceClient::new(self.load_channel.clone())
+            .activate(request.into_inner())
+            .await
+    }
+}
+
 /// The tap of one region. Stops serving when dropped.
 pub struct RouteTap {
     addr: SocketAddr,
@@ -162,7 +191,12 @@ impl RouteTap {
             .await
             .with_context(|| format!("binding the route tap on {listen}"))?;
         let addr = listener.local_addr()?;
+        let load_channel = tonic::transport::Endpoint::from_shared(agent_url.to_string())
+            .with_context(|| format!("bad agent URL {agent_url}"))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_lazy();
         let shared = Shared {
+            load_channel,
             region: region.to_string(),
             upstream: agent_url.to_string(),
             relay,
@@ -171,9 +205,11 @@ impl RouteTap {
             delivered: Arc::default(),
         };
         let service = LocalRoutingServiceServer::new(shared.clone());
+        let load = LoadServiceServer::new(shared.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(load)
                 .serve_with_incoming(TcpIncoming::from(listener))
                 .await;
         });

@@ -4,8 +4,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::output::Format;
 
-/// meridianctl controls a Meridian mesh: apply, list, describe and delete functions, and see
-/// which agents hold which routing table.
+/// meridianctl controls a Meridian mesh: apply, list, describe and delete functions, see which
+/// agents hold which routing table, how process functions are scaled, and their logs.
 #[derive(Debug, Parser)]
 #[command(name = "meridianctl", version, about, long_about = None)]
 pub struct Cli {
@@ -31,9 +31,10 @@ pub struct Cli {
 pub enum Command {
     /// Create or update functions from a YAML or JSON file (validated as a whole first).
     Apply(ApplyArgs),
-    /// List functions, agents or a region's routes.
+    /// List functions, process instances, agents or a region's routes.
     Get(GetArgs),
-    /// Show one function in detail, with its routes in each region.
+    /// Show one function in detail: its spec, routes in each region and, for a process
+    /// function, where it is placed and how each region scales it.
     Describe {
         #[command(subcommand)]
         resource: NamedResource,
@@ -43,6 +44,8 @@ pub enum Command {
         #[command(subcommand)]
         resource: NamedResource,
     },
+    /// Print the logs of a process function's instances, from every agent that runs them.
+    Logs(LogsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +85,16 @@ pub enum GetResource {
         #[arg(short = 'l', long, conflicts_with = "name", value_name = "SELECTOR")]
         selector: Option<String>,
     },
+    /// Scale state of process functions: one row per function, region and agent.
+    #[command(visible_alias = "instance", alias = "inst")]
+    Instances {
+        /// Only this function.
+        name: Option<String>,
+
+        /// List instances of every namespace.
+        #[arg(short = 'A', long, conflicts_with = "name")]
+        all_namespaces: bool,
+    },
     /// Agents, their routing-table versions and whether they are in sync.
     #[command(visible_alias = "agent")]
     Agents {
@@ -95,6 +108,33 @@ pub enum GetResource {
         /// The region.
         region: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The function's name.
+    pub name: String,
+
+    /// Only agents of this region.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Only this instance (e.g. hello-3fa2c1).
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+
+    /// Lines to show from the end of each instance's log first.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub tail: u32,
+
+    /// Keep streaming new lines as they are written (until interrupted).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,5 +192,62 @@ mod tests {
             "a name across all namespaces is refused"
         );
         assert!(Cli::try_parse_from(["meridianctl", "get", "functions", "-o", "wide"]).is_err());
+    }
+
+    #[test]
+    fn parses_instances_and_logs() {
+        let cli = Cli::try_parse_from(["meridianctl", "get", "instances", "-A", "-o", "json"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Get(GetArgs {
+                output: Format::Json,
+                resource: GetResource::Instances {
+                    name: None,
+                    all_namespaces: true
+                },
+            })
+        ));
+        assert!(Cli::try_parse_from(["meridianctl", "get", "instances", "x", "-A"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "meridianctl",
+            "logs",
+            "hello",
+            "-n",
+            "prod",
+            "--region",
+            "us-east",
+            "--instance",
+            "hello-3fa2c1",
+            "--tail",
+            "5",
+            "-f",
+        ])
+        .expect("parses");
+        assert_eq!(cli.namespace.as_deref(), Some("prod"));
+        match cli.command {
+            Command::Logs(args) => {
+                assert_eq!(args.name, "hello");
+                assert_eq!(args.region.as_deref(), Some("us-east"));
+                assert_eq!(args.instance.as_deref(), Some("hello-3fa2c1"));
+                assert_eq!(args.tail, 5);
+                assert!(args.follow);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["meridianctl", "logs", "hello"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Logs(LogsArgs {
+                tail: 100,
+                follow: false,
+                ..
+            })
+        ));
+        assert!(
+            Cli::try_parse_from(["meridianctl", "logs", "hello", "--tail", "0"]).is_err(),
+            "the agent reads 0 as its default, so 0 is refused rather than misread"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The connection to a control-plane replica: address normalization, timeouts, and turning
-//! transport failures and gRPC statuses into the messages meridianctl prints.
+//! The connection to a control-plane replica (and the dialing agents share): address
+//! normalization, timeouts, and turning transport failures and gRPC statuses into the messages
+//! meridianctl prints.
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use meridian_proto::v1 as wire;
 use meridian_proto::v1::function_service_client::FunctionServiceClient;
 use meridian_proto::v1::mesh_service_client::MeshServiceClient;
+use meridian_proto::v1::scale_service_client::ScaleServiceClient;
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -107,47 +109,72 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// A connected client of FunctionService and MeshService.
+/// Why [`dial`] could not open a channel; the caller names the peer in its message.
+#[derive(Debug, Error)]
+pub enum DialError {
+    #[error("invalid address {address:?}: {source}")]
+    InvalidAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The reason, already one line (see [`error_chain`]).
+    #[error("{reason}")]
+    Failed { reason: String },
+}
+
+/// Opens an HTTP/2 channel to `address` (already normalized) eagerly, so that an unreachable
+/// peer is reported before anything else happens, within [`CONNECT_TIMEOUT`]. Every request on
+/// the channel may take [`REQUEST_TIMEOUT`] until its response headers arrive (a stream's body
+/// is not bounded, so `logs --follow` can run for hours).
+pub async fn dial(address: &str) -> Result<Channel, DialError> {
+    let endpoint = Endpoint::from_shared(address.to_string())
+        .map_err(|source| DialError::InvalidAddress {
+            address: address.to_string(),
+            source,
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    // connect_timeout bounds the TCP connect only; this bounds name resolution and the HTTP/2
+    // handshake too (a listener that never answers must not hang us).
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(err)) => Err(DialError::Failed {
+            reason: error_chain(&err),
+        }),
+        Err(_) => Err(DialError::Failed {
+            reason: format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// A connected client of FunctionService, MeshService and ScaleService.
 #[derive(Clone)]
 pub struct ControlPlane {
     address: String,
     functions: FunctionServiceClient<Channel>,
     mesh: MeshServiceClient<Channel>,
+    scale: ScaleServiceClient<Channel>,
 }
 
 impl ControlPlane {
-    /// Connects eagerly, so that an unreachable control plane is reported before anything else
-    /// happens, within [`CONNECT_TIMEOUT`].
+    /// Connects eagerly (see [`dial`]).
     pub async fn connect(address: &str) -> Result<ControlPlane, ClientError> {
         let address = normalize_address(address);
-        let endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|source| ClientError::InvalidAddress {
-                address: address.clone(),
-                source,
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
-        // connect_timeout bounds the TCP connect only; this bounds name resolution and the
-        // HTTP/2 handshake too (a listener that never answers must not hang us).
-        let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(err)) => {
-                return Err(ClientError::Unreachable {
-                    reason: error_chain(&err),
-                    address,
-                })
+        let channel = match dial(&address).await {
+            Ok(channel) => channel,
+            Err(DialError::InvalidAddress { address, source }) => {
+                return Err(ClientError::InvalidAddress { address, source })
             }
-            Err(_) => {
-                return Err(ClientError::Unreachable {
-                    reason: format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
-                    address,
-                })
+            Err(DialError::Failed { reason }) => {
+                return Err(ClientError::Unreachable { address, reason })
             }
         };
         Ok(ControlPlane {
             address,
             functions: FunctionServiceClient::new(channel.clone()),
-            mesh: MeshServiceClient::new(channel),
+            mesh: MeshServiceClient::new(channel.clone()),
+            scale: ScaleServiceClient::new(channel),
         })
     }
 
@@ -238,6 +265,18 @@ impl ControlPlane {
             .list_agents(wire::ListAgentsRequest {
                 region: region.to_string(),
             })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn list_instances(
+        &self,
+        request: wire::ListInstancesRequest,
+    ) -> Result<wire::ListInstancesResponse, ClientError> {
+        let mut client = self.scale.clone();
+        client
+            .list_instances(request)
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.map_status(s))

@@ -10,6 +10,8 @@ use tonic::Code;
 
 use crate::args::{ApplyArgs, Cli, Command, GetArgs, GetResource, NamedResource};
 use crate::client::{ClientError, ControlPlane};
+use crate::instances::{self, ScaleSection};
+use crate::logs::{self, LogsError};
 use crate::manifest::{self, Document};
 use crate::output::{self, Format, RegionRoutes, RoutesSection};
 
@@ -21,6 +23,12 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("function {name:?} not found in namespace {namespace:?}")]
     NotFound { namespace: String, name: String },
+    /// `get instances NAME` for a name the scale view does not know: no such function, or it is
+    /// not a process function.
+    #[error("no process function {name:?} in namespace {namespace:?}")]
+    NoInstances { namespace: String, name: String },
+    #[error(transparent)]
+    Logs(#[from] LogsError),
     /// Messages already written to stderr (one per bad document); only the exit code is left.
     #[error("{count} error(s) reported")]
     Reported { count: usize },
@@ -40,7 +48,9 @@ impl CommandError {
         match self {
             CommandError::Reported { .. } => None,
             CommandError::Client(err @ ClientError::Server { .. }) => Some(err.to_string()),
-            CommandError::NotFound { .. } => Some(format!("Error from server (NotFound): {self}")),
+            CommandError::NotFound { .. } | CommandError::NoInstances { .. } => {
+                Some(format!("Error from server (NotFound): {self}"))
+            }
             other => Some(format!("error: {other}")),
         }
     }
@@ -58,6 +68,7 @@ pub async fn run(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<
         Command::Delete {
             resource: NamedResource::Function { name },
         } => delete(cli, namespace, name, out).await,
+        Command::Logs(args) => logs::run(&cli.control_plane, namespace, args, out, err).await,
     }
 }
 
@@ -263,6 +274,42 @@ async fn get(
                 Format::Yaml => output::functions_yaml(functions)?,
             }
         }
+        GetResource::Instances {
+            name,
+            all_namespaces,
+        } => {
+            let response = control_plane
+                .list_instances(wire::ListInstancesRequest {
+                    namespace: namespace.to_string(),
+                    all_namespaces: *all_namespaces,
+                    name: name.clone().unwrap_or_default(),
+                })
+                .await;
+            let response = match (response, name) {
+                (Err(e), Some(name)) if e.server_code() == Some(Code::NotFound) => {
+                    return Err(no_instances(namespace, name))
+                }
+                (Ok(r), Some(name)) if r.functions.is_empty() => {
+                    return Err(no_instances(namespace, name))
+                }
+                (response, _) => response?,
+            };
+            match args.output {
+                Format::Table if response.functions.is_empty() => {
+                    if *all_namespaces {
+                        writeln!(err, "No resources found")?;
+                    } else {
+                        writeln!(err, "No resources found in {namespace} namespace.")?;
+                    }
+                    String::new()
+                }
+                Format::Table => {
+                    instances::instances_table(&response.functions, *all_namespaces, now_unix_ms())
+                }
+                Format::Json => instances::instances_json(&response)?,
+                Format::Yaml => instances::instances_yaml(&response)?,
+            }
+        }
         GetResource::Agents { region } => {
             let region = region.as_deref().unwrap_or("");
             let response = control_plane.list_agents(region).await?;
@@ -305,8 +352,44 @@ async fn describe(
         .await
         .map_err(|e| not_found(e, namespace, name))?;
     let routes = routes_of(&control_plane, &function).await;
-    out.write_all(output::describe_function(&function, &routes).as_bytes())?;
+    let scale = scale_of(&control_plane, &function, namespace).await;
+    out.write_all(output::describe_function(&function, &routes, &scale, now_unix_ms()).as_bytes())?;
     Ok(())
+}
+
+fn no_instances(namespace: &str, name: &str) -> CommandError {
+    CommandError::NoInstances {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    }
+}
+
+/// The placement and scale state of a process function. Best effort, like the routes.
+async fn scale_of(
+    control_plane: &ControlPlane,
+    function: &wire::Function,
+    namespace: &str,
+) -> ScaleSection {
+    let Some(spec) = &function.spec else {
+        return ScaleSection::NotProcess;
+    };
+    if !matches!(spec.runtime, Some(wire::function_spec::Runtime::Process(_))) {
+        return ScaleSection::NotProcess;
+    }
+    let response = control_plane
+        .list_instances(wire::ListInstancesRequest {
+            namespace: namespace.to_string(),
+            all_namespaces: false,
+            name: spec.name.clone(),
+        })
+        .await;
+    match response {
+        Ok(response) => {
+            ScaleSection::Instances(response.functions.into_iter().find(|f| f.name == spec.name))
+        }
+        Err(e) if e.server_code() == Some(Code::NotFound) => ScaleSection::Instances(None),
+        Err(e) => ScaleSection::Unavailable(e.to_string()),
+    }
 }
 
 /// The routing table of every region that has agents or that the spec names. Best effort: the

@@ -1,12 +1,16 @@
-//! meridianctl: kubectl-like verbs over Meridian's FunctionService and MeshService.
+//! meridianctl: kubectl-like verbs over Meridian's FunctionService, MeshService and
+//! ScaleService, and the agents' AgentApiService (logs).
 //!
-//! `manifest` reads YAML/JSON documents into wire specs, `output` renders tables, JSON and YAML
-//! (pure functions, covered by golden tests), `client` talks to a control-plane replica and
-//! `commands` ties them together for `main`.
+//! `manifest` reads YAML/JSON documents into wire specs, `output` and `instances` render tables,
+//! JSON and YAML (pure functions, covered by golden tests), `client` talks to a control-plane
+//! replica, `logs` dials the agents and merges their log streams, and `commands` ties them
+//! together for `main`.
 
 pub mod args;
 pub mod client;
 pub mod commands;
 pub mod duration;
+pub mod instances;
+pub mod logs;
 pub mod manifest;
 pub mod output;

@@ -13,6 +13,7 @@ use serde::{Serialize, Serializer};
 use thiserror::Error;
 
 use crate::duration::{format_age_ms, format_ms};
+use crate::instances::{describe_scale, ScaleSection};
 use crate::manifest::Manifest;
 
 #[derive(Debug, Error)]
@@ -88,7 +89,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn or_dash(s: &str) -> String {
+pub(crate) fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
@@ -97,7 +98,7 @@ fn or_dash(s: &str) -> String {
     }
 }
 
-fn namespace_of(spec: &wire::FunctionSpec) -> &str {
+pub(crate) fn namespace_of(spec: &wire::FunctionSpec) -> &str {
     if spec.namespace.is_empty() {
         "default"
     } else {
@@ -348,8 +349,14 @@ pub struct RegionRoutes {
 }
 
 /// `describe function`: an aligned `Key: value` block like kubectl's, then the function's tiers
-/// in each region's routing table.
-pub fn describe_function(function: &wire::Function, routes: &RoutesSection) -> String {
+/// in each region's routing table, then (process functions) where the scheduler placed it and
+/// each agent's scale state.
+pub fn describe_function(
+    function: &wire::Function,
+    routes: &RoutesSection,
+    scale: &ScaleSection,
+    now_unix_ms: i64,
+) -> String {
     let default_spec = wire::FunctionSpec::default();
     let spec = function.spec.as_ref().unwrap_or(&default_spec);
     let mut d = Describe::default();
@@ -436,6 +443,7 @@ pub fn describe_function(function: &wire::Function, routes: &RoutesSection) -> S
             }
         }
     }
+    describe_scale(&mut d, scale, now_unix_ms);
     d.render()
 }
 
@@ -482,9 +490,9 @@ fn describe_region_routes(d: &mut Describe, spec: &wire::FunctionSpec, region: &
 }
 
 /// What an optional field that was never set (the server's default applies) shows as.
-const UNSET: &str = "<unset>";
+pub(crate) const UNSET: &str = "<unset>";
 
-fn opt(value: Option<u32>) -> String {
+pub(crate) fn opt(value: Option<u32>) -> String {
     value.map_or(UNSET.into(), |v| v.to_string())
 }
 
@@ -536,12 +544,12 @@ impl DescribeLine {
 /// kubectl-describe style text: values of sibling keys start in the same column; multi-line
 /// values continue in that column.
 #[derive(Default)]
-struct Describe {
+pub(crate) struct Describe {
     lines: Vec<DescribeLine>,
 }
 
 impl Describe {
-    fn kv(&mut self, indent: usize, key: &str, value: &str) {
+    pub(crate) fn kv(&mut self, indent: usize, key: &str, value: &str) {
         self.lines.push(DescribeLine::Kv {
             indent,
             key: key.to_string(),
@@ -549,7 +557,7 @@ impl Describe {
         });
     }
 
-    fn raw(&mut self, indent: usize, text: &str) {
+    pub(crate) fn raw(&mut self, indent: usize, text: &str) {
         self.lines.push(DescribeLine::Raw {
             indent,
             text: text.to_string(),
@@ -579,7 +587,7 @@ impl Describe {
             .unwrap_or(0)
     }
 
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         for (at, line) in self.lines.iter().enumerate() {
             match line {
@@ -617,7 +625,7 @@ impl Describe {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<String, OutputError> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String, OutputError> {
     serde_json::to_string_pretty(value)
         .map(|mut s| {
             s.push('\n');
@@ -626,7 +634,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, OutputError> {
         .map_err(|source| OutputError::Json { source })
 }
 
-fn to_yaml<T: Serialize>(value: &T) -> Result<String, OutputError> {
+pub(crate) fn to_yaml<T: Serialize>(value: &T) -> Result<String, OutputError> {
     serde_yaml_ng::to_string(value).map_err(|source| OutputError::Yaml { source })
 }
 
@@ -649,7 +657,7 @@ fn ser_tier_order<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
     enum_name(name, *value, s)
 }
 
-fn ser_endpoint_state<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_endpoint_state<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
     let name = wire::EndpointState::try_from(*value)
         .ok()
         .map(|v| v.as_str_name());
@@ -676,6 +684,7 @@ struct AgentView<'a> {
     in_sync: bool,
     last_nack: &'a str,
     replica: &'a str,
+    api_address: &'a str,
 }
 
 impl<'a> From<&'a wire::ListAgentsResponse> for AgentsView<'a> {
@@ -697,6 +706,7 @@ impl<'a> From<&'a wire::ListAgentsResponse> for AgentsView<'a> {
                     in_sync: a.in_sync,
                     last_nack: &a.last_nack,
                     replica: &a.replica,
+                    api_address: &a.api_address,
                 })
                 .collect(),
         }
@@ -709,6 +719,7 @@ struct RoutingTableView<'a> {
     version: i64,
     region: &'a str,
     functions: Vec<FunctionRouteView<'a>>,
+    local_generation: u64,
 }
 
 #[derive(Serialize)]
@@ -720,12 +731,29 @@ struct FunctionRouteView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<RoutingPolicyView<'a>>,
     tiers: Vec<TierView<'a>>,
-    // `{process: {...}}` as in proto JSON, rather than YAML's `!process` tag.
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        with = "serde_yaml_ng::with::singleton_map"
-    )]
-    workload: Option<WorkloadView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<LocalWorkloadView<'a>>,
+    cold_start_ms: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalWorkloadView<'a> {
+    // Flattened: `{process: {...}, scale: {...}}` as in proto JSON, rather than YAML's
+    // `!process` tag.
+    #[serde(flatten)]
+    kind: Option<WorkloadView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<ScaleBoundsView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ScaleBoundsView {
+    min_instances: u32,
+    max_instances: u32,
+    target_concurrency: u32,
+    idle_seconds: u32,
 }
 
 #[derive(Serialize)]
@@ -789,6 +817,7 @@ impl<'a> From<&'a wire::RoutingTable> for RoutingTableView<'a> {
                 .iter()
                 .map(FunctionRouteView::from)
                 .collect(),
+            local_generation: routing.local_generation,
         }
     }
 }
@@ -826,8 +855,8 @@ impl<'a> From<&'a wire::FunctionRoute> for FunctionRouteView<'a> {
                     ready_instances: t.ready_instances,
                 })
                 .collect(),
-            workload: route.workload.as_ref().and_then(|w| w.kind.as_ref()).map(
-                |kind| match kind {
+            workload: route.workload.as_ref().map(|w| LocalWorkloadView {
+                kind: w.kind.as_ref().map(|kind| match kind {
                     wire::local_workload::Kind::External(e) => WorkloadView::External {
                         region: &e.region,
                         urls: &e.urls,
@@ -842,8 +871,15 @@ impl<'a> From<&'a wire::FunctionRoute> for FunctionRouteView<'a> {
                             .collect(),
                         readiness_path: &p.readiness_path,
                     },
-                },
-            ),
+                }),
+                scale: w.scale.as_ref().map(|b| ScaleBoundsView {
+                    min_instances: b.min_instances,
+                    max_instances: b.max_instances,
+                    target_concurrency: b.target_concurrency,
+                    idle_seconds: b.idle_seconds,
+                }),
+            }),
+            cold_start_ms: route.cold_start_ms,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The real `meridianctl` binary against an in-process stand-in for the control plane's
-//! FunctionService and MeshService: apply's validate-everything-first rule, messages, exit codes.
+//! The real `meridianctl` binary against in-process stand-ins for the control plane's
+//! FunctionService, MeshService and ScaleService and for agents' AgentApiService: apply's
+//! validate-everything-first rule, `get instances`, `logs`, messages, exit codes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,9 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_proto::v1 as wire;
+use meridian_proto::v1::agent_api_service_server::{AgentApiService, AgentApiServiceServer};
 use meridian_proto::v1::function_service_server::{FunctionService, FunctionServiceServer};
 use meridian_proto::v1::mesh_service_server::{MeshService, MeshServiceServer};
-use tokio_stream::wrappers::TcpListenerStream;
+use meridian_proto::v1::scale_service_server::{ScaleService, ScaleServiceServer};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 #[derive(Default)]
@@ -21,6 +26,8 @@ struct State {
     /// (name, dry_run) of every Apply, in order.
     applies: Vec<(String, bool)>,
     revision: i64,
+    agents: Vec<wire::AgentStatus>,
+    instances: Vec<wire::FunctionInstances>,
 }
 
 /// Accepts any spec except those named "bad", and stores them without normalizing.
@@ -146,9 +153,17 @@ impl FunctionService for Fake {
 impl MeshService for Fake {
     async fn list_agents(
         &self,
-        _request: Request<wire::ListAgentsRequest>,
+        request: Request<wire::ListAgentsRequest>,
     ) -> Result<Response<wire::ListAgentsResponse>, Status> {
-        Ok(Response::new(wire::ListAgentsResponse::default()))
+        let region = request.into_inner().region;
+        let state = self.state.lock().expect("lock");
+        let agents = state
+            .agents
+            .iter()
+            .filter(|a| region.is_empty() || a.region == region)
+            .cloned()
+            .collect();
+        Ok(Response::new(wire::ListAgentsResponse { agents }))
     }
 
     async fn get_routing_table(
@@ -171,6 +186,35 @@ impl MeshService for Fake {
     }
 }
 
+#[tonic::async_trait]
+impl ScaleService for Fake {
+    async fn list_instances(
+        &self,
+        request: Request<wire::ListInstancesRequest>,
+    ) -> Result<Response<wire::ListInstancesResponse>, Status> {
+        let request = request.into_inner();
+        let state = self.state.lock().expect("lock");
+        let functions = state
+            .instances
+            .iter()
+            .filter(|f| request.all_namespaces || f.namespace == ns(&request.namespace))
+            .filter(|f| request.name.is_empty() || f.name == request.name)
+            .cloned()
+            .collect();
+        Ok(Response::new(wire::ListInstancesResponse { functions }))
+    }
+
+    async fn get_leader(
+        &self,
+        _request: Request<wire::GetLeaderRequest>,
+    ) -> Result<Response<wire::GetLeaderResponse>, Status> {
+        Ok(Response::new(wire::GetLeaderResponse {
+            leader: "cp-test".into(),
+            elected_version: 1,
+        }))
+    }
+}
+
 async fn start() -> (Fake, SocketAddr) {
     let fake = Fake::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -180,6 +224,7 @@ async fn start() -> (Fake, SocketAddr) {
     let server = tonic::transport::Server::builder()
         .add_service(FunctionServiceServer::new(fake.clone()))
         .add_service(MeshServiceServer::new(fake.clone()))
+        .add_service(ScaleServiceServer::new(fake.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);
     (fake, addr)
@@ -426,4 +471,413 @@ fn usage_errors_exit_2() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
+}
+
+fn scale(region: &str, agent: &str, desired: u32, ready: u32, error: &str) -> wire::RegionScale {
+    wire::RegionScale {
+        region: region.into(),
+        agent_id: agent.into(),
+        desired,
+        ready,
+        min_instances: 0,
+        max_instances: 5,
+        reason: "stable: concurrency 12.0 / target 10".into(),
+        stable_concurrency: 12.04,
+        cold_start_ms: 17,
+        error: error.into(),
+        ..Default::default()
+    }
+}
+
+fn worker_instances() -> wire::FunctionInstances {
+    wire::FunctionInstances {
+        namespace: "batch".into(),
+        name: "worker".into(),
+        placement: Some(wire::FunctionPlacement {
+            namespace: "batch".into(),
+            name: "worker".into(),
+            function_version: 2,
+            regions: vec![wire::RegionBounds {
+                region: "us-east".into(),
+                min_instances: 0,
+                max_instances: 5,
+            }],
+            problems: vec![wire::PlacementProblem {
+                region: "ap-south".into(),
+                reason: "minInstances 2 but region ap-south has no agent".into(),
+            }],
+            leader: "cp-test".into(),
+        }),
+        regions: vec![
+            scale("us-east", "us-east-1", 2, 2, ""),
+            scale(
+                "us-east",
+                "us-east-2",
+                1,
+                0,
+                "CrashLoopBackOff: exit code 1",
+            ),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_describe_instances() {
+    let (fake, addr) = start().await;
+    let addr = addr.to_string();
+    let out = ctl(&addr, &["apply", "-f", "-"], GOOD).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    fake.state
+        .lock()
+        .expect("lock")
+        .instances
+        .push(worker_instances());
+
+    let out = ctl(&addr, &["get", "instances", "-A"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("NAMESPACE   NAME     REGION     AGENT       DESIRED"));
+    assert!(lines[1].contains("ap-south") && lines[1].contains("Not placed"));
+    assert!(lines[1].ends_with("minInstances 2 but region ap-south has no agent"));
+    assert!(lines[2].contains("us-east-1") && lines[2].contains("Running"));
+    assert!(lines[2].contains(" 12.0 ") && lines[2].contains(" 17ms "));
+    assert!(
+        lines[3].contains("CrashLoopBackOff: exit code 1"),
+        "{table}"
+    );
+
+    let out = ctl(
+        &addr,
+        &["-n", "batch", "get", "instances", "worker", "-o", "json"],
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["functions"][0]["regions"][1]["agentId"], "us-east-2");
+    assert_eq!(json["functions"][0]["placement"]["leader"], "cp-test");
+
+    // Not a process function (or no such function): NotFound, exit 1.
+    let out = ctl(&addr, &["get", "instances", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "Error from server (NotFound): no process function \"hello\" in namespace \"default\"\n"
+    );
+    let out = ctl(&addr, &["get", "instances"], "").await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stderr),
+        "No resources found in default namespace.\n"
+    );
+
+    let out = ctl(
+        &addr,
+        &["-n", "batch", "describe", "function", "worker"],
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let described = text(&out.stdout);
+    for expected in [
+        "Scheduled:\n  Leader:            cp-test\n",
+        "    ap-south:  minInstances 2 but region ap-south has no agent\n",
+        "  us-east (agent us-east-2):\n    Status:          CrashLoopBackOff: exit code 1\n",
+    ] {
+        assert!(described.contains(expected), "{expected:?} in\n{described}");
+    }
+    // An external function has no placement or scale sections.
+    let out = ctl(&addr, &["describe", "function", "hello"], "").await;
+    assert!(!text(&out.stdout).contains("Scheduled:"));
+}
+
+/// An agent's AgentApiService: `lines` for function "hello" in any namespace ("quiet" has
+/// none, anything else is NOT_FOUND); when following, lines sent on `extra` after the first
+/// ones.
+#[derive(Clone)]
+struct FakeAgent {
+    region: String,
+    lines: Vec<wire::LogLine>,
+    requests: Arc<Mutex<Vec<wire::LogsRequest>>>,
+    extra: broadcast::Sender<wire::LogLine>,
+}
+
+type LogStream = ReceiverStream<Result<wire::LogLine, Status>>;
+
+#[tonic::async_trait]
+impl AgentApiService for FakeAgent {
+    type LogsStream = LogStream;
+
+    async fn logs(
+        &self,
+        request: Request<wire::LogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
+        let request = request.into_inner();
+        self.requests.lock().expect("lock").push(request.clone());
+        let lines = match request.name.as_str() {
+            "hello" => self.lines.clone(),
+            "quiet" => Vec::new(),
+            other => return Err(Status::not_found(format!("function {other:?} not found"))),
+        };
+        let mut extra = self.extra.subscribe();
+        let (sender, receiver) = mpsc::channel(16);
+        tokio::spawn(async move {
+            for line in lines {
+                if sender.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+            if request.follow {
+                loop {
+                    tokio::select! {
+                        line = extra.recv() => match line {
+                            Ok(line) => if sender.send(Ok(line)).await.is_err() { return },
+                            Err(_) => return,
+                        },
+                        () = sender.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+fn log_line(region: &str, instance: &str, line: &str) -> wire::LogLine {
+    wire::LogLine {
+        instance: instance.into(),
+        stream: "stdout".into(),
+        line: line.into(),
+        region: region.into(),
+    }
+}
+
+async fn start_agent(region: &str, instances: &[&str]) -> (FakeAgent, SocketAddr) {
+    let lines = instances
+        .iter()
+        .flat_map(|i| {
+            [
+                log_line(region, i, &format!("{i} started")),
+                log_line(region, i, &format!("{i} ready")),
+            ]
+        })
+        .collect();
+    let agent = FakeAgent {
+        region: region.into(),
+        lines,
+        requests: Arc::default(),
+        extra: broadcast::channel(16).0,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentApiServiceServer::new(agent.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (agent, addr)
+}
+
+fn agent_status(region: &str, id: &str, api_address: &str) -> wire::AgentStatus {
+    wire::AgentStatus {
+        agent_id: id.into(),
+        region: region.into(),
+        api_address: api_address.into(),
+        ..Default::default()
+    }
+}
+
+/// A control plane that lists: us-east-1 and eu-west-1 (fake agents), us-east-2 (its API
+/// address refuses connections, as does sa-east-1's) and ap-south-1 (no API address).
+async fn start_mesh() -> (Fake, String, FakeAgent, FakeAgent, SocketAddr) {
+    let (fake, addr) = start().await;
+    let (us_east, us_east_addr) = start_agent("us-east", &["hello-aaaaaa", "hello-bbbbbb"]).await;
+    let (eu_west, eu_west_addr) = start_agent("eu-west", &["hello-cccccc"]).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    fake.state.lock().expect("lock").agents = vec![
+        agent_status("us-east", "us-east-1", &us_east_addr.to_string()),
+        agent_status("us-east", "us-east-2", &closed_addr.to_string()),
+        agent_status("eu-west", "eu-west-1", &format!("http://{eu_west_addr}")),
+        agent_status("ap-south", "ap-south-1", ""),
+        agent_status("sa-east", "sa-east-1", &closed_addr.to_string()),
+    ];
+    (fake, addr.to_string(), us_east, eu_west, closed_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_merge_every_agent_and_skip_unreachable_ones() {
+    let (_fake, addr, us_east, eu_west, closed) = start_mesh().await;
+
+    let out = ctl(&addr, &["logs", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Agent by agent, in (region, agent) order.
+    assert_eq!(
+        text(&out.stdout),
+        "[eu-west/hello-cccccc] hello-cccccc started\n\
+         [eu-west/hello-cccccc] hello-cccccc ready\n\
+         [us-east/hello-aaaaaa] hello-aaaaaa started\n\
+         [us-east/hello-aaaaaa] hello-aaaaaa ready\n\
+         [us-east/hello-bbbbbb] hello-bbbbbb started\n\
+         [us-east/hello-bbbbbb] hello-bbbbbb ready\n"
+    );
+    let stderr = text(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    for agent in ["sa-east-1 (sa-east)", "us-east-2 (us-east)"] {
+        let prefix = format!("warning: agent {agent} at http://{closed}: unreachable: ");
+        assert!(
+            warnings.iter().any(|w| w.starts_with(&prefix)),
+            "{prefix} in {stderr}"
+        );
+    }
+    assert_eq!(
+        eu_west.requests.lock().expect("lock").clone(),
+        [wire::LogsRequest {
+            namespace: "default".into(),
+            name: "hello".into(),
+            tail_lines: 100,
+            follow: false,
+            instance: String::new(),
+        }]
+    );
+
+    // Flags reach the agents of the region asked for, and only those.
+    let out = ctl(
+        &addr,
+        &[
+            "-n",
+            "prod",
+            "logs",
+            "hello",
+            "--region",
+            "us-east",
+            "--instance",
+            "hello-bbbbbb",
+            "--tail",
+            "5",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        us_east.requests.lock().expect("lock").last().cloned(),
+        Some(wire::LogsRequest {
+            namespace: "prod".into(),
+            name: "hello".into(),
+            tail_lines: 5,
+            follow: false,
+            instance: "hello-bbbbbb".into(),
+        })
+    );
+    assert_eq!(eu_west.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_errors_are_clear() {
+    let (_fake, addr, _us_east, _eu_west, _closed) = start_mesh().await;
+
+    let out = ctl(&addr, &["logs", "nope", "--region", "eu-west"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no agent in region eu-west has instances of function \"nope\" in namespace \
+         \"default\" (running, or exited in the last 10 minutes)\n"
+    );
+
+    let out = ctl(&addr, &["logs", "quiet", "--region", "eu-west"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(
+        text(&out.stderr),
+        "No log lines for function default/quiet (1 agent(s) answered).\n"
+    );
+
+    let out = ctl(&addr, &["logs", "hello", "--region", "ap-south"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: none of the 1 agent(s) in region ap-south advertises an API address (agent \
+         flag --api-address), so no logs can be fetched\n"
+    );
+
+    let out = ctl(&addr, &["logs", "hello", "--region", "mars"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no agents are connected in region mars\n"
+    );
+
+    let out = ctl(&addr, &["logs", "hello", "--region", "sa-east"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("warning: agent sa-east-1 (sa-east) at http://")
+            && stderr.ends_with("\nerror: no agent answered (1 asked)\n"),
+        "{stderr}"
+    );
+
+    // us-east-1 answers; us-east-2 does not: a warning, and the lines of the other.
+    let out = ctl(&addr, &["logs", "hello", "--region", "us-east"], "").await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout).lines().count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_new_lines() {
+    let (_fake, addr, us_east, eu_west, _closed) = start_mesh().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridianctl"))
+        .args([
+            "--control-plane",
+            &addr,
+            "logs",
+            "hello",
+            "-f",
+            "--tail",
+            "10",
+        ])
+        .env_remove("MERIDIAN_CONTROL_PLANE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn meridianctl");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut next_line = async || {
+        tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("a line before the deadline")
+            .expect("read")
+            .expect("stdout still open")
+    };
+
+    // The first lines, in whatever order the two agents' streams interleave.
+    let mut first = Vec::new();
+    for _ in 0..6 {
+        first.push(next_line().await);
+    }
+    first.sort();
+    assert_eq!(first[0], "[eu-west/hello-cccccc] hello-cccccc ready");
+    assert_eq!(first[5], "[us-east/hello-bbbbbb] hello-bbbbbb started");
+
+    // Lines written later arrive while the command keeps running.
+    for (agent, instance) in [(&us_east, "hello-aaaaaa"), (&eu_west, "hello-cccccc")] {
+        agent
+            .extra
+            .send(log_line(&agent.region, instance, "a new request"))
+            .expect("a follower is subscribed");
+        assert_eq!(
+            next_line().await,
+            format!("[{}/{instance}] a new request", agent.region)
+        );
+    }
+    assert!(us_east.requests.lock().expect("lock")[0].follow);
+    child.kill().await.expect("kill meridianctl");
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use meridian_proto::v1 as wire;
+use meridianctl::instances::{self, ScaleSection};
 use meridianctl::manifest;
 use meridianctl::output::{self, RegionRoutes, RoutesSection};
 
@@ -187,7 +188,10 @@ fn agents() -> wire::ListAgentsResponse {
                 replica: "cp-7001".into(),
                 ..agent("us-east", "us-east-2", "us-east-b")
             },
-            agent("us-east", "us-east-1", "us-east-a"),
+            wire::AgentStatus {
+                api_address: "127.0.1.1:15003".into(),
+                ..agent("us-east", "us-east-1", "us-east-a")
+            },
             wire::AgentStatus {
                 connected_since_unix_ms: NOW_MS - 4_000,
                 acked_version: 0,
@@ -215,7 +219,7 @@ fn routes() -> wire::RoutingTable {
         region: "us-east".into(),
         functions: vec![
             wire::FunctionRoute {
-                cold_start_ms: 0,
+                cold_start_ms: 42,
                 namespace: "batch".into(),
                 name: "worker".into(),
                 function_version: 214,
@@ -232,7 +236,12 @@ fn routes() -> wire::RoutingTable {
                     ready_instances: 1,
                 }],
                 workload: Some(wire::LocalWorkload {
-                    scale: None,
+                    scale: Some(wire::ScaleBounds {
+                        min_instances: 1,
+                        max_instances: 3,
+                        target_concurrency: 10,
+                        idle_seconds: 300,
+                    }),
                     kind: Some(wire::local_workload::Kind::Process(wire::ProcessRuntime {
                         command: "/usr/local/bin/worker".into(),
                         args: strings(&["--port", "8080"]),
@@ -413,13 +422,18 @@ fn get_routes_table() {
 
 #[test]
 fn get_routes_json_and_yaml() {
+    // As an agent serves it to sidecars (the mirror shows every field).
+    let served = wire::RoutingTable {
+        local_generation: 7,
+        ..routes()
+    };
     check(
         "get_routes_json.txt",
-        &output::routes_json(&routes()).expect("json"),
+        &output::routes_json(&served).expect("json"),
     );
     check(
         "get_routes_yaml.txt",
-        &output::routes_yaml(&routes()).expect("yaml"),
+        &output::routes_yaml(&served).expect("yaml"),
     );
 }
 
@@ -479,7 +493,7 @@ fn describe_external_function_with_routes() {
     ]);
     check(
         "describe_function.txt",
-        &output::describe_function(&hello, &sections),
+        &output::describe_function(&hello, &sections, &ScaleSection::NotProcess, NOW_MS),
     );
 }
 
@@ -491,7 +505,14 @@ fn describe_process_function_without_mesh_view() {
     );
     check(
         "describe_function_process.txt",
-        &output::describe_function(&worker, &sections),
+        &output::describe_function(
+            &worker,
+            &sections,
+            &ScaleSection::Unavailable(
+                "Error from server (ServiceUnavailable): etcd is unavailable".into(),
+            ),
+            NOW_MS,
+        ),
     );
     // A spec as a client might send it: unset fields show as such.
     let sparse = wire::Function {
@@ -505,6 +526,291 @@ fn describe_process_function_without_mesh_view() {
     };
     check(
         "describe_function_sparse.txt",
-        &output::describe_function(&sparse, &RoutesSection::Regions(Vec::new())),
+        &output::describe_function(
+            &sparse,
+            &RoutesSection::Regions(Vec::new()),
+            &ScaleSection::NotProcess,
+            NOW_MS,
+        ),
     );
+}
+
+fn instance(
+    id: &str,
+    address: &str,
+    state: wire::EndpointState,
+    started_ago_ms: i64,
+    cold_start_ms: i64,
+) -> wire::InstanceStatus {
+    wire::InstanceStatus {
+        id: id.into(),
+        address: address.into(),
+        state: state as i32,
+        pid: 40_000 + u32::try_from(started_ago_ms / 1000).expect("small"),
+        started_unix_ms: NOW_MS - started_ago_ms,
+        ready_unix_ms: if state == wire::EndpointState::Starting {
+            0
+        } else {
+            NOW_MS - started_ago_ms + cold_start_ms
+        },
+        restarts: 0,
+    }
+}
+
+/// ListInstances as the control plane answers it (but unsorted: the CLI sorts).
+fn instances() -> wire::ListInstancesResponse {
+    use wire::EndpointState::{Draining, Ready, Starting};
+    let worker = wire::FunctionInstances {
+        namespace: "batch".into(),
+        name: "worker".into(),
+        placement: Some(wire::FunctionPlacement {
+            namespace: "batch".into(),
+            name: "worker".into(),
+            function_version: 214,
+            regions: vec![
+                wire::RegionBounds {
+                    region: "us-east".into(),
+                    min_instances: 1,
+                    max_instances: 3,
+                },
+                wire::RegionBounds {
+                    region: "eu-west".into(),
+                    min_instances: 0,
+                    max_instances: 10,
+                },
+            ],
+            problems: vec![wire::PlacementProblem {
+                region: "ap-south".into(),
+                reason: "minInstances 2 but region ap-south has no agent".into(),
+            }],
+            leader: "cp-7000".into(),
+        }),
+        regions: vec![
+            wire::RegionScale {
+                region: "us-east".into(),
+                agent_id: "us-east-2".into(),
+                desired: 1,
+                ready: 1,
+                min_instances: 1,
+                max_instances: 3,
+                reason: "min instances 1".into(),
+                last_change_unix_ms: NOW_MS - 7_800_000,
+                stable_concurrency: 0.35,
+                panic_concurrency: 0.0,
+                cold_start_ms: 38,
+                instances: vec![instance(
+                    "worker-0c1d2e",
+                    "127.0.1.2:40100",
+                    Ready,
+                    7_800_000,
+                    38,
+                )],
+                last_request_unix_ms: NOW_MS - 2_000,
+                ..Default::default()
+            },
+            wire::RegionScale {
+                region: "us-east".into(),
+                agent_id: "us-east-1".into(),
+                desired: 3,
+                ready: 2,
+                starting: 1,
+                draining: 1,
+                min_instances: 1,
+                max_instances: 3,
+                reason: "panic: concurrency 98.0 >= 2x capacity 10".into(),
+                last_change_unix_ms: NOW_MS - 12_000,
+                stable_concurrency: 25.04,
+                panic_concurrency: 98.0,
+                panic: true,
+                cold_start_ms: 42,
+                restarts: 1,
+                last_exit: "killed by signal 9".into(),
+                last_log_lines: strings(&["worker: loading model", "worker: out of memory"]),
+                instances: vec![
+                    instance("worker-a1b2c3", "127.0.1.1:40001", Ready, 303_000, 41),
+                    instance("worker-d4e5f6", "127.0.1.1:40002", Ready, 20_000, 44),
+                    instance("worker-0a9b8c", "127.0.1.1:40003", Starting, 1_000, 0),
+                    wire::InstanceStatus {
+                        restarts: 1,
+                        ..instance("worker-77ee00", "127.0.1.1:40004", Draining, 4_000_000, 39)
+                    },
+                ],
+                last_request_unix_ms: NOW_MS - 1_000,
+                ..Default::default()
+            },
+        ],
+    };
+    let api = wire::FunctionInstances {
+        namespace: "default".into(),
+        name: "api".into(),
+        placement: Some(wire::FunctionPlacement {
+            namespace: "default".into(),
+            name: "api".into(),
+            function_version: 12,
+            regions: vec![wire::RegionBounds {
+                region: "us-east".into(),
+                min_instances: 0,
+                max_instances: 10,
+            }],
+            problems: Vec::new(),
+            leader: "cp-7001".into(),
+        }),
+        regions: vec![wire::RegionScale {
+            region: "us-east".into(),
+            agent_id: "us-east-1".into(),
+            desired: 1,
+            min_instances: 0,
+            max_instances: 10,
+            reason: "activation: request held".into(),
+            last_change_unix_ms: NOW_MS - 45_000,
+            restarts: 3,
+            last_exit: "exit code 1".into(),
+            last_log_lines: strings(&["error: cannot bind\t0.0.0.0:80", "exiting"]),
+            error: "CrashLoopBackOff: exit code 1".into(),
+            ..Default::default()
+        }],
+    };
+    let idle = wire::FunctionInstances {
+        namespace: "default".into(),
+        name: "idle".into(),
+        placement: Some(wire::FunctionPlacement {
+            namespace: "default".into(),
+            name: "idle".into(),
+            function_version: 40,
+            regions: vec![wire::RegionBounds {
+                region: "eu-west".into(),
+                min_instances: 0,
+                max_instances: 5,
+            }],
+            problems: Vec::new(),
+            leader: "cp-7000".into(),
+        }),
+        regions: vec![wire::RegionScale {
+            region: "eu-west".into(),
+            agent_id: "eu-west-1".into(),
+            min_instances: 0,
+            max_instances: 5,
+            reason: "idle 300s: scale to zero".into(),
+            last_change_unix_ms: NOW_MS - 303_000,
+            cold_start_ms: 1_250,
+            last_request_unix_ms: NOW_MS - 603_000,
+            ..Default::default()
+        }],
+    };
+    let unplaced = wire::FunctionInstances {
+        namespace: "default".into(),
+        name: "new".into(),
+        placement: None,
+        regions: Vec::new(),
+    };
+    wire::ListInstancesResponse {
+        functions: vec![idle, worker, unplaced, api],
+    }
+}
+
+fn in_namespace(namespace: &str) -> Vec<wire::FunctionInstances> {
+    instances()
+        .functions
+        .into_iter()
+        .filter(|f| f.namespace == namespace)
+        .collect()
+}
+
+#[test]
+fn get_instances_table() {
+    check(
+        "get_instances.txt",
+        &instances::instances_table(&in_namespace("default"), false, NOW_MS),
+    );
+    check(
+        "get_instances_all_namespaces.txt",
+        &instances::instances_table(&instances().functions, true, NOW_MS),
+    );
+}
+
+#[test]
+fn get_instances_json_and_yaml() {
+    check(
+        "get_instances_json.txt",
+        &instances::instances_json(&instances()).expect("json"),
+    );
+    check(
+        "get_instances_yaml.txt",
+        &instances::instances_yaml(&instances()).expect("yaml"),
+    );
+}
+
+#[test]
+fn describe_process_function_with_scale() {
+    let worker = functions().into_iter().next().expect("fixture");
+    let routes = RoutesSection::Regions(vec![RegionRoutes {
+        region: "us-east".into(),
+        table: Ok(routes()),
+    }]);
+    let scale = ScaleSection::Instances(in_namespace("batch").into_iter().next());
+    check(
+        "describe_function_scale.txt",
+        &output::describe_function(&worker, &routes, &scale, NOW_MS),
+    );
+
+    // Crash-looping, and a function the scheduler has not placed yet.
+    let api = functions()
+        .into_iter()
+        .find(|f| f.spec.as_ref().is_some_and(|s| s.name == "api"))
+        .expect("fixture");
+    let crashing = in_namespace("default")
+        .into_iter()
+        .find(|f| f.name == "api");
+    let mut text = output::describe_function(
+        &api,
+        &RoutesSection::Regions(Vec::new()),
+        &ScaleSection::Instances(crashing),
+        NOW_MS,
+    );
+    text.push_str("---\n");
+    text.push_str(&output::describe_function(
+        &api,
+        &RoutesSection::Regions(Vec::new()),
+        &ScaleSection::Instances(None),
+        NOW_MS,
+    ));
+    check("describe_function_crashing.txt", &text);
+}
+
+#[test]
+fn log_lines() {
+    let line = |region: &str, instance: &str, text: &str| wire::LogLine {
+        instance: instance.into(),
+        stream: "stdout".into(),
+        line: text.into(),
+        region: region.into(),
+    };
+    let lines = [
+        line("us-east", "hello-3fa2c1", "listening on 127.0.1.1:40123"),
+        line(
+            "",
+            "hello-3fa2c1",
+            "region taken from the agent when the line has none",
+        ),
+        line("eu-west", "", "no instance id"),
+        line(
+            "us-east",
+            "hello-9b8a7c",
+            "tab\tand \u{1b}[31mescape\u{1b}[0m shown, not run\r",
+        ),
+        line("us-east", "hello-9b8a7c", ""),
+    ];
+    let mut text: String = lines
+        .iter()
+        .map(|l| meridianctl::logs::format_line("us-west", l))
+        .collect();
+    text.push_str(&meridianctl::logs::warning_line(
+        &meridianctl::logs::AgentTarget {
+            agent_id: "eu-west-1".into(),
+            region: "eu-west".into(),
+            address: "http://127.0.2.1:15003".into(),
+        },
+        "unreachable: tcp connect error: Connection refused (os error 111)",
+    ));
+    check("logs.txt", &text);
 }

@@ -2,9 +2,16 @@
 //! and region answered.
 //!
 //! Environment: `PORT` (required), `HOST` (default 127.0.0.1), `REGION` and `INSTANCE_ID`
-//! (default "unknown"). Every request gets 200 `hello from <instance> in <region>` and an
-//! `x-instance` header, except `GET /status/<code>` (answers that status, e.g. 503 for retry
-//! tests) and `POST /echo` (streams the request body back). Stops cleanly on SIGTERM/SIGINT.
+//! (default "unknown"), `DELAY_MS` (default 0: sleep this long before answering each request
+//! except `GET /healthz`) and `START_DELAY_MS` (default 0: sleep this long before listening, to
+//! play a slow cold start). Every request gets 200 `hello from <instance> in <region>`, except
+//! `GET /healthz` (200 `ok` at once: the readiness path), `GET /status/<code>` (answers that
+//! status, e.g. 503 for retry tests) and `POST /echo` (streams the request body back).
+//!
+//! Every response carries `x-instance`, `x-start-unix-us` (when the process's main began),
+//! `x-ready-unix-us` (when it began listening) and `x-arrived-unix-us` (when the request
+//! arrived), so a caller can split a cold start into process start, start-up and queueing.
+//! Stops cleanly on SIGTERM/SIGINT.
 //!
 //! Run: `PORT=9000 REGION=us-east INSTANCE_ID=a cargo run -p meridian-sidecar --example sample_function`
 
@@ -13,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -26,11 +33,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-/// Who this instance is.
+/// Who this instance is, and its timings.
 struct Identity {
     greeting: Bytes,
     instance: HeaderValue,
+    start_us: HeaderValue,
+    ready_us: HeaderValue,
+    /// Added before every answer except the readiness path.
+    delay: Duration,
 }
+
+/// The readiness path: answered at once, whatever `DELAY_MS` says.
+const HEALTH_PATH: &str = "/healthz";
 
 /// Either a fixed greeting or the request body echoed back as it arrives.
 enum Reply {
@@ -67,9 +81,25 @@ impl Body for Reply {
     }
 }
 
-fn answer(identity: &Identity, request: Request<Incoming>) -> Response<Reply> {
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+async fn answer(identity: Arc<Identity>, request: Request<Incoming>) -> Response<Reply> {
+    let arrived_us = unix_us();
+    let health = request.method() == Method::GET && request.uri().path() == HEALTH_PATH;
+    if !health && !identity.delay.is_zero() {
+        tokio::time::sleep(identity.delay).await;
+    }
     let path = request.uri().path();
-    let (status, body) = if request.method() == Method::POST && path == "/echo" {
+    let (status, body) = if health {
+        (
+            StatusCode::OK,
+            Reply::Full(Some(Bytes::from_static(b"ok\n"))),
+        )
+    } else if request.method() == Method::POST && path == "/echo" {
         (StatusCode::OK, Reply::Echo(request.into_body()))
     } else if let Some(code) = path.strip_prefix("/status/") {
         match code
@@ -91,10 +121,21 @@ fn answer(identity: &Identity, request: Request<Incoming>) -> Response<Reply> {
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert("x-instance", identity.instance.clone());
+    headers.insert("x-start-unix-us", identity.start_us.clone());
+    headers.insert("x-ready-unix-us", identity.ready_us.clone());
+    headers.insert("x-arrived-unix-us", HeaderValue::from(arrived_us));
     response
-        .headers_mut()
-        .insert("x-instance", identity.instance.clone());
-    response
+}
+
+/// A millisecond count from the environment; unset or empty is 0.
+fn env_ms(name: &str) -> anyhow::Result<Duration> {
+    let value = env_or(name, "0");
+    let ms: u64 = value
+        .parse()
+        .with_context(|| format!("{name} must be a number of milliseconds, not {value:?}"))?;
+    Ok(Duration::from_millis(ms))
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -106,6 +147,7 @@ fn env_or(name: &str, default: &str) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let start_us = unix_us();
     meridian_common::telemetry::init("info");
     let port: u16 = std::env::var("PORT")
         .context("PORT must be set")?
@@ -116,14 +158,24 @@ async fn main() -> anyhow::Result<()> {
         .context("HOST must be an IP address")?;
     let region = env_or("REGION", "unknown");
     let instance = env_or("INSTANCE_ID", "unknown");
-    let identity = Arc::new(Identity {
-        greeting: Bytes::from(format!("hello from {instance} in {region}\n")),
-        instance: HeaderValue::from_str(&instance).context("INSTANCE_ID must be a header value")?,
-    });
+    let delay = env_ms("DELAY_MS")?;
+    let start_delay = env_ms("START_DELAY_MS")?;
+    let instance_header =
+        HeaderValue::from_str(&instance).context("INSTANCE_ID must be a header value")?;
+    if !start_delay.is_zero() {
+        tokio::time::sleep(start_delay).await;
+    }
 
     let listener = TcpListener::bind(SocketAddr::new(host, port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let identity = Arc::new(Identity {
+        greeting: Bytes::from(format!("hello from {instance} in {region}\n")),
+        instance: instance_header,
+        start_us: HeaderValue::from(start_us),
+        ready_us: HeaderValue::from(unix_us()),
+        delay,
+    });
     tracing::info!(%region, %instance, "listening on {}", listener.local_addr()?);
 
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -145,8 +197,8 @@ async fn main() -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         let identity = Arc::clone(&identity);
         let service = service_fn(move |request| {
-            let response = answer(&identity, request);
-            async move { Ok::<_, Infallible>(response) }
+            let identity = Arc::clone(&identity);
+            async move { Ok::<_, Infallible>(answer(identity, request).await) }
         });
         let connection = graceful.watch(
             builder

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::balance::Tried;
 use crate::metrics::{self, GlobalStats};
 use crate::proxy::{available, plan};
-use crate::routes::{FunctionRoute, RoutingState};
+use crate::routes::{FunctionRoute, RoutingState, Workload};
 use crate::watch::Refusal;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,7 @@ impl Admin {
             region: &self.region,
             loaded: state.is_some(),
             version: state.as_ref().map(|s| s.version()),
+            local_generation: state.as_ref().map(|s| s.local_generation()),
             refused: refused.as_deref().map(|r| RefusalView {
                 version: r.version,
                 reason: &r.reason,
@@ -152,6 +153,11 @@ fn function_view(function: &FunctionRoute, now: u64) -> FunctionView<'_> {
         name: &function.name,
         host: function.label(),
         version: function.version,
+        workload: function.workload.as_str(),
+        activatable: function.workload == (Workload::Process { activatable: true }),
+        local_ready: function.local_ready,
+        cold_start_ms: function.cold_start.as_millis(),
+        held: function.stats().load.held(),
         policy: PolicyView {
             timeout_ms: policy.timeout.as_millis(),
             per_try_timeout_ms: policy.per_try_timeout.as_millis(),
@@ -234,6 +240,7 @@ struct RoutesView<'a> {
     region: &'a str,
     loaded: bool,
     version: Option<i64>,
+    local_generation: Option<u64>,
     refused: Option<RefusalView<'a>>,
     gateways: Vec<GatewayView<'a>>,
     functions: Vec<FunctionView<'a>>,
@@ -261,6 +268,16 @@ struct FunctionView<'a> {
     name: &'a str,
     host: &'a str,
     version: i64,
+    /// "process" when the local agent runs the function's instances, else "none".
+    workload: &'static str,
+    /// A process function the agent may start here (scale bounds allow an instance).
+    activatable: bool,
+    /// The local tier has a READY instance.
+    local_ready: bool,
+    /// Expected cold start from the table (0: unknown).
+    cold_start_ms: u128,
+    /// Requests held now, waiting for a local instance.
+    held: u32,
     policy: PolicyView<'a>,
     tiers: Vec<TierView<'a>>,
 }
@@ -363,6 +380,10 @@ mod tests {
         let routes: serde_json::Value =
             serde_json::from_str(&body(admin.respond(&Method::GET, "/routes")).await).unwrap();
         assert_eq!(routes["version"], 7);
+        assert_eq!(routes["localGeneration"], 0);
+        assert_eq!(routes["functions"][0]["workload"], "none");
+        assert_eq!(routes["functions"][0]["localReady"], true);
+        assert_eq!(routes["functions"][0]["held"], 0);
         let tiers = &routes["functions"][0]["tiers"];
         assert_eq!(tiers[0]["healthPercent"], 100.0);
         assert_eq!(tiers[0]["loadPercent"], 100.0);

@@ -29,6 +29,8 @@ pub enum Reason {
     UpstreamUnavailable,
     NoTable,
     HeadersTooLarge,
+    ColdStartTimeout,
+    HoldQueueFull,
 }
 
 impl Reason {
@@ -44,6 +46,8 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream-unavailable",
             Reason::NoTable => "no-table",
             Reason::HeadersTooLarge => "headers-too-large",
+            Reason::ColdStartTimeout => "cold-start-timeout",
+            Reason::HoldQueueFull => "hold-queue-full",
         }
     }
 
@@ -54,7 +58,9 @@ impl Reason {
             Reason::NoEndpoints
             | Reason::AllEjected
             | Reason::RetryBudgetExhausted
-            | Reason::NoTable => StatusCode::SERVICE_UNAVAILABLE,
+            | Reason::NoTable
+            | Reason::ColdStartTimeout
+            | Reason::HoldQueueFull => StatusCode::SERVICE_UNAVAILABLE,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -102,6 +108,10 @@ pub enum ProxyError {
     },
     #[error("a retry was needed but the retry budget is spent; last attempt: {last}")]
     BudgetExhausted { last: String },
+    #[error("no instance of function {function} became ready within {waited:?}")]
+    ColdStartTimeout { function: String, waited: Duration },
+    #[error("function {function} already has {limit} requests waiting for an instance")]
+    HoldQueueFull { function: String, limit: u32 },
 }
 
 impl ProxyError {
@@ -117,6 +127,8 @@ impl ProxyError {
             ProxyError::Timeout(_) | ProxyError::TryTimeout { .. } => Reason::Timeout,
             ProxyError::Upstream { .. } | ProxyError::BadUri { .. } => Reason::UpstreamUnavailable,
             ProxyError::BudgetExhausted { .. } => Reason::RetryBudgetExhausted,
+            ProxyError::ColdStartTimeout { .. } => Reason::ColdStartTimeout,
+            ProxyError::HoldQueueFull { .. } => Reason::HoldQueueFull,
         }
     }
 
@@ -163,6 +175,8 @@ mod tests {
             (Reason::UpstreamUnavailable, "upstream-unavailable", 502),
             (Reason::NoTable, "no-table", 503),
             (Reason::HeadersTooLarge, "headers-too-large", 431),
+            (Reason::ColdStartTimeout, "cold-start-timeout", 503),
+            (Reason::HoldQueueFull, "hold-queue-full", 503),
         ];
         for (reason, text, status) in cases {
             assert_eq!(reason.as_str(), text);

@@ -1,5 +1,5 @@
-//! `meridian-sidecar`: flags, then the listeners, the agent watch and the prober until SIGINT or
-//! SIGTERM.
+//! `meridian-sidecar`: flags, then the listeners, the agent watch, the prober, the load reporter
+//! and the activator until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -45,6 +45,17 @@ struct Args {
     /// Name reported to the agent [default: sidecar-<outbound port>].
     #[arg(long, env = "MERIDIAN_CLIENT_ID")]
     client_id: Option<String>,
+    /// Requests held per function at most while no local instance is ready (beyond: 503
+    /// hold-queue-full).
+    #[arg(long, env = "MERIDIAN_HOLD_QUEUE", default_value_t = 1000)]
+    hold_queue: u32,
+    /// How long a request may wait for a local instance to start, in milliseconds (the
+    /// function's timeout caps it; beyond: 503 cold-start-timeout).
+    #[arg(long, env = "MERIDIAN_HOLD_TIMEOUT_MS", default_value_t = 30_000)]
+    hold_timeout_ms: u64,
+    /// Window of the load reports sent to the agent's autoscaler, in milliseconds.
+    #[arg(long, env = "MERIDIAN_LOAD_REPORT_INTERVAL_MS", default_value_t = 1000)]
+    load_report_interval_ms: u64,
 }
 
 impl Args {
@@ -71,6 +82,12 @@ impl Args {
         if client_id.is_empty() {
             return Err("invalid --client-id: must not be empty".into());
         }
+        if self.hold_timeout_ms == 0 {
+            return Err("invalid --hold-timeout-ms: must be at least 1".into());
+        }
+        if self.load_report_interval_ms < 10 {
+            return Err("invalid --load-report-interval-ms: must be at least 10".into());
+        }
         Ok(Config {
             region: self.region,
             agent,
@@ -80,6 +97,9 @@ impl Args {
             probe_interval: Duration::from_millis(self.probe_interval_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             client_id,
+            hold_queue: self.hold_queue,
+            hold_timeout: Duration::from_millis(self.hold_timeout_ms),
+            load_report_interval: Duration::from_millis(self.load_report_interval_ms),
         })
     }
 }

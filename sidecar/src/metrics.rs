@@ -3,7 +3,7 @@
 //! prometheus-client `Collector` at scrape time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -11,9 +11,12 @@ use arc_swap::ArcSwapOption;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::activator::HoldStats;
+use crate::load::FunctionLoad;
 use crate::routes::RoutingState;
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,8 @@ pub struct TierStats {
 /// Everything counted for one function; survives table swaps (see [`StatsRegistry`]).
 #[derive(Debug)]
 pub struct FunctionStats {
+    pub namespace: String,
+    pub name: String,
     /// The `function` label: how the outbound listener addresses it (`name` in the default
     /// namespace, else `name.namespace`).
     pub label: String,
@@ -145,16 +150,24 @@ pub struct FunctionStats {
     pub untiered: StatusCounts,
     pub latency: LatencyHistogram,
     pub retries: AtomicU64,
+    /// What the load reports say about the function (process functions).
+    pub load: FunctionLoad,
+    /// Holds and activations (process functions).
+    pub hold: HoldStats,
     tiers: Mutex<HashMap<String, Arc<TierStats>>>,
 }
 
 impl FunctionStats {
-    fn new(label: String) -> Self {
+    pub fn new(namespace: &str, name: &str, label: String) -> Self {
         Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
             label,
             untiered: StatusCounts::default(),
             latency: LatencyHistogram::default(),
             retries: AtomicU64::new(0),
+            load: FunctionLoad::default(),
+            hold: HoldStats::default(),
             tiers: Mutex::new(HashMap::new()),
         }
     }
@@ -200,7 +213,7 @@ impl StatsRegistry {
         if let Some(existing) = functions.get(&key).and_then(Weak::upgrade) {
             return existing;
         }
-        let stats = Arc::new(FunctionStats::new(label.to_owned()));
+        let stats = Arc::new(FunctionStats::new(namespace, name, label.to_owned()));
         functions.insert(key, Arc::downgrade(&stats));
         stats
     }
@@ -220,6 +233,11 @@ pub struct GlobalStats {
     pub unrouted: StatusCounts,
     pub ejections: AtomicU64,
     pub budget_exhausted: AtomicU64,
+    /// Load reports the agent took, and those that failed.
+    pub load_reports: AtomicU64,
+    pub load_report_failures: AtomicU64,
+    /// The last load report failed (so the next failure is not logged again).
+    pub load_reports_failing: AtomicBool,
 }
 
 /// Encodes the statistics of the current routing state at each scrape.
@@ -241,12 +259,26 @@ fn counter(value: u64, encoder: prometheus_client::encoding::MetricEncoder<'_>) 
 
 type FmtResult = Result<(), std::fmt::Error>;
 
+/// A per-function hold counter: metric name, help, and which field of [`HoldStats`].
+type HoldCounter = (&'static str, &'static str, fn(&HoldStats) -> &AtomicU64);
+
 impl Collector for MeshCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> FmtResult {
         let state = self.state.load_full();
         let functions: Vec<Arc<FunctionStats>> = state
             .as_ref()
             .map(|s| s.functions().map(|f| Arc::clone(f.stats())).collect())
+            .unwrap_or_default();
+        // Hold and activation series only for the functions the local agent runs: the rest
+        // never hold, and a thousand zero series would only cost scrape time.
+        let processes: Vec<Arc<FunctionStats>> = state
+            .as_ref()
+            .map(|s| {
+                s.process_functions()
+                    .iter()
+                    .map(|f| Arc::clone(f.stats()))
+                    .collect()
+            })
             .unwrap_or_default();
 
         {
@@ -309,6 +341,71 @@ impl Collector for MeshCollector {
                 counter(retries, family.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut family = encoder.encode_descriptor(
+                "meridian_held_requests",
+                "Requests held now, waiting for a local instance to become ready, by function.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for function in &processes {
+                let labels = [("function", function.label.as_str())];
+                let held = i64::from(function.load.held());
+                ConstGauge::new(held).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let per_function: [HoldCounter; 5] = [
+            (
+                "meridian_holds",
+                "Requests held for want of a ready local instance, by function.",
+                |h| &h.holds,
+            ),
+            (
+                "meridian_hold_queue_full",
+                "Requests refused (503 hold-queue-full) because the hold queue was full.",
+                |h| &h.queue_full,
+            ),
+            (
+                "meridian_cold_start_timeouts",
+                "Held requests answered 503 cold-start-timeout, by function.",
+                |h| &h.cold_start_timeouts,
+            ),
+            (
+                "meridian_activations",
+                "Activate calls sent to the agent, by function.",
+                |h| &h.activations,
+            ),
+            (
+                "meridian_activation_failures",
+                "Activate calls the agent did not answer successfully, by function.",
+                |h| &h.activation_failures,
+            ),
+        ];
+        for (name, help, field) in per_function {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for function in &processes {
+                let labels = [("function", function.label.as_str())];
+                let value = field(&function.hold).load(Ordering::Relaxed);
+                counter(value, family.encode_family(&labels)?)?;
+            }
+        }
+        let reports = encoder.encode_descriptor(
+            "meridian_load_reports",
+            "Load reports the agent accepted.",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(self.global.load_reports.load(Ordering::Relaxed), reports)?;
+        let report_failures = encoder.encode_descriptor(
+            "meridian_load_report_failures",
+            "Load reports that failed (agent unreachable, refused or slow).",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(
+            self.global.load_report_failures.load(Ordering::Relaxed),
+            report_failures,
+        )?;
         let ejections = encoder.encode_descriptor(
             "meridian_ejections",
             "Endpoints ejected by passive health checking.",

@@ -1,7 +1,8 @@
 //! The request path: find the function by Host / :authority, pick a tier (priority load) and an
 //! endpoint in it (P2C), forward with pooled hyper clients, retry elsewhere within the budget and
 //! the timeouts, and answer every failure at once with a reason. No lock is taken: the routing
-//! state is loaded from an `ArcSwap`, and everything that changes is an atomic.
+//! state is loaded from an `ArcSwap`, and everything that changes is an atomic. A process
+//! function without a ready local instance goes through the activator first (`cold`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
+use crate::activator::{Activator, Released, MERIDIAN_HELD_MS};
 use crate::balance::{self, Tried};
 use crate::body::{Replayable, RequestBody, ResponseBody};
 use crate::endpoints::{InFlight, ProbeState};
@@ -85,6 +87,7 @@ pub struct Proxy {
     http1: HttpClient,
     http2: HttpClient,
     global: Arc<GlobalStats>,
+    activator: Arc<Activator>,
 }
 
 /// Where one attempt goes.
@@ -260,6 +263,7 @@ impl Proxy {
         region: &str,
         state: Arc<ArcSwapOption<RoutingState>>,
         global: Arc<GlobalStats>,
+        activator: Arc<Activator>,
     ) -> Result<Self, http::header::InvalidHeaderValue> {
         // Leaked once per proxy so every response's header is a static copy, not an allocation.
         let leaked: &'static str = Box::leak(region.to_owned().into_boxed_str());
@@ -270,6 +274,7 @@ impl Proxy {
             http1: client(false),
             http2: client(true),
             global,
+            activator,
         })
     }
 
@@ -311,8 +316,81 @@ impl Proxy {
                 }
             },
         };
+        // External functions (and the benchmark) pay this one branch; process functions one
+        // relaxed add for the load report, and a cold start detour when nothing is ready.
+        if function.is_process() {
+            function.stats().load.arrived();
+            if function.needs_activation() {
+                return self.cold(&state, function, request, listener, start).await;
+            }
+        }
         self.forward(&state, function, request, listener, start)
             .await
+    }
+
+    /// A request for a process function with no ready local instance: ask the agent for one,
+    /// and either route to a warm remote region at once (outbound only) or hold the request
+    /// until an instance is ready, then take the normal path.
+    async fn cold(
+        &self,
+        state: &Arc<RoutingState>,
+        function: &Arc<FunctionRoute>,
+        request: Request<Incoming>,
+        listener: Listener,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        let now = state.clock().now();
+        self.activator.activate(function, now);
+        if listener == Listener::Outbound && crate::activator::warm_remote(function, now) {
+            return self
+                .forward(state, function, request, listener, start)
+                .await;
+        }
+        let stats = Arc::clone(function.stats());
+        let limit = self.activator.hold_queue();
+        let Some(place) = stats.load.try_hold(limit) else {
+            stats.hold.queue_full.fetch_add(1, Ordering::Relaxed);
+            let error = ProxyError::HoldQueueFull {
+                function: function.label().to_owned(),
+                limit,
+            };
+            return self.fail(function, None, error, start);
+        };
+        stats.hold.holds.fetch_add(1, Ordering::Relaxed);
+        let held_since = Instant::now();
+        let deadline = self.activator.hold_deadline(function, start);
+        let outcome = self
+            .activator
+            .hold(function.label(), listener, deadline)
+            .await;
+        let held = held_since.elapsed();
+        // From here on the request is in flight (or answered), no longer held.
+        drop(place);
+        let mut response = match outcome {
+            Ok(Released::Route(state, function)) => {
+                self.forward(&state, &function, request, listener, start)
+                    .await
+            }
+            Ok(Released::Gone) => self.unrouted(ProxyError::UnknownFunction {
+                host: function.label().to_owned(),
+            }),
+            Err(_timeout) => {
+                stats
+                    .hold
+                    .cold_start_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                let error = ProxyError::ColdStartTimeout {
+                    function: function.label().to_owned(),
+                    waited: held,
+                };
+                self.fail(function, None, error, start)
+            }
+        };
+        let millis = u64::try_from(held.as_millis()).unwrap_or(u64::MAX);
+        response
+            .headers_mut()
+            .insert(MERIDIAN_HELD_MS, HeaderValue::from(millis));
+        response
     }
 
     async fn forward(

@@ -187,11 +187,35 @@ pub struct FunctionRoute {
     pub policy: Policy,
     /// Local tier first, then the table's order.
     pub tiers: Vec<Tier>,
+    /// What the local agent runs for this function.
+    pub workload: Workload,
+    /// The local tier has an endpoint that may be sent traffic (READY by the table; ejection
+    /// does not count: an ejected instance is running, just failing).
+    pub local_ready: bool,
+    /// Expected spawn-to-ready time of a local instance; zero when unknown.
+    pub cold_start: Duration,
     stats: Arc<FunctionStats>,
     budget: Arc<RetryBudget>,
 }
 
 impl FunctionRoute {
+    /// A request now would find no ready local instance although the agent could start one:
+    /// the activator's case (hold, or route to a warm remote region, and ask for an instance).
+    /// Two field reads: this is on every request's path.
+    pub fn needs_activation(&self) -> bool {
+        !self.local_ready && self.workload == Workload::Process { activatable: true }
+    }
+
+    /// The local agent runs this function's instances (its load is reported to the agent).
+    pub fn is_process(&self) -> bool {
+        matches!(self.workload, Workload::Process { .. })
+    }
+
+    /// The local tier, if the function has one (it is always first).
+    pub fn local_tier(&self) -> Option<&Tier> {
+        self.tiers.first().filter(|tier| tier.local)
+    }
+
     pub fn stats(&self) -> &Arc<FunctionStats> {
         &self.stats
     }
@@ -204,6 +228,26 @@ impl FunctionRoute {
     /// the default namespace (also the `function` label of metrics).
     pub fn label(&self) -> &str {
         &self.stats.label
+    }
+}
+
+/// What the local agent runs for a function, as far as routing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Nothing the local agent starts: an external function, or one hosted in other regions.
+    None,
+    /// Process instances the local agent starts and stops. `activatable`: the table gives scale
+    /// bounds that allow an instance here (`scale` present, `max_instances > 0`), so asking the
+    /// agent to activate one can help; a process route without bounds is not placed here.
+    Process { activatable: bool },
+}
+
+impl Workload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::None => "none",
+            Workload::Process { .. } => "process",
+        }
     }
 }
 
@@ -220,6 +264,8 @@ pub enum HostError {
 #[derive(Debug)]
 pub struct RoutingState {
     version: i64,
+    /// The agent's counter of local-tier changes at the same version.
+    local_generation: u64,
     region: String,
     clock: Clock,
     functions: Vec<Arc<FunctionRoute>>,
@@ -227,11 +273,17 @@ pub struct RoutingState {
     hosts: HostMap,
     /// Every remote gateway of any tier, once each: what the prober probes.
     gateways: Vec<Arc<EndpointState>>,
+    /// The functions the local agent runs: what the load sampler reads every few ms.
+    processes: Vec<Arc<FunctionRoute>>,
 }
 
 impl RoutingState {
     pub fn version(&self) -> i64 {
         self.version
+    }
+
+    pub fn local_generation(&self) -> u64 {
+        self.local_generation
     }
 
     pub fn region(&self) -> &str {
@@ -248,6 +300,11 @@ impl RoutingState {
 
     pub fn gateways(&self) -> &[Arc<EndpointState>] {
         &self.gateways
+    }
+
+    /// The functions whose instances the local agent runs (workload Process), in table order.
+    pub fn process_functions(&self) -> &[Arc<FunctionRoute>] {
+        &self.processes
     }
 
     /// The function a Host / :authority names: `<fn>` (default namespace) or `<fn>.<ns>`, any
@@ -317,6 +374,7 @@ fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Result<&'b
 #[derive(Debug, Clone, PartialEq)]
 pub struct TableSpec {
     pub version: i64,
+    pub local_generation: u64,
     pub region: String,
     pub functions: Vec<FunctionSpec>,
 }
@@ -328,6 +386,8 @@ pub struct FunctionSpec {
     pub version: i64,
     pub policy: Policy,
     pub tiers: Vec<TierSpec>,
+    pub workload: Workload,
+    pub cold_start: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +429,7 @@ impl TryFrom<&pb::RoutingTable> for TableSpec {
         }
         Ok(TableSpec {
             version: table.version,
+            local_generation: table.local_generation,
             region: table.region.clone(),
             functions,
         })
@@ -470,7 +531,21 @@ fn function_spec(
         version: route.function_version,
         policy,
         tiers,
+        workload: workload(route.workload.as_ref()),
+        cold_start: Duration::from_millis(u64::from(route.cold_start_ms)),
     })
+}
+
+fn workload(workload: Option<&pb::LocalWorkload>) -> Workload {
+    match workload {
+        Some(pb::LocalWorkload {
+            kind: Some(pb::local_workload::Kind::Process(_)),
+            scale,
+        }) => Workload::Process {
+            activatable: scale.as_ref().is_some_and(|s| s.max_instances > 0),
+        },
+        _ => Workload::None,
+    }
 }
 
 fn policy(path: &str, policy: Option<&pb::RoutingPolicy>) -> Result<Policy, TableError> {
@@ -585,7 +660,7 @@ impl Compiler {
             hosts.insert(full.into_boxed_str(), index);
             let stats = self.stats.get(&function.namespace, &function.name, &label);
             let budget = self.budgets.get(&function.namespace, &function.name);
-            let tiers = function
+            let tiers: Vec<Tier> = function
                 .tiers
                 .into_iter()
                 .map(|tier| {
@@ -619,18 +694,32 @@ impl Compiler {
                     }
                 })
                 .collect();
+            let local_ready = tiers
+                .first()
+                .filter(|tier| tier.local)
+                .is_some_and(|tier| tier.endpoints.iter().any(|e| e.routable));
             functions.push(Arc::new(FunctionRoute {
                 namespace: function.namespace,
                 name: function.name,
                 version: function.version,
                 policy: function.policy,
                 tiers,
+                workload: function.workload,
+                local_ready,
+                cold_start: function.cold_start,
                 stats,
                 budget,
             }));
         }
+        let processes = functions
+            .iter()
+            .filter(|f| f.is_process())
+            .cloned()
+            .collect();
         RoutingState {
+            processes,
             version: spec.version,
+            local_generation: spec.local_generation,
             region: spec.region,
             clock: self.endpoints.clock(),
             functions,

@@ -15,8 +15,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::activator::{self, Activator};
 use crate::admin::Admin;
 use crate::health::Prober;
+use crate::load::Reporter;
 use crate::metrics::GlobalStats;
 use crate::proxy::{Listener, Proxy, MAX_H2_HEADER_LIST};
 use crate::routes::Compiler;
@@ -36,6 +38,12 @@ pub enum ServerError {
     },
     #[error("invalid region {0:?} for a header value")]
     Region(String, #[source] http::header::InvalidHeaderValue),
+    #[error("invalid agent URL {url:?}")]
+    AgentUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 /// Everything the sidecar needs to run (the flags, validated).
@@ -51,6 +59,12 @@ pub struct Config {
     pub probe_timeout: Duration,
     /// The name this sidecar reports to the agent.
     pub client_id: String,
+    /// Requests held per function at most, waiting for a local instance.
+    pub hold_queue: u32,
+    /// How long a request may be held (the function's timeout caps it).
+    pub hold_timeout: Duration,
+    /// The load report window.
+    pub load_report_interval: Duration,
 }
 
 /// Bound listeners, before serving (so a caller knows the actual addresses).
@@ -98,9 +112,30 @@ pub async fn run(
     let state = Arc::new(ArcSwapOption::empty());
     let refused = Arc::new(ArcSwapOption::empty());
     let global = Arc::new(GlobalStats::default());
-    let swapped = Arc::new(Notify::new());
-    let proxy = Proxy::new(&config.region, Arc::clone(&state), Arc::clone(&global))
-        .map_err(|e| ServerError::Region(config.region.clone(), e))?;
+    let new_gateways = Arc::new(Notify::new());
+    let swaps = Arc::new(watch::channel(0u64).0);
+    // One lazily connected channel for load reports and activations: it dials the agent on
+    // first use and again after failures, so a sidecar started before its agent just works.
+    let agent_channel = tonic::transport::Endpoint::from_shared(config.agent.clone())
+        .map_err(|source| ServerError::AgentUrl {
+            url: config.agent.clone(),
+            source,
+        })?
+        .connect_timeout(crate::watch::CONNECT_TIMEOUT)
+        .connect_lazy();
+    let (activator, activations) = Activator::new(
+        Arc::clone(&state),
+        Arc::clone(&swaps),
+        config.hold_queue,
+        config.hold_timeout,
+    );
+    let proxy = Proxy::new(
+        &config.region,
+        Arc::clone(&state),
+        Arc::clone(&global),
+        Arc::new(activator),
+    )
+    .map_err(|e| ServerError::Region(config.region.clone(), e))?;
     let proxy = Arc::new(proxy);
     let admin = Arc::new(Admin::new(
         config.region.clone(),
@@ -108,19 +143,28 @@ pub async fn run(
         Arc::clone(&refused),
         Arc::clone(&global),
     ));
+    let reporter = Reporter::new(
+        config.client_id.clone(),
+        config.load_report_interval,
+        Arc::clone(&state),
+        swaps.subscribe(),
+        agent_channel.clone(),
+        Arc::clone(&global),
+    );
     let watcher = Watcher::new(
         config.agent.clone(),
         config.client_id.clone(),
         Compiler::new(config.region.clone()),
         Arc::clone(&state),
         refused,
-        Arc::clone(&swapped),
+        Arc::clone(&new_gateways),
+        swaps,
     );
     let prober = Prober::new(
         config.probe_interval,
         config.probe_timeout,
         Arc::clone(&state),
-        swapped,
+        new_gateways,
     );
 
     let (stop, stopped) = watch::channel(false);
@@ -149,7 +193,14 @@ pub async fn run(
             until_stopped(stopped.clone()),
         )),
         tokio::spawn(watcher.run(until_stopped(stopped.clone()))),
-        tokio::spawn(prober.run(until_stopped(stopped))),
+        tokio::spawn(prober.run(until_stopped(stopped.clone()))),
+        tokio::spawn(reporter.run(until_stopped(stopped.clone()))),
+        tokio::spawn(activator::send_activations(
+            activations,
+            agent_channel,
+            config.client_id.clone(),
+            until_stopped(stopped),
+        )),
     ];
     shutdown.await;
     tracing::info!("shutting down");

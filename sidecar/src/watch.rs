@@ -2,6 +2,11 @@
 //! request path, swap the result in atomically, and tell the agent whether the table was
 //! accepted. A table that does not compile is reported refused (the agent Nacks it to the
 //! control plane) and the previous state keeps serving.
+//!
+//! Every table the agent sends is applied, including one at the same version with another
+//! `local_generation` (the agent's overlay of local process instances changed). Each swap is
+//! broadcast on a `watch` channel: held requests re-check for a ready instance, and the load
+//! reporter tells the agent it has the new generation.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use meridian_common::backoff::Backoff;
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
 use meridian_proto::v1::{RoutingTable, TableReport, WatchRoutesRequest};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::routes::{Compiler, RoutingState, TableError};
@@ -58,18 +63,21 @@ pub struct Watcher {
     compiler: Compiler,
     state: Arc<ArcSwapOption<RoutingState>>,
     refused: Arc<ArcSwapOption<Refusal>>,
-    swapped: Arc<Notify>,
+    new_gateways: Arc<Notify>,
+    swaps: Arc<watch::Sender<u64>>,
 }
 
 impl Watcher {
-    /// `swapped` is notified after each swap (the prober probes new gateways at once).
+    /// `new_gateways` is notified after a swap that brings a gateway the previous state did not
+    /// have (the prober probes it at once); `swaps` is bumped after every swap.
     pub fn new(
         agent: impl Into<String>,
         client_id: impl Into<String>,
         compiler: Compiler,
         state: Arc<ArcSwapOption<RoutingState>>,
         refused: Arc<ArcSwapOption<Refusal>>,
-        swapped: Arc<Notify>,
+        new_gateways: Arc<Notify>,
+        swaps: Arc<watch::Sender<u64>>,
     ) -> Self {
         Self {
             agent: agent.into(),
@@ -77,7 +85,8 @@ impl Watcher {
             compiler,
             state,
             refused,
-            swapped,
+            new_gateways,
+            swaps,
         }
     }
 
@@ -144,14 +153,27 @@ impl Watcher {
         table: RoutingTable,
     ) -> Result<(), WatchError> {
         let version = table.version;
+        let local_generation = table.local_generation;
         let compiler = self.compiler.clone();
         let compiled = tokio::task::spawn_blocking(move || compiler.compile(&table))
             .await
             .map_err(WatchError::Compile)?;
+        let previous = self.state.load_full();
         let report = match apply_compiled(&self.state, &self.compiler, compiled) {
             Ok(functions) => {
-                self.swapped.notify_one();
-                tracing::info!(version, functions, "routing table applied");
+                self.swaps
+                    .send_modify(|swaps| *swaps = swaps.wrapping_add(1));
+                // Overlay changes (instances starting, ready, draining) swap often; probing
+                // every gateway on each would only add load. New gateways need a probe now.
+                if has_new_gateways(previous.as_deref(), self.state.load().as_deref()) {
+                    self.new_gateways.notify_one();
+                }
+                tracing::info!(
+                    version,
+                    local_generation,
+                    functions,
+                    "routing table applied"
+                );
                 TableReport {
                     client: self.client_id.clone(),
                     version,
@@ -186,6 +208,17 @@ impl Watcher {
         }
         Ok(())
     }
+}
+
+/// Whether `next` names a remote gateway `previous` did not (any, when there was no state).
+fn has_new_gateways(previous: Option<&RoutingState>, next: Option<&RoutingState>) -> bool {
+    let Some(next) = next else { return false };
+    let Some(previous) = previous else {
+        return !next.gateways().is_empty();
+    };
+    next.gateways()
+        .iter()
+        .any(|g| !previous.gateways().iter().any(|p| Arc::ptr_eq(p, g)))
 }
 
 /// Swaps in a compiled state (returning its function count) or leaves the current one.
@@ -264,6 +297,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn only_new_gateways_wake_the_prober() {
+        let compiler = Compiler::new("us-east");
+        let one = |gateway: &str| {
+            compiler
+                .compile(&table(vec![route(
+                    "default",
+                    "f",
+                    vec![tier("eu-west", false, &[gateway])],
+                )]))
+                .unwrap()
+        };
+        let a = one("127.0.2.1:15002");
+        let same = one("127.0.2.1:15002");
+        let other = one("127.0.3.1:15002");
+        assert!(has_new_gateways(None, Some(&a)));
+        assert!(!has_new_gateways(Some(&a), Some(&same)));
+        assert!(has_new_gateways(Some(&a), Some(&other)));
+        let empty = compiler.compile(&table(vec![])).unwrap();
+        assert!(!has_new_gateways(None, Some(&empty)));
+    }
+
     #[tokio::test]
     async fn applies_good_tables_and_reports_refusals() {
         let (table_tx, table_rx) = mpsc::channel(4);
@@ -282,6 +337,8 @@ mod tests {
 
         let state = Arc::new(ArcSwapOption::empty());
         let refused = Arc::new(ArcSwapOption::empty());
+        let swaps = Arc::new(watch::channel(0u64).0);
+        let mut swapped = swaps.subscribe();
         let watcher = Watcher::new(
             format!("http://{addr}"),
             "sidecar-test",
@@ -289,6 +346,7 @@ mod tests {
             Arc::clone(&state),
             Arc::clone(&refused),
             Arc::new(Notify::new()),
+            Arc::clone(&swaps),
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(watcher.run(async {
@@ -323,6 +381,23 @@ mod tests {
         // The old state keeps serving.
         assert_eq!(state.load().as_ref().unwrap().version(), 7);
         assert_eq!(refused.load().as_ref().unwrap().version, 8);
+        assert_eq!(*swapped.borrow_and_update(), 1, "one swap so far");
+
+        // Same version, next local generation: applied (the agent's overlay changed).
+        let mut overlay = good.clone();
+        overlay.local_generation = 1;
+        overlay.functions[0].tiers[0].endpoints[0].address = "127.0.1.1:9001".into();
+        table_tx.send(Ok(overlay)).await.unwrap();
+        assert!(report_rx.recv().await.unwrap().accepted);
+        swapped.changed().await.unwrap();
+        let current = state.load_full().unwrap();
+        assert_eq!((current.version(), current.local_generation()), (7, 1));
+        assert_eq!(
+            current.lookup("f").unwrap().tiers[0].endpoints[0]
+                .shared
+                .address(),
+            "127.0.1.1:9001"
+        );
 
         stop_tx.send(()).unwrap();
         task.await.unwrap();

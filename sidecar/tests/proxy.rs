@@ -3,170 +3,24 @@
 //! outbound and gateway listeners over HTTP/1.1, h2c and gRPC.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use common::*;
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use meridian_proto::v1 as pb;
-use meridian_proto::v1::local_routing_service_server::{
-    LocalRoutingService, LocalRoutingServiceServer,
-};
-use meridian_sidecar::{Bound, Config};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tonic::Status;
-
-/// Serves whatever table is in its watch channel and records reports.
-#[derive(Clone)]
-struct FakeAgent {
-    tables: watch::Receiver<Option<pb::RoutingTable>>,
-    reports: mpsc::UnboundedSender<pb::TableReport>,
-}
-
-#[tonic::async_trait]
-impl LocalRoutingService for FakeAgent {
-    type WatchStream =
-        Pin<Box<dyn futures::Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
-
-    async fn watch(
-        &self,
-        _request: tonic::Request<pb::WatchRoutesRequest>,
-    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
-        let rx = self.tables.clone();
-        let stream = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
-            if !first && rx.changed().await.is_err() {
-                return None;
-            }
-            loop {
-                let current = rx.borrow_and_update().clone();
-                if let Some(table) = current {
-                    return Some((Ok(table), (rx, false)));
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        });
-        Ok(tonic::Response::new(Box::pin(stream)))
-    }
-
-    async fn get(
-        &self,
-        _request: tonic::Request<pb::GetRoutesRequest>,
-    ) -> Result<tonic::Response<pb::RoutingTable>, Status> {
-        self.tables
-            .borrow()
-            .clone()
-            .map(tonic::Response::new)
-            .ok_or_else(|| Status::not_found("no table"))
-    }
-
-    async fn report_table(
-        &self,
-        request: tonic::Request<pb::TableReport>,
-    ) -> Result<tonic::Response<pb::TableReportResponse>, Status> {
-        let _ = self.reports.send(request.into_inner());
-        Ok(tonic::Response::new(pb::TableReportResponse {}))
-    }
-}
-
-struct Agent {
-    addr: SocketAddr,
-    tables: watch::Sender<Option<pb::RoutingTable>>,
-    reports: mpsc::UnboundedReceiver<pb::TableReport>,
-}
-
-async fn start_agent() -> Result<Agent> {
-    let (tables, rx) = watch::channel(None);
-    let (report_tx, reports) = mpsc::unbounded_channel();
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let service = LocalRoutingServiceServer::new(FakeAgent {
-        tables: rx,
-        reports: report_tx,
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    Ok(Agent {
-        addr,
-        tables,
-        reports,
-    })
-}
-
-/// A function instance: answers `status` with a body naming itself, counts hits, keeps the
-/// last request's headers. `POST /echo` streams the body back.
-struct Backend {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    last_headers: Arc<Mutex<Option<http::HeaderMap>>>,
-}
-
-async fn start_backend(name: &'static str, status: u16) -> Result<Backend> {
-    start_slow_backend(name, status, Duration::ZERO).await
-}
-
-async fn start_slow_backend(name: &'static str, status: u16, delay: Duration) -> Result<Backend> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let hits = Arc::new(AtomicUsize::new(0));
-    let last_headers = Arc::new(Mutex::new(None));
-    let (h, l) = (Arc::clone(&hits), Arc::clone(&last_headers));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (hits, last) = (Arc::clone(&h), Arc::clone(&l));
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                hits.fetch_add(1, Ordering::SeqCst);
-                *last.lock().unwrap() = Some(request.headers().clone());
-                async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let response: Response<
-                        http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
-                    > = if request.method() == Method::POST && request.uri().path() == "/echo" {
-                        Response::new(request.into_body().boxed())
-                    } else {
-                        let mut r = Response::new(
-                            Full::new(Bytes::from(format!("hello from {name}\n")))
-                                .map_err(|never| match never {})
-                                .boxed(),
-                        );
-                        *r.status_mut() = StatusCode::from_u16(status).unwrap();
-                        r
-                    };
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(Backend {
-        addr,
-        hits,
-        last_headers,
-    })
-}
+use tokio::sync::watch;
 
 /// A grpc backend: the fake agent's own LocalRoutingService is a handy tonic service.
 async fn start_grpc_backend() -> Result<(SocketAddr, watch::Sender<Option<pb::RoutingTable>>)> {
@@ -174,145 +28,9 @@ async fn start_grpc_backend() -> Result<(SocketAddr, watch::Sender<Option<pb::Ro
     Ok((agent.addr, agent.tables))
 }
 
-struct Sidecar {
-    outbound: SocketAddr,
-    gateway: SocketAddr,
-    admin: SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start_sidecar(region: &str, agent: SocketAddr) -> Result<Sidecar> {
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let config = Config {
-        region: region.into(),
-        agent: format!("http://{agent}"),
-        outbound: any,
-        gateway: any,
-        admin: any,
-        probe_interval: Duration::from_millis(100),
-        probe_timeout: Duration::from_millis(100),
-        client_id: format!("sidecar-{region}"),
-    };
-    let bound = Bound::bind(&config).await?;
-    let (outbound, gateway, admin) = (
-        bound.outbound_addr().unwrap(),
-        bound.gateway_addr().unwrap(),
-        bound.admin_addr().unwrap(),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(meridian_sidecar::run(config, bound, async {
-        let _ = stopped.await;
-    }));
-    Ok(Sidecar {
-        outbound,
-        gateway,
-        admin,
-        _stop: stop,
-    })
-}
-
-fn endpoint(addr: SocketAddr) -> pb::Endpoint {
-    pb::Endpoint {
-        address: addr.to_string(),
-        id: format!("i-{}", addr.port()),
-        state: pb::EndpointState::Ready as i32,
-        zone: "z".into(),
-    }
-}
-
-fn local(region: &str, addrs: &[SocketAddr]) -> pb::Tier {
-    pb::Tier {
-        region: region.into(),
-        local: true,
-        endpoints: addrs.iter().map(|a| endpoint(*a)).collect(),
-        order: pb::TierOrder::Local as i32,
-        ready_instances: u32::try_from(addrs.len()).unwrap(),
-    }
-}
-
-fn remote(region: &str, gateway: SocketAddr) -> pb::Tier {
-    pb::Tier {
-        region: region.into(),
-        local: false,
-        endpoints: vec![endpoint(gateway)],
-        order: pb::TierOrder::Explicit as i32,
-        ready_instances: 1,
-    }
-}
-
-fn function(name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
-    pb::FunctionRoute {
-        cold_start_ms: 0,
-        namespace: "default".into(),
-        name: name.into(),
-        function_version: 1,
-        policy: None,
-        tiers,
-        workload: None,
-    }
-}
-
-fn table(version: i64, region: &str, functions: Vec<pb::FunctionRoute>) -> pb::RoutingTable {
-    pb::RoutingTable {
-        local_generation: 0,
-        version,
-        region: region.into(),
-        functions,
-    }
-}
-
 /// A request body streamed in chunks.
 type ChunkBody =
     StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
-
-type H1 = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-fn h1() -> H1 {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-async fn get(
-    client: &H1,
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-) -> Result<(StatusCode, http::HeaderMap, String)> {
-    send(client, Method::GET, addr, host, path, Bytes::new()).await
-}
-
-async fn send(
-    client: &H1,
-    method: Method,
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-    body: Bytes,
-) -> Result<(StatusCode, http::HeaderMap, String)> {
-    let request = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("host", host)
-        .body(Full::new(body))?;
-    let response = client.request(request).await?;
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Polls `/ready` until the sidecar has a table.
-async fn wait_ready(client: &H1, sidecar: &Sidecar) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok((StatusCode::OK, _, _)) = get(client, sidecar.admin, "admin", "/ready").await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("sidecar not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_host_and_answers_errors_with_reasons() -> Result<()> {

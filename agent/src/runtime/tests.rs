@@ -1,0 +1,640 @@
+//! Runtime tests with real processes (`sh -c ...`). An instance's "readiness" is simulated by
+//! the test itself: it binds the instance's address (the process is a plain `sleep`), which keeps
+//! the tests free of anything but `sh` and `sleep`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::records::{group_has_live_members, process_start_time, records_path, ProcessRecord};
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(dir: &Path) -> RuntimeConfig {
+    RuntimeConfig {
+        state_dir: dir.to_owned(),
+        instance_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        region: "eu-west".into(),
+        stop_grace: Duration::from_secs(2),
+        drain_timeout: Duration::from_secs(10),
+    }
+}
+
+fn shell(script: &str) -> ProcessRuntime {
+    ProcessRuntime {
+        command: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: HashMap::new(),
+        readiness_path: String::new(),
+    }
+}
+
+fn key() -> FunctionKey {
+    FunctionKey::new("default", "hello")
+}
+
+async fn start(dir: &Path) -> Runtime {
+    Runtime::start(config(dir), Arc::new(NoDrainGate))
+        .await
+        .unwrap()
+}
+
+/// Polls the snapshots until `condition` holds; panics with the last snapshot after [`WAIT`].
+async fn wait_for<F>(runtime: &Runtime, what: &str, mut condition: F) -> Arc<Snapshot>
+where
+    F: FnMut(&Snapshot) -> bool,
+{
+    let mut rx = runtime.subscribe();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let snapshot = Arc::clone(&rx.borrow_and_update());
+        if condition(&snapshot) {
+            return snapshot;
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            panic!("timed out waiting for {what}; last snapshot: {snapshot:#?}");
+        }
+    }
+}
+
+fn function<'a>(snapshot: &'a Snapshot, key: &FunctionKey) -> Option<&'a FunctionRuntime> {
+    snapshot.functions.get(key)
+}
+
+fn instances_in(snapshot: &Snapshot, state: InstanceState) -> Vec<InstanceInfo> {
+    function(snapshot, &key())
+        .map(|f| {
+            f.instances
+                .iter()
+                .filter(|i| i.state == state)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Serves HTTP on `address`: 200 for `GET /healthz`, 404 for anything else. Answering on the
+/// port also makes a TCP readiness probe pass.
+async fn serve_health(address: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(address).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let status = if buf[..n].starts_with(b"GET /healthz ") {
+                    "200 OK"
+                } else {
+                    "404 Not Found"
+                };
+                let response = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    })
+}
+
+/// Waits for one STARTING instance (of those not in `known`) and makes it ready.
+async fn make_one_ready(
+    runtime: &Runtime,
+    known: &mut Vec<String>,
+) -> (InstanceInfo, tokio::task::JoinHandle<()>) {
+    let snapshot = wait_for(runtime, "a new starting instance", |s| {
+        instances_in(s, InstanceState::Starting)
+            .iter()
+            .any(|i| !known.contains(&i.id))
+    })
+    .await;
+    let instance = instances_in(&snapshot, InstanceState::Starting)
+        .into_iter()
+        .find(|i| !known.contains(&i.id))
+        .unwrap();
+    known.push(instance.id.clone());
+    let server = serve_health(instance.address).await;
+    let id = instance.id.clone();
+    wait_for(runtime, "the instance to be ready", |s| {
+        instances_in(s, InstanceState::Ready)
+            .iter()
+            .any(|i| i.id == id)
+    })
+    .await;
+    (instance, server)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A reaped child has no /proc entry; a zombie would still have one, but the runtime reaps.
+    process_start_time(pid).is_some()
+}
+
+/// A gate the test opens by hand; remembers who asked.
+#[derive(Default)]
+struct ManualGate {
+    open: Mutex<Option<watch::Sender<bool>>>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl ManualGate {
+    fn new() -> Arc<Self> {
+        let gate = Arc::new(Self::default());
+        *gate.open.lock().unwrap() = Some(watch::channel(false).0);
+        gate
+    }
+
+    fn open(&self) {
+        if let Some(open) = self.open.lock().unwrap().as_ref() {
+            open.send_replace(true);
+        }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl DrainGate for ManualGate {
+    fn drained(&self, instance_id: &str) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.asked.lock().unwrap().push(instance_id.to_owned());
+        let mut open = self.open.lock().unwrap().as_ref().unwrap().subscribe();
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+        })
+    }
+}
+
+#[test]
+fn the_handle_is_cheap_to_share() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<Runtime>();
+}
+
+#[tokio::test]
+async fn instance_gets_its_env_logs_and_becomes_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    let mut process = shell(
+        "echo \"port=$PORT host=$HOST region=$REGION id=$INSTANCE_ID fn=$MERIDIAN_FUNCTION \
+         foo=$FOO agent_env=$CARGO_MANIFEST_DIR\"; echo err >&2; echo \"pwd=$(pwd)\"; exec sleep 30",
+    );
+    process.env.insert("FOO".into(), "bar".into());
+    // The agent's own environment is not passed on (only PATH, HOME and the like); cargo sets
+    // CARGO_MANIFEST_DIR for the test process.
+    runtime.set(key(), process, 1);
+
+    let mut known = Vec::new();
+    let (instance, _server) = make_one_ready(&runtime, &mut known).await;
+    assert!(instance.id.starts_with("hello-"));
+    assert_eq!(instance.id.len(), "hello-".len() + 6);
+    assert!(instance.id["hello-".len()..]
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(instance.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert!(pid_alive(instance.pid));
+
+    let snapshot = runtime.snapshot();
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(status.ready(), 1);
+    assert_eq!(status.starts, 1);
+    assert!(status.cold_start.is_some());
+    assert!(status.cold_start_ms() >= 1);
+    assert!(status.instances[0].ready.is_some());
+
+    let lines: Vec<LogLine> = runtime
+        .logs(&key(), None, 100, false)
+        .unwrap()
+        .collect()
+        .await;
+    let work_dir = dir
+        .path()
+        .join("instances/default/hello")
+        .join(&instance.id);
+    let expected = format!(
+        "port={} host=127.0.0.1 region=eu-west id={} fn=default/hello foo=bar agent_env=",
+        instance.address.port(),
+        instance.id
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.line == expected && l.stream == "stdout"),
+        "{lines:?}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.line == "err" && l.stream == "stderr"));
+    assert!(lines
+        .iter()
+        .any(|l| l.line == format!("pwd={}", work_dir.display())));
+    assert!(lines.iter().all(|l| l.region == "eu-west"));
+
+    let log_file = dir
+        .path()
+        .join("logs/default/hello")
+        .join(format!("{}.log", instance.id));
+    let text = std::fs::read_to_string(&log_file).unwrap();
+    assert!(text.contains(&expected), "{text}");
+    assert!(text.contains("err\n"));
+
+    let records = records::read(&records_path(dir.path())).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].pid, instance.pid);
+    assert_eq!(records[0].instance, instance.id);
+    assert_eq!(records[0].function, "default/hello");
+
+    runtime.shutdown().await;
+    assert!(!pid_alive(instance.pid));
+    assert!(records::read(&records_path(dir.path())).unwrap().is_empty());
+    assert!(!work_dir.exists());
+}
+
+#[tokio::test]
+async fn http_readiness_needs_a_2xx_on_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    let mut healthy = shell("exec sleep 30");
+    healthy.readiness_path = "/healthz".into();
+    runtime.set(key(), healthy, 1);
+    let mut known = Vec::new();
+    make_one_ready(&runtime, &mut known).await;
+
+    let other = FunctionKey::new("default", "other");
+    let mut wrong_path = shell("exec sleep 30");
+    wrong_path.readiness_path = "/missing".into();
+    runtime.set(other.clone(), wrong_path, 1);
+    let snapshot = wait_for(&runtime, "other starting", |s| {
+        function(s, &other).is_some_and(|f| f.starting() == 1)
+    })
+    .await;
+    let instance = function(&snapshot, &other).unwrap().instances[0].clone();
+    let _server = serve_health(instance.address).await;
+    // The port accepts, but /missing answers 404: it stays STARTING.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = runtime.snapshot();
+    assert_eq!(function(&status, &other).unwrap().starting(), 1);
+    assert_eq!(function(&status, &other).unwrap().ready(), 0);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_loop_is_reported_with_the_last_exit_and_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    runtime.set(key(), shell("echo starting; echo boom >&2; exit 3"), 1);
+    let snapshot = wait_for(&runtime, "CrashLoopBackOff", |s| {
+        function(s, &key()).is_some_and(|f| f.error.is_some())
+    })
+    .await;
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(
+        status.error.as_deref(),
+        Some("CrashLoopBackOff: exit code 3")
+    );
+    assert!(status.restarts >= 3, "{status:?}");
+    assert_eq!(status.last_exit.as_deref(), Some("exit code 3"));
+    assert_eq!(status.last_log_lines, vec!["starting", "boom"]);
+    assert_eq!(status.starts, 0);
+
+    // Each restart is a new instance id, and carries the slot's restart count.
+    let snapshot = wait_for(&runtime, "a restarted instance", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.iter().any(|i| i.restarts >= 3))
+    })
+    .await;
+    assert!(function(&snapshot, &key()).unwrap().instances.len() <= 1);
+
+    // Logs of the exited instances stay readable.
+    let lines: Vec<LogLine> = runtime
+        .logs(&key(), None, 10, false)
+        .unwrap()
+        .collect()
+        .await;
+    let instances: std::collections::BTreeSet<_> = lines.iter().map(|l| &l.instance).collect();
+    assert!(instances.len() >= 3, "{lines:?}");
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_is_an_error_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    let process = ProcessRuntime {
+        command: "/nonexistent/meridian-test-command".into(),
+        ..ProcessRuntime::default()
+    };
+    runtime.set(key(), process, 1);
+    let snapshot = wait_for(&runtime, "the start error", |s| {
+        function(s, &key()).is_some_and(|f| f.error.is_some())
+    })
+    .await;
+    let error = function(&snapshot, &key()).unwrap().error.clone().unwrap();
+    assert!(
+        error.starts_with("cannot start: command \"/nonexistent/meridian-test-command\": "),
+        "{error}"
+    );
+    // Backoff, not a spin: attempts at 0, 0.2, 0.6, 1.4 s... Each attempt opens its log file
+    // before the spawn, so the files count the attempts.
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let attempts = std::fs::read_dir(dir.path().join("logs/default/hello"))
+        .unwrap()
+        .count();
+    let elapsed = began.elapsed();
+    assert!(
+        (2..=4).contains(&attempts),
+        "{attempts} attempts in {elapsed:?}"
+    );
+    let snapshot = runtime.snapshot();
+    let status = function(&snapshot, &key()).unwrap();
+    // Spawn failures are not exits.
+    assert_eq!(status.restarts, 0);
+    assert!(status.instances.is_empty());
+
+    // A fixed spec clears the error.
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    let mut known = Vec::new();
+    make_one_ready(&runtime, &mut known).await;
+    assert_eq!(function(&runtime.snapshot(), &key()).unwrap().error, None);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crash_after_ready_restarts_under_a_new_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    // Exits as soon as its "port" is answered (the test binds it): ready, then a crash.
+    runtime.set(key(), shell("sleep 0.5; exit 1"), 1);
+    let mut known = Vec::new();
+    let (first, _server) = make_one_ready(&runtime, &mut known).await;
+    let snapshot = wait_for(&runtime, "a replacement", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.iter().any(|i| i.id != first.id))
+    })
+    .await;
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(status.restarts, 1);
+    assert_eq!(status.last_exit.as_deref(), Some("exit code 1"));
+    // It had become ready: not a CrashLoopBackOff.
+    assert_eq!(status.error, None);
+    assert_eq!(status.instances[0].restarts, 1);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn scale_down_drains_through_the_gate_then_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = ManualGate::new();
+    let runtime = Runtime::start(config(dir.path()), gate.clone())
+        .await
+        .unwrap();
+    runtime.set(key(), shell("exec sleep 30"), 2);
+    let mut known = Vec::new();
+    let (_a, _server_a) = make_one_ready(&runtime, &mut known).await;
+    let (_b, _server_b) = make_one_ready(&runtime, &mut known).await;
+
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    let snapshot = wait_for(&runtime, "one draining", |s| {
+        instances_in(s, InstanceState::Draining).len() == 1
+    })
+    .await;
+    let draining = instances_in(&snapshot, InstanceState::Draining)[0].clone();
+    assert_eq!(instances_in(&snapshot, InstanceState::Ready).len(), 1);
+    // Held by the gate.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(pid_alive(draining.pid));
+    assert_eq!(gate.asked(), vec![draining.id.clone()]);
+
+    gate.open();
+    wait_for(&runtime, "the drained instance gone", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    assert!(!pid_alive(draining.pid));
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn drain_is_bounded_by_the_timeout_and_starting_instances_stop_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = ManualGate::new();
+    let mut config = config(dir.path());
+    config.drain_timeout = Duration::from_millis(300);
+    let runtime = Runtime::start(config, gate.clone()).await.unwrap();
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    let mut known = Vec::new();
+    let (ready, _server) = make_one_ready(&runtime, &mut known).await;
+
+    // A never-ready instance is not routed to: it stops without asking the gate.
+    let starting_key = FunctionKey::new("default", "slow");
+    runtime.set(starting_key.clone(), shell("exec sleep 30"), 1);
+    wait_for(&runtime, "slow starting", |s| {
+        function(s, &starting_key).is_some_and(|f| f.starting() == 1)
+    })
+    .await;
+    runtime.remove(&starting_key);
+    wait_for(&runtime, "slow gone", |s| {
+        function(s, &starting_key).is_none()
+    })
+    .await;
+
+    let began = Instant::now();
+    runtime.remove(&key());
+    wait_for(&runtime, "hello gone", |s| function(s, &key()).is_none()).await;
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert_eq!(gate.asked(), vec![ready.id.clone()]);
+    assert!(!pid_alive(ready.pid));
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_changed_spec_starts_new_instances_before_draining_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    let mut known = Vec::new();
+    let (old, _old_server) = make_one_ready(&runtime, &mut known).await;
+
+    runtime.set(key(), shell("exec sleep 31"), 1);
+    let snapshot = wait_for(&runtime, "the new instance starting", |s| {
+        instances_in(s, InstanceState::Starting).len() == 1
+    })
+    .await;
+    // The old one keeps serving while the new one starts.
+    let ready = instances_in(&snapshot, InstanceState::Ready);
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].id, old.id);
+
+    let (new, _new_server) = make_one_ready(&runtime, &mut known).await;
+    let snapshot = wait_for(&runtime, "only the new one", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1 && f.ready() == 1)
+    })
+    .await;
+    assert_eq!(function(&snapshot, &key()).unwrap().instances[0].id, new.id);
+    assert!(!pid_alive(old.pid));
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_escalates_to_sigkill_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.stop_grace = Duration::from_millis(400);
+    let runtime = Runtime::start(config, Arc::new(NoDrainGate)).await.unwrap();
+    // Ignores SIGTERM, and so does the sleep it forks (an ignored signal stays ignored).
+    runtime.set(
+        key(),
+        shell("trap '' TERM; echo trapped; while true; do sleep 0.05; done"),
+        1,
+    );
+    // Signals only once the trap is set.
+    let mut follow = runtime.logs(&key(), None, 10, true).unwrap();
+    let line = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.line, "trapped");
+    let snapshot = wait_for(&runtime, "spawned", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    let pid = function(&snapshot, &key()).unwrap().instances[0].pid;
+    let began = Instant::now();
+    runtime.shutdown().await;
+    assert!(began.elapsed() >= Duration::from_millis(400));
+    assert!(!pid_alive(pid));
+    assert!(!group_has_live_members(pid));
+    // Nothing runs after a shutdown, and a second one returns at once.
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    runtime.shutdown().await;
+    assert!(runtime
+        .snapshot()
+        .functions
+        .values()
+        .all(|f| f.instances.is_empty()));
+}
+
+#[tokio::test]
+async fn start_kills_recorded_orphans_but_not_reused_pids() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawn_group = || {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & exec sleep 30"])
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut orphan = spawn_group();
+    let mut bystander = spawn_group();
+    let record = |child: &std::process::Child, start_time| ProcessRecord {
+        pid: child.id(),
+        pgid: child.id(),
+        start_time,
+        instance: "hello-abcdef".into(),
+        function: "default/hello".into(),
+    };
+    let orphan_start = process_start_time(orphan.id()).unwrap();
+    let bystander_start = process_start_time(bystander.id()).unwrap();
+    records::write(
+        &records_path(dir.path()),
+        &[
+            record(&orphan, orphan_start),
+            // Same pid, another start time: a different process now; left alone.
+            record(&bystander, bystander_start + 1),
+        ],
+    )
+    .unwrap();
+
+    let runtime = start(dir.path()).await;
+    let status = tokio::task::spawn_blocking(move || orphan.wait().unwrap())
+        .await
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+    assert!(bystander.try_wait().unwrap().is_none());
+    assert!(records::read(&records_path(dir.path())).unwrap().is_empty());
+
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    records::kill_group(bystander.id(), nix::sys::signal::Signal::SIGKILL);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn follow_sees_lines_of_instances_started_later_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    runtime.set(key(), shell("exec sleep 30"), 0);
+    let mut follow = runtime.logs(&key(), None, 10, true).unwrap();
+    assert!(matches!(
+        runtime.logs(&key(), Some("hello-ffffff".into()), 10, false),
+        Err(RuntimeError::UnknownInstance { .. })
+    ));
+    assert!(matches!(
+        runtime.logs(&FunctionKey::new("default", "nope"), None, 10, false),
+        Err(RuntimeError::UnknownFunction(_))
+    ));
+
+    runtime.set(
+        key(),
+        shell("echo \"hi from $INSTANCE_ID\"; exec sleep 30"),
+        1,
+    );
+    let line = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.line, format!("hi from {}", line.instance));
+    let only: Vec<LogLine> = runtime
+        .logs(&key(), Some(line.instance.clone()), 10, false)
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(only.len(), 1);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn scale_to_zero_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = start(dir.path()).await;
+    runtime.set(key(), shell("exec sleep 30"), 3);
+    let snapshot = wait_for(&runtime, "three instances", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 3)
+    })
+    .await;
+    let pids: Vec<u32> = function(&snapshot, &key())
+        .unwrap()
+        .instances
+        .iter()
+        .map(|i| i.pid)
+        .collect();
+    let ports: std::collections::BTreeSet<u16> = function(&snapshot, &key())
+        .unwrap()
+        .instances
+        .iter()
+        .map(|i| i.address.port())
+        .collect();
+    assert_eq!(ports.len(), 3);
+
+    runtime.set(key(), shell("exec sleep 30"), 0);
+    let snapshot = wait_for(&runtime, "zero instances", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.is_empty())
+    })
+    .await;
+    // The function stays known (status, cold start) at zero.
+    assert!(function(&snapshot, &key()).is_some());
+    assert!(pids.iter().all(|pid| !pid_alive(*pid)));
+
+    runtime.set(key(), shell("exec sleep 30"), 1);
+    wait_for(&runtime, "one again", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    runtime.shutdown().await;
+}

@@ -1,7 +1,8 @@
-//! The operator-facing gRPC services: `FunctionService` (validate, then store in etcd) and
-//! `MeshService` (agents and the routing tables they are sent).
+//! The operator-facing gRPC services: `FunctionService` (validate, then store in etcd),
+//! `MeshService` (agents and the routing tables they are sent) and `ScaleService` (placements,
+//! the scale state agents report, and the scheduler leader).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use meridian_proto::v1 as pb;
@@ -385,10 +386,281 @@ impl pb::mesh_service_server::MeshService for MeshApi {
     }
 }
 
+/// `ScaleService`: what the scheduler placed where, and what each agent runs, as stored in etcd.
+#[derive(Debug, Clone)]
+pub struct ScaleApi {
+    store: Store,
+}
+
+impl ScaleApi {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+/// Groups stored records into the ListInstances answer: process functions only, sorted by
+/// (namespace, name), with their placement and the scale reports of agents still registered
+/// (a report outlives its agent by up to a lease TTL), sorted by (region, agent id).
+pub fn group_instances(
+    functions: Vec<(RecordKey, Record)>,
+    placements: Vec<(RecordKey, Record)>,
+    scales: Vec<(RecordKey, Record)>,
+    registered: &BTreeSet<(String, String)>,
+    name: Option<&str>,
+) -> Vec<pb::FunctionInstances> {
+    let wanted = |key: &FunctionKey| name.is_none_or(|n| n == key.name);
+    let mut result: BTreeMap<FunctionKey, pb::FunctionInstances> = BTreeMap::new();
+    for (key, record) in functions {
+        let (RecordKey::Function(key), Record::Function(stored)) = (key, record) else {
+            continue;
+        };
+        let process = matches!(
+            stored.spec.runtime,
+            Some(pb::function_spec::Runtime::Process(_))
+        );
+        if process && wanted(&key) {
+            let entry = pb::FunctionInstances {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                ..Default::default()
+            };
+            result.insert(key, entry);
+        }
+    }
+    for (key, record) in placements {
+        if let (RecordKey::Placement(key), Record::Placement(stored)) = (key, record) {
+            if let Some(entry) = result.get_mut(&key) {
+                entry.placement = Some(stored.placement);
+            }
+        }
+    }
+    for (key, record) in scales {
+        let (
+            RecordKey::Scale {
+                function,
+                region,
+                agent_id,
+            },
+            Record::Scale(mut scale),
+        ) = (key, record)
+        else {
+            continue;
+        };
+        if !registered.contains(&(region.clone(), agent_id.clone())) {
+            continue;
+        }
+        if let Some(entry) = result.get_mut(&function) {
+            // The key is authoritative: it is what the replica derived from the session.
+            scale.region = region;
+            scale.agent_id = agent_id;
+            entry.regions.push(scale);
+        }
+    }
+    let mut functions: Vec<pb::FunctionInstances> = result.into_values().collect();
+    for function in &mut functions {
+        function
+            .regions
+            .sort_by(|a, b| (&a.region, &a.agent_id).cmp(&(&b.region, &b.agent_id)));
+    }
+    functions
+}
+
+#[tonic::async_trait]
+impl pb::scale_service_server::ScaleService for ScaleApi {
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let request = request.into_inner();
+        let namespace = namespace_filter(&request.namespace, request.all_namespaces)?;
+        let name = if request.name.is_empty() {
+            None
+        } else {
+            meridian_common::names::validate_dns_label(&request.name)
+                .map_err(|e| Status::invalid_argument(format!("name: {:?} {e}", request.name)))?;
+            Some(request.name.as_str())
+        };
+        let keys = self.store.keys();
+        let ns = namespace.as_deref();
+        let functions_prefix = keys.functions(ns);
+        let placements_prefix = keys.placements(ns);
+        let scales_prefix = keys.scales(ns, name.filter(|_| ns.is_some()));
+        let agents_prefix = keys.agents();
+        let (functions, placements, scales, agents) = tokio::try_join!(
+            self.store.load(&functions_prefix),
+            self.store.load(&placements_prefix),
+            self.store.load(&scales_prefix),
+            self.store.load(&agents_prefix),
+        )
+        .map_err(store_status)?;
+        if let Some(name) = name {
+            let exists = functions
+                .records
+                .iter()
+                .any(|(key, _)| matches!(key, RecordKey::Function(key) if key.name == name));
+            if !exists {
+                return Err(Status::not_found(match ns {
+                    Some(ns) => format!("function {name:?} not found in namespace {ns:?}"),
+                    None => format!("function {name:?} not found in any namespace"),
+                }));
+            }
+        }
+        let registered: BTreeSet<(String, String)> = agents
+            .records
+            .into_iter()
+            .filter_map(|(key, _)| match key {
+                RecordKey::Agent { region, agent_id } => Some((region, agent_id)),
+                _ => None,
+            })
+            .collect();
+        let functions = group_instances(
+            functions.records,
+            placements.records,
+            scales.records,
+            &registered,
+            name,
+        );
+        Ok(Response::new(pb::ListInstancesResponse { functions }))
+    }
+
+    async fn get_leader(
+        &self,
+        _request: Request<pb::GetLeaderRequest>,
+    ) -> Result<Response<pb::GetLeaderResponse>, Status> {
+        let leader = self.store.leader().await.map_err(store_status)?;
+        Ok(Response::new(match leader {
+            Some(leader) => pb::GetLeaderResponse {
+                leader: leader.replica,
+                elected_version: leader.elected_version,
+            },
+            None => pb::GetLeaderResponse::default(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{StoredFunction, StoredPlacement};
     use std::collections::HashMap;
+
+    fn function(ns: &str, name: &str, process: bool) -> (RecordKey, Record) {
+        let runtime = if process {
+            pb::function_spec::Runtime::Process(pb::ProcessRuntime::default())
+        } else {
+            pb::function_spec::Runtime::External(pb::ExternalRuntime::default())
+        };
+        (
+            RecordKey::Function(FunctionKey {
+                namespace: ns.into(),
+                name: name.into(),
+            }),
+            Record::Function(StoredFunction {
+                spec: pb::FunctionSpec {
+                    name: name.into(),
+                    namespace: ns.into(),
+                    runtime: Some(runtime),
+                    ..Default::default()
+                },
+                version: 1,
+                created_version: 1,
+            }),
+        )
+    }
+
+    fn scale(ns: &str, name: &str, region: &str, agent: &str, desired: u32) -> (RecordKey, Record) {
+        (
+            RecordKey::Scale {
+                function: FunctionKey {
+                    namespace: ns.into(),
+                    name: name.into(),
+                },
+                region: region.into(),
+                agent_id: agent.into(),
+            },
+            Record::Scale(pb::RegionScale {
+                desired,
+                ..Default::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn instances_are_grouped_sorted_and_filtered() {
+        let functions = vec![
+            function("default", "b", true),
+            function("default", "a", true),
+            function("default", "ext", false),
+            function("other", "a", true),
+        ];
+        let placements = vec![(
+            RecordKey::Placement(FunctionKey {
+                namespace: "default".into(),
+                name: "a".into(),
+            }),
+            Record::Placement(StoredPlacement {
+                placement: pb::FunctionPlacement {
+                    leader: "cp-1".into(),
+                    ..Default::default()
+                },
+                version: 3,
+            }),
+        )];
+        let scales = vec![
+            scale("default", "a", "us-east", "us-east-2", 2),
+            scale("default", "a", "eu-west", "eu-west-1", 1),
+            scale("default", "a", "us-east", "us-east-1", 3),
+            // Its agent is gone: hidden.
+            scale("default", "a", "ap-south", "ap-south-1", 9),
+            scale("default", "ext", "us-east", "us-east-1", 1),
+        ];
+        let registered: BTreeSet<(String, String)> = [
+            ("us-east", "us-east-1"),
+            ("us-east", "us-east-2"),
+            ("eu-west", "eu-west-1"),
+        ]
+        .into_iter()
+        .map(|(r, a)| (r.to_string(), a.to_string()))
+        .collect();
+        let all = group_instances(
+            functions.clone(),
+            placements.clone(),
+            scales.clone(),
+            &registered,
+            None,
+        );
+        let names: Vec<(&str, &str)> = all
+            .iter()
+            .map(|f| (f.namespace.as_str(), f.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("default", "a"), ("default", "b"), ("other", "a")]
+        );
+        let a = &all[0];
+        assert_eq!(
+            a.placement.as_ref().map(|p| p.leader.as_str()),
+            Some("cp-1")
+        );
+        let regions: Vec<(&str, &str, u32)> = a
+            .regions
+            .iter()
+            .map(|r| (r.region.as_str(), r.agent_id.as_str(), r.desired))
+            .collect();
+        assert_eq!(
+            regions,
+            vec![
+                ("eu-west", "eu-west-1", 1),
+                ("us-east", "us-east-1", 3),
+                ("us-east", "us-east-2", 2)
+            ]
+        );
+        assert!(all[1].placement.is_none() && all[1].regions.is_empty());
+
+        let only_b = group_instances(functions, placements, scales, &registered, Some("b"));
+        assert_eq!(only_b.len(), 1);
+        assert_eq!(only_b[0].name, "b");
+    }
 
     #[test]
     fn label_selectors() {

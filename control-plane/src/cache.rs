@@ -1,5 +1,7 @@
-//! The watch → cache → publish loop: mirrors functions, agents and endpoints from etcd, and
-//! publishes freshly compiled routing tables after each coalesced batch of changes.
+//! The watch → cache → publish loop: mirrors functions, agents, endpoints and placements from
+//! etcd, and publishes freshly compiled routing tables after each coalesced batch of changes,
+//! plus the scheduler's view (functions, regions with agents, placements) when that changed.
+//! The election key sorts inside the watched range and is ignored.
 //!
 //! It loads a snapshot, then watches from the revision after it. A broken watch resumes from
 //! the revision after the last change it applied, so no change is missed or applied twice; a
@@ -14,8 +16,9 @@ use meridian_common::backoff::Backoff;
 use meridian_proto::v1 as pb;
 use tokio::sync::watch;
 
+use crate::scheduler::SchedulerView;
 use crate::spec::{FunctionKey, FunctionSpec};
-use crate::store::{Change, Record, RecordKey, Store, StoreError};
+use crate::store::{Change, Record, RecordKey, Store, StoreError, StoredPlacement};
 use crate::table::{
     build_route, regions_of_interest, CachedFunction, FunctionEndpoints, RegionTable, Tables,
     Topology,
@@ -26,6 +29,8 @@ use crate::table::{
 struct Dirty {
     functions: BTreeSet<FunctionKey>,
     agents: bool,
+    /// A function or placement changed: the scheduler's view must be published again.
+    scheduler: bool,
 }
 
 impl Dirty {
@@ -38,9 +43,11 @@ impl Dirty {
 #[derive(Debug, Default)]
 pub struct MeshState {
     revision: i64,
-    functions: BTreeMap<FunctionKey, CachedFunction>,
+    /// `Arc`s so that the scheduler's view is a cheap copy.
+    functions: BTreeMap<FunctionKey, Arc<CachedFunction>>,
     agents: BTreeMap<(String, String), pb::AgentStatus>,
     endpoints: HashMap<FunctionKey, FunctionEndpoints>,
+    placements: BTreeMap<FunctionKey, Arc<StoredPlacement>>,
 }
 
 impl MeshState {
@@ -51,10 +58,10 @@ impl MeshState {
                     Ok(spec) => {
                         self.functions.insert(
                             key.clone(),
-                            CachedFunction {
+                            Arc::new(CachedFunction {
                                 spec,
                                 version: stored.version,
-                            },
+                            }),
                         );
                     }
                     Err(error) => {
@@ -63,10 +70,22 @@ impl MeshState {
                     }
                 }
                 dirty.functions.insert(key);
+                dirty.scheduler = true;
             }
             (RecordKey::Function(key), None) => {
                 self.functions.remove(&key);
                 dirty.functions.insert(key);
+                dirty.scheduler = true;
+            }
+            (RecordKey::Placement(key), Some(Record::Placement(placement))) => {
+                self.placements.insert(key.clone(), Arc::new(placement));
+                dirty.functions.insert(key);
+                dirty.scheduler = true;
+            }
+            (RecordKey::Placement(key), None) => {
+                self.placements.remove(&key);
+                dirty.functions.insert(key);
+                dirty.scheduler = true;
             }
             (RecordKey::Agent { region, agent_id }, Some(Record::Agent(agent))) => {
                 self.agents.insert((region, agent_id), agent);
@@ -98,11 +117,26 @@ impl MeshState {
                 }
                 dirty.functions.insert(function);
             }
-            // Acknowledgement status never changes a routing table.
-            (RecordKey::AgentStatus { .. }, _) => {}
+            // Acknowledgements, scale reports and the election never change a routing table.
+            (RecordKey::AgentStatus { .. } | RecordKey::Scale { .. } | RecordKey::Leader, _) => {}
             (key, record) => {
                 tracing::warn!(?key, ?record, "record does not match its key; ignored");
             }
+        }
+    }
+
+    /// What the scheduler reads, at this state's revision.
+    fn scheduler_view(&self) -> SchedulerView {
+        SchedulerView {
+            loaded: true,
+            revision: self.revision,
+            functions: self.functions.clone(),
+            agent_regions: self
+                .agents
+                .keys()
+                .map(|(region, _)| region.clone())
+                .collect(),
+            placements: self.placements.clone(),
         }
     }
 
@@ -141,7 +175,7 @@ fn compile(
 ) -> (Option<Tables>, Topology) {
     let topology = state.topology();
     let rebuild_all = force_all || topology != *previous_topology;
-    let regions = regions_of_interest(state.functions.values(), &topology);
+    let regions = regions_of_interest(state.functions.values().map(|f| &**f), &topology);
     let mut changed = rebuild_all && regions.len() != previous.regions.len();
     let mut tables = BTreeMap::new();
     for region in &regions {
@@ -161,7 +195,14 @@ fn compile(
                 region_changed |= routes.remove(key).is_some();
                 continue;
             };
-            let route = build_route(function, state.endpoints.get(key), region, &topology);
+            let placement = state.placements.get(key).map(|p| &p.placement);
+            let route = build_route(
+                function,
+                placement,
+                state.endpoints.get(key),
+                region,
+                &topology,
+            );
             let previous_route = old.and_then(|t| t.routes.get(key));
             match previous_route {
                 Some(prev) if **prev == route => {
@@ -208,14 +249,36 @@ pub struct CacheConfig {
     pub coalesce_max: Duration,
 }
 
-/// Runs forever: keeps `publish` holding the newest tables; sets `ready` once the first
-/// snapshot is published.
-pub async fn run(
-    store: Store,
-    config: CacheConfig,
-    publish: watch::Sender<Arc<Tables>>,
-    ready: watch::Sender<bool>,
-) {
+/// Publishes the scheduler's view if it differs from the last one in what the scheduler reads.
+/// Agents re-registering (a record rewrite) change nothing it reads.
+fn publish_view(state: &MeshState, views: &watch::Sender<Arc<SchedulerView>>, dirty: &Dirty) {
+    let view = state.scheduler_view();
+    let previous = views.borrow().clone();
+    let changed =
+        dirty.scheduler || !previous.loaded || previous.agent_regions != view.agent_regions;
+    if changed {
+        views.send_replace(Arc::new(view));
+    }
+}
+
+/// Where the cache loop publishes.
+#[derive(Debug)]
+pub struct Outputs {
+    /// The newest routing tables.
+    pub tables: watch::Sender<Arc<Tables>>,
+    /// The scheduler's view; `loaded` once the first snapshot is in.
+    pub views: watch::Sender<Arc<SchedulerView>>,
+    /// Set once the first snapshot is published.
+    pub ready: watch::Sender<bool>,
+}
+
+/// Runs forever: keeps `outputs` holding the newest tables and scheduler view.
+pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
+    let Outputs {
+        tables: publish,
+        views,
+        ready,
+    } = outputs;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut topology = Topology::default();
     loop {
@@ -236,6 +299,8 @@ pub async fn run(
         for (key, record) in snapshot.records {
             state.apply(key, Some(record), &mut dirty);
         }
+        // A reload replaces the view whole (a compaction may have hidden deletions).
+        views.send_replace(Arc::new(state.scheduler_view()));
         let previous = publish.borrow().clone();
         let (tables, new_topology) = compile(&state, &previous, &topology, &dirty, true);
         topology = new_topology;
@@ -253,7 +318,7 @@ pub async fn run(
         );
         backoff.reset();
 
-        match follow(&store, &config, &mut state, &publish, &mut topology).await {
+        match follow(&store, &config, &mut state, &publish, &views, &mut topology).await {
             StoreError::Compacted(revision) => {
                 tracing::warn!(revision, "watch fell behind compaction; reloading");
             }
@@ -271,6 +336,7 @@ async fn follow(
     config: &CacheConfig,
     state: &mut MeshState,
     publish: &watch::Sender<Arc<Tables>>,
+    views: &watch::Sender<Arc<SchedulerView>>,
     topology: &mut Topology,
 ) -> StoreError {
     let mut next_revision = state.revision + 1;
@@ -319,9 +385,7 @@ async fn follow(
                     }
                 }
             }
-            let relevant = changes
-                .iter()
-                .any(|c| !matches!(c.key, RecordKey::AgentStatus { .. }));
+            let relevant = changes.iter().any(|c| c.key.affects_routing());
             for change in changes {
                 state.apply(change.key, change.record, &mut dirty);
             }
@@ -337,6 +401,7 @@ async fn follow(
                     tracing::debug!(version = tables.version, "publishing routing tables");
                     publish.send_replace(Arc::new(tables));
                 }
+                publish_view(state, views, &dirty);
             }
             match broken {
                 None => {}
@@ -387,6 +452,23 @@ mod tests {
         )
     }
 
+    fn placement(regions: &[&str]) -> Record {
+        Record::Placement(StoredPlacement {
+            placement: pb::FunctionPlacement {
+                regions: regions
+                    .iter()
+                    .map(|r| pb::RegionBounds {
+                        region: (*r).into(),
+                        min_instances: 0,
+                        max_instances: 10,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            version: 6,
+        })
+    }
+
     fn key(name: &str) -> FunctionKey {
         FunctionKey {
             namespace: "default".into(),
@@ -406,6 +488,13 @@ mod tests {
         }
         state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
         state.apply(RecordKey::Function(key("b")), Some(stored("b")), &mut dirty);
+        for name in ["a", "b"] {
+            state.apply(
+                RecordKey::Placement(key(name)),
+                Some(placement(&["us-east", "eu-west"])),
+                &mut dirty,
+            );
+        }
         let (first, topology) = compile(
             &state,
             &Tables::default(),
@@ -449,6 +538,123 @@ mod tests {
             Some(Record::AgentStatus(pb::AgentStatus::default())),
             &mut dirty,
         );
-        assert!(dirty.is_empty());
+        state.apply(
+            RecordKey::Scale {
+                function: key("a"),
+                region: "us-east".into(),
+                agent_id: "a".into(),
+            },
+            Some(Record::Scale(pb::RegionScale::default())),
+            &mut dirty,
+        );
+        assert!(dirty.is_empty() && !dirty.scheduler);
+        assert!(!RecordKey::AgentStatus {
+            region: "r".into(),
+            agent_id: "a".into()
+        }
+        .affects_routing());
+    }
+
+    #[test]
+    fn election_keys_build_no_tables() {
+        let mut state = MeshState {
+            revision: 3,
+            ..Default::default()
+        };
+        let mut dirty = Dirty::default();
+        let (agent_key, agent_record) = agent("us-east");
+        state.apply(agent_key, Some(agent_record), &mut dirty);
+        let (first, topology) = compile(
+            &state,
+            &Tables::default(),
+            &Topology::default(),
+            &dirty,
+            true,
+        );
+        let first = first.expect("first compile publishes");
+
+        let mut dirty = Dirty::default();
+        state.revision = 4;
+        state.apply(
+            RecordKey::Leader,
+            Some(Record::Leader(crate::store::LeaderRecord {
+                replica: "cp-1".into(),
+                elected_version: 4,
+                lease: 1,
+            })),
+            &mut dirty,
+        );
+        assert!(dirty.is_empty() && !dirty.scheduler);
+        assert!(!RecordKey::Leader.affects_routing());
+        let (none, _) = compile(&state, &first, &topology, &dirty, false);
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn placements_change_routes_and_the_scheduler_view() {
+        let mut state = MeshState {
+            revision: 10,
+            ..Default::default()
+        };
+        let mut dirty = Dirty::default();
+        for (k, r) in [agent("us-east"), agent("eu-west")] {
+            state.apply(k, Some(r), &mut dirty);
+        }
+        state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
+        let (first, topology) = compile(
+            &state,
+            &Tables::default(),
+            &Topology::default(),
+            &dirty,
+            true,
+        );
+        let first = first.expect("first compile publishes");
+        assert!(first.regions["us-east"].routes[&key("a")].tiers.is_empty());
+
+        let (views, _keep) = watch::channel(Arc::new(SchedulerView::default()));
+        publish_view(&state, &views, &dirty);
+        let view = views.borrow().clone();
+        assert!(view.loaded);
+        assert_eq!(view.functions.len(), 1);
+        assert_eq!(
+            view.agent_regions
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            vec!["eu-west", "us-east"]
+        );
+
+        let mut dirty = Dirty::default();
+        state.revision = 11;
+        state.apply(
+            RecordKey::Placement(key("a")),
+            Some(placement(&["us-east"])),
+            &mut dirty,
+        );
+        assert!(dirty.scheduler);
+        let (second, _) = compile(&state, &first, &topology, &dirty, false);
+        let second = second.expect("the placement changed the route");
+        let route = &second.regions["us-east"].routes[&key("a")];
+        assert_eq!(route.tiers.len(), 1);
+        assert!(route.tiers[0].local);
+        let scale = route
+            .workload
+            .as_ref()
+            .and_then(|w| w.scale)
+            .expect("bounds");
+        assert_eq!(scale.max_instances, 10);
+        assert!(second.regions["eu-west"].routes[&key("a")]
+            .workload
+            .is_none());
+        publish_view(&state, &views, &dirty);
+        assert_eq!(views.borrow().placements.len(), 1);
+
+        // An agent record rewritten (re-registration) changes nothing the scheduler reads.
+        let before = views.borrow().clone();
+        let mut dirty = Dirty::default();
+        let (k, r) = agent("us-east");
+        state.apply(k, Some(r), &mut dirty);
+        publish_view(&state, &views, &dirty);
+        assert!(Arc::ptr_eq(&before, &views.borrow()));
     }
 }

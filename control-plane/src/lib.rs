@@ -1,9 +1,12 @@
-//! Meridian's control plane: the gRPC API over etcd, the watch → cache → table loop, and the
-//! push of routing tables to agents. `main.rs` wires these into one server.
+//! Meridian's control plane: the gRPC API over etcd, the watch → cache → table loop, the push
+//! of routing tables to agents, and the leader-elected scheduler that places process functions.
+//! `main.rs` wires these into one server.
 
 pub mod api;
 pub mod cache;
+pub mod election;
 pub mod push;
+pub mod scheduler;
 pub mod spec;
 pub mod store;
 pub mod table;

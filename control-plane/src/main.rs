@@ -1,22 +1,27 @@
-//! `meridian-control-plane`: serves FunctionService, MeshService and AgentService (plus gRPC
-//! health and reflection) from one port, with etcd as the only state.
+//! `meridian-control-plane`: serves FunctionService, MeshService, ScaleService and AgentService
+//! (plus gRPC health and reflection) from one port, with etcd as the only state; the replica
+//! elected scheduler leader also writes placements.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use meridian_control_plane::api::{FunctionApi, MeshApi};
+use meridian_control_plane::api::{FunctionApi, MeshApi, ScaleApi};
 use meridian_control_plane::cache::{self, CacheConfig};
+use meridian_control_plane::election::{self, ElectionConfig, ElectionState};
 use meridian_control_plane::push::{self, AgentPush, PushConfig};
+use meridian_control_plane::scheduler::{SchedulerConfig, SchedulerView};
 use meridian_control_plane::store::Store;
 use meridian_control_plane::table::Tables;
 use meridian_proto::v1::agent_service_server::AgentServiceServer;
 use meridian_proto::v1::function_service_server::FunctionServiceServer;
 use meridian_proto::v1::mesh_service_server::MeshServiceServer;
+use meridian_proto::v1::scale_service_server::ScaleServiceServer;
 use tokio::sync::{mpsc, watch};
 
-/// Meridian control plane: stores functions in etcd and pushes routing tables to agents.
+/// Meridian control plane: stores functions in etcd, pushes routing tables to agents, and (on
+/// the replica elected leader) places process functions in regions.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -48,6 +53,11 @@ struct Args {
     #[arg(long, env = "MERIDIAN_HEARTBEAT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     heartbeat_secs: u64,
+    /// Seconds the scheduler leader's election key outlives a leader that stopped renewing it
+    /// (renewed every third of it); a replica stopped cleanly resigns at once.
+    #[arg(long, env = "MERIDIAN_LEADER_LEASE_TTL", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    leader_lease_ttl: u64,
 }
 
 #[tokio::main]
@@ -86,19 +96,34 @@ async fn main() -> anyhow::Result<()> {
         lease_tx,
     ));
 
+    let (views_tx, views_rx) = watch::channel(Arc::new(SchedulerView::default()));
     tokio::spawn(cache::run(
         store.clone(),
         CacheConfig {
             coalesce: Duration::from_millis(args.coalesce_ms),
             coalesce_max: Duration::from_millis(args.coalesce_ms.saturating_mul(10).max(50)),
         },
-        tables_tx,
-        ready_tx,
+        cache::Outputs {
+            tables: tables_tx,
+            views: views_tx,
+            ready: ready_tx,
+        },
     ));
     tokio::spawn(push::run_status_writer(
         store.clone(),
         status_rx,
         Duration::from_millis(100),
+    ));
+    let election = tokio::spawn(election::run(
+        store.clone(),
+        ElectionConfig {
+            replica_id: replica_id.clone(),
+            lease_ttl: Duration::from_secs(args.leader_lease_ttl),
+            scheduler: SchedulerConfig::new(replica_id.clone()),
+        },
+        views_rx,
+        shutdown_rx.clone(),
+        ElectionState::new(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -116,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
                     .set_serving::<FunctionServiceServer<FunctionApi>>()
                     .await;
                 health.set_serving::<MeshServiceServer<MeshApi>>().await;
+                health.set_serving::<ScaleServiceServer<ScaleApi>>().await;
                 health.set_serving::<AgentServiceServer<AgentPush>>().await;
             }
         });
@@ -130,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         for service in [
             "meridian.v1.FunctionService",
             "meridian.v1.MeshService",
+            "meridian.v1.ScaleService",
             "meridian.v1.AgentService",
             "grpc.health.v1.Health",
         ] {
@@ -167,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
             store.clone(),
             tables_rx,
         )))
+        .add_service(ScaleServiceServer::new(ScaleApi::new(store.clone())))
         .add_service(AgentServiceServer::new(push))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -178,6 +206,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .await
         .context("gRPC server failed")?;
+    // Resigning lets another replica lead at once; it needs etcd, so it is bounded.
+    if tokio::time::timeout(Duration::from_secs(5), election)
+        .await
+        .is_err()
+    {
+        tracing::warn!("gave up resigning from the scheduler election; the lease will expire");
+    }
     tracing::info!("stopped");
     Ok(())
 }

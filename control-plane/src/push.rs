@@ -1,6 +1,6 @@
 //! `AgentService.Connect`: one session per agent stream. Registers the agent in etcd, pushes its
 //! region's table (full, then deltas; one push in flight; latest wins), records acks and nacks,
-//! and writes the endpoints the agent reports.
+//! writes the endpoints the agent reports, and stores its scale reports under `status/scale/`.
 //!
 //! Records of agents are held by one lease per replica rather than one per agent: thousands of
 //! agents then cost one keep-alive stream, not thousands. If the replica dies, its lease expires
@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::spec::FunctionKey;
-use crate::store::{LeasedWrite, Store};
+use crate::spec::{FunctionKey, MAX_INSTANCES_LIMIT};
+use crate::store::{LeasedWrite, StatusOp, Store};
 use crate::table::{RegionTable, Tables};
 
 /// Settings of agent sessions.
@@ -63,6 +63,8 @@ pub struct AgentIdentity {
     pub zone: String,
     pub cloud: String,
     pub gateway: String,
+    /// The agent's API (logs); empty when it serves none.
+    pub api_address: String,
 }
 
 /// A hello field that is wrong.
@@ -111,12 +113,19 @@ impl TryFrom<&pb::Hello> for AgentIdentity {
                 problem,
             })?;
         }
+        if !hello.api_address.is_empty() {
+            check_host_port(&hello.api_address).map_err(|problem| HelloError {
+                field: "apiAddress",
+                problem,
+            })?;
+        }
         Ok(Self {
             agent_id: hello.agent_id.clone(),
             region: hello.region.clone(),
             zone: hello.zone.clone(),
             cloud: hello.cloud.clone(),
             gateway: hello.gateway.clone(),
+            api_address: hello.api_address.clone(),
         })
     }
 }
@@ -224,39 +233,58 @@ impl Writer {
     }
 }
 
-/// A status to write for an agent (coalesced by [`run_status_writer`]).
+/// A status record of an agent to write (coalesced by [`run_status_writer`]): its
+/// acknowledgement status or a scale report, under the replica lease; `value: None` deletes it.
 #[derive(Debug)]
 pub struct StatusWrite {
     pub lease: i64,
     pub key: String,
-    pub status: pb::AgentStatus,
+    pub value: Option<Vec<u8>>,
 }
 
-/// Writes agent statuses to etcd in batches, newest per agent, every `interval`: acks are
-/// frequent and must not cost one etcd write each.
+/// Ticks a failed status write is retried for before it is dropped: two seconds at the usual
+/// 100 ms, enough to ride out an etcd leader election. Scale reports are sent only when they
+/// change, so a write dropped at once would leave a stale entry until the next change.
+const STATUS_WRITE_ATTEMPTS: u32 = 20;
+
+/// Writes agent statuses and scale reports to etcd in batches, newest per key, every
+/// `interval`: acks are frequent and must not cost one etcd write each.
 pub async fn run_status_writer(
     store: Store,
     mut updates: mpsc::Receiver<StatusWrite>,
     interval: Duration,
 ) {
-    let mut pending: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
+    // Key -> (lease, value, failed attempts so far).
+    let mut pending: BTreeMap<String, (i64, Option<Vec<u8>>, u32)> = BTreeMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             update = updates.recv() => match update {
                 Some(update) => {
-                    pending.insert(update.key, (update.lease, update.status.encode_to_vec()));
+                    pending.insert(update.key, (update.lease, update.value, 0));
                 }
                 None => break,
             },
             _ = tick.tick() => {
-                if !pending.is_empty() {
-                    let batch = std::mem::take(&mut pending)
-                        .into_iter()
-                        .map(|(key, (lease, value))| (lease, key, value))
-                        .collect();
-                    store.write_statuses(batch).await;
+                if pending.is_empty() {
+                    continue;
+                }
+                let batch = std::mem::take(&mut pending);
+                let attempts: BTreeMap<String, u32> =
+                    batch.iter().map(|(key, (_, _, n))| (key.clone(), *n)).collect();
+                let ops = batch
+                    .into_iter()
+                    .map(|(key, (lease, value, _))| StatusOp { lease, key, value })
+                    .collect();
+                for op in store.write_statuses(ops).await {
+                    let tried = attempts.get(&op.key).copied().unwrap_or_default() + 1;
+                    // A newer write of the same key arrived meanwhile: it wins.
+                    if tried < STATUS_WRITE_ATTEMPTS && !pending.contains_key(&op.key) {
+                        pending.insert(op.key, (op.lease, op.value, tried));
+                    } else if tried >= STATUS_WRITE_ATTEMPTS {
+                        tracing::warn!(key = %op.key, "dropping a status write etcd kept refusing");
+                    }
                 }
             }
         }
@@ -341,6 +369,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             zone: identity.zone.clone(),
             cloud: identity.cloud.clone(),
             gateway: identity.gateway.clone(),
+            api_address: identity.api_address.clone(),
             connected_since_unix_ms: connected_since,
             replica: self.config.replica_id.clone(),
             ..Default::default()
@@ -386,6 +415,8 @@ impl pb::agent_service_server::AgentService for AgentPush {
             nacked_version: 0,
             endpoints_desired: BTreeMap::new(),
             endpoints_written: BTreeMap::new(),
+            scale_desired: BTreeMap::new(),
+            scale_queued: BTreeMap::new(),
             outbound,
         };
         tokio::spawn(session.run(inbound));
@@ -425,6 +456,10 @@ struct Session {
     nacked_version: i64,
     endpoints_desired: BTreeMap<String, Vec<u8>>,
     endpoints_written: BTreeMap<String, Vec<u8>>,
+    /// Scale records (`status/scale/...`) of the last report, and what was handed to the
+    /// status writer, so that only changes are written and unreported entries are deleted.
+    scale_desired: BTreeMap<String, Vec<u8>>,
+    scale_queued: BTreeMap<String, Vec<u8>>,
     outbound: mpsc::Sender<Result<pb::ControlMessage, Status>>,
 }
 
@@ -473,6 +508,7 @@ impl Session {
                         // A full channel already tells the agent we are alive.
                         let _ = self.outbound.try_send(Ok(beat));
                         self.flush_endpoints().await;
+                        self.flush_scale();
                         Flow::Continue
                     }
                 },
@@ -516,6 +552,7 @@ impl Session {
     /// again meanwhile (which rewrote its record).
     fn remove_records_later(self) {
         let mut keys: Vec<String> = self.endpoints_written.keys().cloned().collect();
+        keys.extend(self.scale_queued.keys().cloned());
         keys.push(
             self.store
                 .keys()
@@ -644,8 +681,11 @@ impl Session {
                 Flow::Continue
             }
             Some(Kind::Heartbeat(_)) => Flow::Continue,
-            // Scale reports are stored once the scheduler work lands; until then they are moot.
-            Some(Kind::Scale(_)) => Flow::Continue,
+            Some(Kind::Scale(report)) => {
+                self.scale_desired = self.scale_records(report);
+                self.flush_scale();
+                Flow::Continue
+            }
             Some(Kind::Hello(_)) => {
                 let _ = self
                     .outbound
@@ -725,6 +765,70 @@ impl Session {
         }
     }
 
+    /// The etcd records for a scale report: region and agent id are this session's, whatever
+    /// the report says; invalid entries are logged and skipped.
+    fn scale_records(&self, report: pb::ScaleReport) -> BTreeMap<String, Vec<u8>> {
+        let mut records = BTreeMap::new();
+        for function in report.functions {
+            let key = match FunctionKey::parse(&function.namespace, &function.name) {
+                Ok(key) => key,
+                Err(error) => {
+                    tracing::warn!(agent = %self.identity.agent_id, %error, "ignoring the scale of an invalid function name");
+                    continue;
+                }
+            };
+            let Some(mut scale) = function.scale else {
+                tracing::warn!(agent = %self.identity.agent_id, function = %key, "ignoring a function scale without a scale");
+                continue;
+            };
+            scale.region = self.identity.region.clone();
+            scale.agent_id = self.identity.agent_id.clone();
+            bound_scale(&mut scale);
+            let etcd_key =
+                self.store
+                    .keys()
+                    .scale(&key, &self.identity.region, &self.identity.agent_id);
+            records.insert(etcd_key, scale.encode_to_vec());
+        }
+        records
+    }
+
+    /// Hands the scale records that changed (and deletions of those no longer reported) to the
+    /// status writer. What does not fit in its queue is retried on the next heartbeat.
+    fn flush_scale(&mut self) {
+        let puts: Vec<(String, Vec<u8>)> = self
+            .scale_desired
+            .iter()
+            .filter(|(k, v)| self.scale_queued.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let deletes: Vec<String> = self
+            .scale_queued
+            .keys()
+            .filter(|k| !self.scale_desired.contains_key(*k))
+            .cloned()
+            .collect();
+        let writes = puts
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .chain(deletes.into_iter().map(|k| (k, None)));
+        for (key, value) in writes {
+            let write = StatusWrite {
+                lease: self.lease,
+                key: key.clone(),
+                value: value.clone(),
+            };
+            if self.statuses.try_send(write).is_err() {
+                tracing::debug!(agent = %self.identity.agent_id, "status writer busy; scale report deferred");
+                return;
+            }
+            match value {
+                Some(value) => self.scale_queued.insert(key, value),
+                None => self.scale_queued.remove(&key),
+            };
+        }
+    }
+
     fn report_status(&mut self) {
         let write = StatusWrite {
             lease: self.lease,
@@ -732,12 +836,41 @@ impl Session {
                 .store
                 .keys()
                 .agent_status(&self.identity.region, &self.identity.agent_id),
-            status: self.status.clone(),
+            value: Some(self.status.encode_to_vec()),
         };
         if self.statuses.try_send(write).is_err() {
             tracing::debug!(agent = %self.identity.agent_id, "status writer busy; status dropped");
         }
     }
+}
+
+/// Longest text kept from an agent's scale report field (a log line, a reason, an error).
+const MAX_SCALE_TEXT: usize = 1024;
+/// Log lines kept per scale report.
+const MAX_SCALE_LOG_LINES: usize = 10;
+
+/// Cuts a scale report down to what etcd should hold: an agent's log lines are unbounded, and
+/// a batch of reports must stay under etcd's request size limit.
+fn bound_scale(scale: &mut pb::RegionScale) {
+    fn cut(text: &mut String) {
+        if text.len() > MAX_SCALE_TEXT {
+            let mut end = MAX_SCALE_TEXT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+    }
+    let excess = scale
+        .last_log_lines
+        .len()
+        .saturating_sub(MAX_SCALE_LOG_LINES);
+    scale.last_log_lines.drain(..excess);
+    scale.last_log_lines.iter_mut().for_each(cut);
+    cut(&mut scale.reason);
+    cut(&mut scale.error);
+    cut(&mut scale.last_exit);
+    scale.instances.truncate(MAX_INSTANCES_LIMIT as usize);
 }
 
 #[cfg(test)]
@@ -775,6 +908,41 @@ mod tests {
             ..Default::default()
         };
         assert!(AgentIdentity::try_from(&hello).is_ok());
+    }
+
+    #[test]
+    fn hello_api_address_is_checked_and_kept() {
+        let hello = pb::Hello {
+            agent_id: "a1".into(),
+            region: "us-east".into(),
+            api_address: "127.0.1.1".into(),
+            ..Default::default()
+        };
+        let error = AgentIdentity::try_from(&hello).expect_err("no port");
+        assert_eq!(error.field, "apiAddress");
+        let hello = pb::Hello {
+            api_address: "127.0.1.1:7100".into(),
+            ..hello
+        };
+        assert_eq!(
+            AgentIdentity::try_from(&hello).expect("valid").api_address,
+            "127.0.1.1:7100"
+        );
+    }
+
+    #[test]
+    fn scale_reports_are_bounded() {
+        let mut scale = pb::RegionScale {
+            last_log_lines: (0..15).map(|i| format!("line {i}")).collect(),
+            reason: "é".repeat(MAX_SCALE_TEXT),
+            instances: vec![pb::InstanceStatus::default(); 1500],
+            ..Default::default()
+        };
+        bound_scale(&mut scale);
+        assert_eq!(scale.last_log_lines.len(), MAX_SCALE_LOG_LINES);
+        assert_eq!(scale.last_log_lines[0], "line 5");
+        assert_eq!(scale.reason.len(), MAX_SCALE_TEXT);
+        assert_eq!(scale.instances.len(), MAX_INSTANCES_LIMIT as usize);
     }
 
     #[test]

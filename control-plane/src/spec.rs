@@ -106,8 +106,16 @@ pub enum Placement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionPlacement {
     pub region: String,
-    pub min_instances: u32,
+    /// `None`: the region keeps `spec.scaling.minInstances` (see [`RegionPlacement::min`]).
+    pub min_instances: Option<u32>,
     pub max_instances: u32,
+}
+
+impl RegionPlacement {
+    /// The region's minimum: its own, else the function's.
+    pub fn min(&self, scaling: &Scaling) -> u32 {
+        self.min_instances.unwrap_or(scaling.min_instances)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,7 +419,6 @@ fn placement(placement: pb::Placement, scaling: &Scaling) -> Result<Placement, S
     )?;
     let mut regions = Vec::with_capacity(placement.regions.len());
     for (index, region) in placement.regions.into_iter().enumerate() {
-        let min_instances = region.min_instances.unwrap_or(0);
         let max_instances = region.max_instances.unwrap_or(scaling.max_instances);
         if max_instances > scaling.max_instances {
             return Err(SpecError::new(
@@ -422,15 +429,27 @@ fn placement(placement: pb::Placement, scaling: &Scaling) -> Result<Placement, S
                 ),
             ));
         }
-        if min_instances > max_instances {
-            return Err(SpecError::new(
-                format!("{field}[{index}].minInstances"),
-                format!("{min_instances} is greater than maxInstances {max_instances}"),
-            ));
+        match region.min_instances {
+            Some(min_instances) if min_instances > max_instances => {
+                return Err(SpecError::new(
+                    format!("{field}[{index}].minInstances"),
+                    format!("{min_instances} is greater than maxInstances {max_instances}"),
+                ));
+            }
+            None if scaling.min_instances > max_instances => {
+                return Err(SpecError::new(
+                    format!("{field}[{index}].maxInstances"),
+                    format!(
+                        "{max_instances} is less than spec.scaling.minInstances {}, which the region inherits (set its minInstances)",
+                        scaling.min_instances
+                    ),
+                ));
+            }
+            _ => {}
         }
         regions.push(RegionPlacement {
             region: region.region,
-            min_instances,
+            min_instances: region.min_instances,
             max_instances,
         });
     }
@@ -550,7 +569,7 @@ impl From<&FunctionSpec> for pb::FunctionSpec {
                     .iter()
                     .map(|r| pb::RegionPlacement {
                         region: r.region.clone(),
-                        min_instances: Some(r.min_instances),
+                        min_instances: r.min_instances,
                         max_instances: Some(r.max_instances),
                     })
                     .collect(),
@@ -700,6 +719,56 @@ mod tests {
             }],
         });
         assert_eq!(error_field(spec), "spec.placement.regions[0].minInstances");
+
+        let mut spec = process();
+        spec.scaling = Some(pb::Scaling {
+            min_instances: Some(2),
+            ..Default::default()
+        });
+        spec.placement = Some(pb::Placement {
+            all_regions: false,
+            regions: vec![pb::RegionPlacement {
+                region: "eu-west".into(),
+                min_instances: None,
+                max_instances: Some(1),
+            }],
+        });
+        assert_eq!(error_field(spec), "spec.placement.regions[0].maxInstances");
+    }
+
+    #[test]
+    fn region_minimum_defaults_to_the_function_minimum() {
+        let mut spec = process();
+        spec.scaling = Some(pb::Scaling {
+            min_instances: Some(2),
+            ..Default::default()
+        });
+        spec.placement = Some(pb::Placement {
+            all_regions: false,
+            regions: vec![
+                pb::RegionPlacement {
+                    region: "eu-west".into(),
+                    ..Default::default()
+                },
+                pb::RegionPlacement {
+                    region: "us-east".into(),
+                    min_instances: Some(0),
+                    ..Default::default()
+                },
+            ],
+        });
+        let spec = FunctionSpec::try_from(spec).expect("valid");
+        let Placement::Regions(regions) = &spec.placement else {
+            panic!("regions expected");
+        };
+        assert_eq!(regions[0].min(&spec.scaling), 2);
+        assert_eq!(regions[1].min(&spec.scaling), 0);
+        // Normalization keeps "unset" unset, so a later change of scaling.minInstances applies.
+        let normalized = pb::FunctionSpec::from(&spec);
+        let placement = normalized.placement.clone().expect("placement");
+        assert_eq!(placement.regions[0].min_instances, None);
+        assert_eq!(placement.regions[1].min_instances, Some(0));
+        assert_eq!(FunctionSpec::try_from(normalized).expect("valid"), spec);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The etcd adapter: key layout, typed records, optimistic-concurrency writes, leases and a
-//! resumable watch. Architecture Invariant: this is the only module that imports `etcd_client`.
+//! The etcd adapter: key layout, typed records, optimistic-concurrency writes, leases, the
+//! scheduler election and its fenced writes, and a resumable watch. Architecture Invariant: this
+//! is the only module that imports `etcd_client`.
 
 use std::time::Duration;
 
@@ -14,6 +15,14 @@ use crate::spec::FunctionKey;
 
 /// etcd refuses transactions with more operations than this (its default `--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
+
+/// Bytes of values per status transaction; etcd refuses requests over 1.5 MiB by default
+/// (`--max-request-bytes`), and scale reports carry log lines.
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+
+/// Placement writes per fenced transaction: each adds one compare to the election compare, and
+/// etcd also bounds the compares of a transaction by `--max-txn-ops`.
+pub const MAX_FENCED_WRITES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +81,27 @@ pub enum RecordKey {
         region: String,
         agent_id: String,
     },
+    /// `placements/<ns>/<name>`: the scheduler's output for one function.
+    Placement(FunctionKey),
+    /// `status/scale/<ns>/<name>/<region>/<agent-id>`: one agent's scale report of a function.
+    Scale {
+        function: FunctionKey,
+        region: String,
+        agent_id: String,
+    },
+    /// `election/scheduler`: the scheduler leader's key.
+    Leader,
+}
+
+impl RecordKey {
+    /// Whether a change of this key can change a routing table. Acknowledgements, scale
+    /// reports and elections never do.
+    pub fn affects_routing(&self) -> bool {
+        !matches!(
+            self,
+            Self::AgentStatus { .. } | Self::Scale { .. } | Self::Leader
+        )
+    }
 }
 
 /// A decoded value.
@@ -81,6 +111,57 @@ pub enum Record {
     Agent(pb::AgentStatus),
     Endpoint(pb::Endpoint),
     AgentStatus(pb::AgentStatus),
+    Placement(StoredPlacement),
+    Scale(pb::RegionScale),
+    Leader(LeaderRecord),
+}
+
+/// A placement as stored, with its mod revision (what a fenced write compares against).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPlacement {
+    pub placement: pb::FunctionPlacement,
+    pub version: i64,
+}
+
+/// Who holds the scheduler election key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderRecord {
+    /// The replica id the leader wrote as the key's value.
+    pub replica: String,
+    /// The key's create revision: the revision at which this leader was elected. Every fenced
+    /// write compares against it, so a leader elected later never matches an earlier one.
+    pub elected_version: i64,
+    /// The leader's own lease, which holds the key.
+    pub lease: i64,
+}
+
+/// The outcome of one campaign for the scheduler election key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Campaign {
+    /// We created the key at this revision (our `elected_version`).
+    Elected { elected_version: i64 },
+    /// Someone else holds it; `observed` is the revision we saw it at (watch from after it).
+    Taken { leader: LeaderRecord, observed: i64 },
+}
+
+/// One placement write of the scheduler: put (or delete, with `placement: None`) if the key's
+/// mod revision is still `expected_version` (0: absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementWrite {
+    pub function: FunctionKey,
+    pub expected_version: i64,
+    pub placement: Option<pb::FunctionPlacement>,
+}
+
+/// The outcome of a fenced write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedWrite {
+    /// Applied at this revision (the new mod revision of every key written).
+    Written { revision: i64 },
+    /// The election key is no longer the one we created: we are not the leader. Nothing written.
+    Fenced,
+    /// We still lead, but a placement changed since we read it. Nothing written.
+    Conflict,
 }
 
 /// One change seen by a watch: a put (with the new record) or a delete.
@@ -165,6 +246,39 @@ impl Keys {
         format!("{}status/agents/", self.prefix)
     }
 
+    pub fn placement(&self, key: &FunctionKey) -> String {
+        format!("{}placements/{}/{}", self.prefix, key.namespace, key.name)
+    }
+
+    /// All placements, or those of one namespace.
+    pub fn placements(&self, namespace: Option<&str>) -> String {
+        match namespace {
+            Some(ns) => format!("{}placements/{ns}/", self.prefix),
+            None => format!("{}placements/", self.prefix),
+        }
+    }
+
+    pub fn scale(&self, function: &FunctionKey, region: &str, agent_id: &str) -> String {
+        format!(
+            "{}status/scale/{}/{}/{region}/{agent_id}",
+            self.prefix, function.namespace, function.name
+        )
+    }
+
+    /// The prefix of scale reports: all, one namespace's, or one function's.
+    pub fn scales(&self, namespace: Option<&str>, name: Option<&str>) -> String {
+        match (namespace, name) {
+            (Some(ns), Some(name)) => format!("{}status/scale/{ns}/{name}/", self.prefix),
+            (Some(ns), None) => format!("{}status/scale/{ns}/", self.prefix),
+            (None, _) => format!("{}status/scale/", self.prefix),
+        }
+    }
+
+    /// The scheduler election key. It sorts inside the routing range; the cache ignores it.
+    pub fn leader(&self) -> String {
+        format!("{}election/scheduler", self.prefix)
+    }
+
     /// Parses a full key back into what it names; `None` for keys of no known kind.
     pub fn parse(&self, key: &[u8]) -> Option<RecordKey> {
         let key = std::str::from_utf8(key).ok()?;
@@ -192,26 +306,46 @@ impl Keys {
                 region: owned(region),
                 agent_id: owned(id),
             }),
+            ["placements", ns, name] => Some(RecordKey::Placement(FunctionKey {
+                namespace: owned(ns),
+                name: owned(name),
+            })),
+            ["status", "scale", ns, name, region, id] => Some(RecordKey::Scale {
+                function: FunctionKey {
+                    namespace: owned(ns),
+                    name: owned(name),
+                },
+                region: owned(region),
+                agent_id: owned(id),
+            }),
+            ["election", "scheduler"] => Some(RecordKey::Leader),
             _ => None,
         }
     }
 }
 
-fn decode(
-    key: &RecordKey,
-    value: &[u8],
-    mod_revision: i64,
-    create_revision: i64,
-) -> Result<Record, prost::DecodeError> {
+fn decode(key: &RecordKey, kv: &etcd_client::KeyValue) -> Result<Record, prost::DecodeError> {
+    let value = kv.value();
     Ok(match key {
         RecordKey::Function(_) => Record::Function(StoredFunction {
             spec: pb::FunctionSpec::decode(value)?,
-            version: mod_revision,
-            created_version: create_revision,
+            version: kv.mod_revision(),
+            created_version: kv.create_revision(),
         }),
         RecordKey::Agent { .. } => Record::Agent(pb::AgentStatus::decode(value)?),
         RecordKey::Endpoint { .. } => Record::Endpoint(pb::Endpoint::decode(value)?),
         RecordKey::AgentStatus { .. } => Record::AgentStatus(pb::AgentStatus::decode(value)?),
+        RecordKey::Placement(_) => Record::Placement(StoredPlacement {
+            placement: pb::FunctionPlacement::decode(value)?,
+            version: kv.mod_revision(),
+        }),
+        RecordKey::Scale { .. } => Record::Scale(pb::RegionScale::decode(value)?),
+        // Plain text, so that `etcdctl get` shows who leads.
+        RecordKey::Leader => Record::Leader(LeaderRecord {
+            replica: String::from_utf8_lossy(value).into_owned(),
+            elected_version: kv.create_revision(),
+            lease: kv.lease(),
+        }),
     })
 }
 
@@ -254,7 +388,7 @@ impl Store {
 
     fn decode_kv(&self, kv: &etcd_client::KeyValue) -> Option<(RecordKey, Record)> {
         let key = self.keys.parse(kv.key())?;
-        match decode(&key, kv.value(), kv.mod_revision(), kv.create_revision()) {
+        match decode(&key, kv) {
             Ok(record) => Some((key, record)),
             Err(error) => {
                 // A value we cannot read must not take the whole mesh down: skip it, loudly.
@@ -559,26 +693,177 @@ impl Store {
         Ok(true)
     }
 
-    /// Writes agent statuses, each under its agent's lease, batched. A status whose lease has
-    /// gone (the agent left) is dropped.
-    pub async fn write_statuses(&self, statuses: Vec<(i64, String, Vec<u8>)>) {
+    /// Writes status records (agent statuses, scale reports) under their leases and deletes
+    /// those no longer reported, batched in as few transactions as etcd allows. Returns the
+    /// operations of batches that failed (etcd unreachable, or the lease just expired), for
+    /// the caller to retry or drop: statuses are advisory.
+    pub async fn write_statuses(&self, ops: Vec<StatusOp>) -> Vec<StatusOp> {
         let mut kv = self.client.kv_client();
-        for chunk in statuses.chunks(MAX_TXN_OPS) {
-            let ops: Vec<TxnOp> = chunk
+        let mut failed = Vec::new();
+        for chunk in status_chunks(ops) {
+            let txn_ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|(lease, key, value)| {
-                    TxnOp::put(
-                        key.clone(),
+                .map(|op| match &op.value {
+                    Some(value) => TxnOp::put(
+                        op.key.clone(),
                         value.clone(),
-                        Some(PutOptions::new().with_lease(*lease)),
-                    )
+                        Some(PutOptions::new().with_lease(op.lease)),
+                    ),
+                    None => TxnOp::delete(op.key.clone(), None),
                 })
                 .collect();
-            // Statuses are advisory: a batch that fails (etcd down, or the lease just expired,
-            // which also removed the agents) is dropped; newer acks write newer statuses.
-            if let Err(error) = kv.txn(Txn::new().and_then(ops)).await {
-                tracing::warn!(%error, statuses = chunk.len(), "dropping agent statuses");
+            if let Err(error) = kv.txn(Txn::new().and_then(txn_ops)).await {
+                tracing::warn!(%error, statuses = chunk.len(), "cannot write statuses");
+                failed.extend(chunk);
             }
+        }
+        failed
+    }
+
+    /// Tries once to become the scheduler leader: creates the election key under `lease` if
+    /// nobody holds it.
+    pub async fn campaign(&self, replica_id: &str, lease: i64) -> Result<Campaign, StoreError> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                replica_id,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.client.kv_client().txn(txn).await?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        if response.succeeded() {
+            return Ok(Campaign::Elected {
+                elected_version: revision,
+            });
+        }
+        match leader_from(&self.keys, &response) {
+            Some(leader) => Ok(Campaign::Taken {
+                leader,
+                observed: revision,
+            }),
+            // The compare failed because the key existed, and the get ran in the same
+            // transaction, so this cannot happen; campaigning again is the safe answer.
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    /// The current scheduler leader, if any.
+    pub async fn leader(&self) -> Result<Option<LeaderRecord>, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(self.keys.leader(), None)
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .and_then(|kv| self.decode_kv(kv))
+            .and_then(|(_, record)| match record {
+                Record::Leader(leader) => Some(leader),
+                _ => None,
+            }))
+    }
+
+    /// Resolves once the election key created at `elected_version` is gone (deleted, or
+    /// replaced by a newer leader), watching from `from_revision`. Errors when the watch
+    /// breaks; the caller then looks again.
+    pub async fn wait_leader_gone(
+        &self,
+        elected_version: i64,
+        mut from_revision: i64,
+    ) -> Result<(), StoreError> {
+        loop {
+            match self.watch_leader(elected_version, from_revision).await {
+                Err(StoreError::Compacted(_)) => {
+                    // History before the watch start is gone: look at the key itself instead.
+                    let response = self
+                        .client
+                        .kv_client()
+                        .get(self.keys.leader(), None)
+                        .await?;
+                    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+                    let current = response.kvs().first().and_then(|kv| self.decode_kv(kv));
+                    match current {
+                        Some((_, Record::Leader(leader)))
+                            if leader.elected_version == elected_version =>
+                        {
+                            from_revision = revision + 1;
+                        }
+                        _ => return Ok(()),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn watch_leader(
+        &self,
+        elected_version: i64,
+        from_revision: i64,
+    ) -> Result<(), StoreError> {
+        let options = WatchOptions::new().with_start_revision(from_revision);
+        let mut watch = self.start_watch(&self.keys.leader(), options).await?;
+        loop {
+            let batch = watch.next().await?;
+            for change in batch.changes {
+                match change.record {
+                    Some(Record::Leader(leader)) if leader.elected_version == elected_version => {}
+                    _ => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Revokes a lease, deleting every key it holds (resigning leadership at once).
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.client.lease_client().revoke(lease).await?;
+        Ok(())
+    }
+
+    /// Writes placements in one transaction fenced by the election key: it applies only while
+    /// the key still has create revision `elected_version` (we still lead) and every placement
+    /// still has the mod revision we read. At most [`MAX_FENCED_WRITES`] writes.
+    pub async fn write_placements(
+        &self,
+        elected_version: i64,
+        writes: &[PlacementWrite],
+    ) -> Result<FencedWrite, StoreError> {
+        let leader_key = self.keys.leader();
+        let mut compares = vec![Compare::create_revision(
+            leader_key.clone(),
+            CompareOp::Equal,
+            elected_version,
+        )];
+        let mut ops = Vec::with_capacity(writes.len());
+        for write in writes {
+            let key = self.keys.placement(&write.function);
+            // A missing key compares as mod revision 0.
+            compares.push(Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                write.expected_version,
+            ));
+            ops.push(match &write.placement {
+                Some(placement) => TxnOp::put(key, placement.encode_to_vec(), None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else([TxnOp::get(leader_key, None)]);
+        let response = self.client.kv_client().txn(txn).await?;
+        if response.succeeded() {
+            let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+            return Ok(FencedWrite::Written { revision });
+        }
+        match leader_from(&self.keys, &response) {
+            Some(leader) if leader.elected_version == elected_version => Ok(FencedWrite::Conflict),
+            _ => Ok(FencedWrite::Fenced),
         }
     }
 
@@ -630,6 +915,50 @@ async fn keep_alive_stream(
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// The election key as returned by the `get` in a failed transaction's else branch.
+fn leader_from(keys: &Keys, response: &etcd_client::TxnResponse) -> Option<LeaderRecord> {
+    response.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => {
+            get.kvs()
+                .first()
+                .and_then(|kv| match decode(&keys.parse(kv.key())?, kv) {
+                    Ok(Record::Leader(leader)) => Some(leader),
+                    _ => None,
+                })
+        }
+        _ => None,
+    })
+}
+
+/// Splits status operations into transactions etcd accepts: at most [`MAX_TXN_OPS`] operations
+/// and about [`MAX_TXN_BYTES`] of values each.
+fn status_chunks(ops: Vec<StatusOp>) -> Vec<Vec<StatusOp>> {
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<StatusOp> = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let size = op.key.len() + op.value.as_ref().map_or(0, Vec::len);
+        if !chunk.is_empty() && (chunk.len() >= MAX_TXN_OPS || bytes + size > MAX_TXN_BYTES) {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(op);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// A status record to put under a lease (`value: Some`) or to delete (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusOp {
+    pub lease: i64,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
 }
 
 /// Puts under a lease and deletes, applied together.

@@ -172,10 +172,18 @@ pub struct Tables {
     pub regions: BTreeMap<String, Arc<RegionTable>>,
 }
 
-/// Regions a function runs in: the spec's, or every region with an agent.
-fn hosting_regions<'a>(spec: &'a FunctionSpec, topology: &'a Topology) -> BTreeSet<&'a str> {
-    spec.hosting_regions()
-        .unwrap_or_else(|| topology.agent_regions.iter().map(String::as_str).collect())
+/// Regions a function runs in: for an external function the spec's, for a process function
+/// its placement's (none until the scheduler has placed it).
+fn hosting_regions<'a>(
+    spec: &'a FunctionSpec,
+    placement: Option<&'a pb::FunctionPlacement>,
+) -> BTreeSet<&'a str> {
+    match &spec.runtime {
+        Runtime::External(regions) => regions.keys().map(String::as_str).collect(),
+        Runtime::Process(_) => placement
+            .map(|p| p.regions.iter().map(|r| r.region.as_str()).collect())
+            .unwrap_or_default(),
+    }
 }
 
 /// Every region some table must exist for: those with agents and those specs name.
@@ -192,15 +200,17 @@ pub fn regions_of_interest<'a>(
     regions
 }
 
-/// The route of one function as seen from `region`.
+/// The route of one function as seen from `region`. `placement` is the scheduler's placement of
+/// a process function (ignored for external functions).
 pub fn build_route(
     function: &CachedFunction,
+    placement: Option<&pb::FunctionPlacement>,
     endpoints: Option<&FunctionEndpoints>,
     region: &str,
     topology: &Topology,
 ) -> pb::FunctionRoute {
     let spec = &function.spec;
-    let hosting = hosting_regions(spec, topology);
+    let hosting = hosting_regions(spec, placement);
     let endpoints_in = |r: &str| -> Vec<pb::Endpoint> {
         endpoints
             .map(|all| {
@@ -261,11 +271,17 @@ pub fn build_route(
             })),
             scale: None,
         }),
-        Runtime::Process(process) if hosting.contains(region) => Some(pb::LocalWorkload {
-            kind: Some(pb::local_workload::Kind::Process(process.into())),
-            scale: None,
-        }),
-        Runtime::Process(_) => None,
+        Runtime::Process(process) => placement
+            .and_then(|p| p.regions.iter().find(|r| r.region == region))
+            .map(|bounds| pb::LocalWorkload {
+                kind: Some(pb::local_workload::Kind::Process(process.into())),
+                scale: Some(pb::ScaleBounds {
+                    min_instances: bounds.min_instances,
+                    max_instances: bounds.max_instances,
+                    target_concurrency: spec.scaling.target_concurrency,
+                    idle_seconds: spec.scaling.idle_seconds,
+                }),
+            }),
     };
 
     pb::FunctionRoute {
@@ -332,7 +348,7 @@ mod tests {
     #[test]
     fn local_tier_first_then_explicit_then_measured() {
         let f = function("hello", &["us-east", "eu-west", "ap-south"], &["ap-south"]);
-        let route = build_route(&f, None, "us-east", &topology());
+        let route = build_route(&f, None, None, "us-east", &topology());
         let tiers: Vec<(&str, bool, i32)> = route
             .tiers
             .iter()
@@ -358,9 +374,98 @@ mod tests {
     #[test]
     fn region_not_hosting_gets_only_remote_tiers() {
         let f = function("hello", &["eu-west"], &[]);
-        let route = build_route(&f, None, "us-east", &topology());
+        let route = build_route(&f, None, None, "us-east", &topology());
         assert_eq!(route.tiers.len(), 1);
         assert_eq!(route.tiers[0].region, "eu-west");
+        assert!(route.workload.is_none());
+    }
+
+    fn process(name: &str) -> CachedFunction {
+        let spec = pb::FunctionSpec {
+            name: name.into(),
+            runtime: Some(pb::function_spec::Runtime::Process(pb::ProcessRuntime {
+                command: "/bin/sample".into(),
+                ..Default::default()
+            })),
+            scaling: Some(pb::Scaling {
+                target_concurrency: Some(5),
+                idle_seconds: Some(30),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        CachedFunction {
+            spec: spec::FunctionSpec::try_from(spec).expect("valid"),
+            version: 9,
+        }
+    }
+
+    #[test]
+    fn process_function_follows_its_placement() {
+        let f = process("worker");
+        let topology = topology();
+
+        // Not placed yet: no tiers, nothing to run.
+        let route = build_route(&f, None, None, "us-east", &topology);
+        assert!(route.tiers.is_empty());
+        assert!(route.workload.is_none());
+
+        let placement = pb::FunctionPlacement {
+            regions: vec![
+                pb::RegionBounds {
+                    region: "us-east".into(),
+                    min_instances: 1,
+                    max_instances: 4,
+                },
+                pb::RegionBounds {
+                    region: "eu-west".into(),
+                    min_instances: 0,
+                    max_instances: 2,
+                },
+            ],
+            ..Default::default()
+        };
+        let endpoints = FunctionEndpoints::from([(
+            ("eu-west".to_string(), "worker-0a1b2c".to_string()),
+            pb::Endpoint {
+                address: "127.0.2.1:40000".into(),
+                id: "worker-0a1b2c".into(),
+                state: pb::EndpointState::Ready as i32,
+                zone: String::new(),
+            },
+        )]);
+        let route = build_route(&f, Some(&placement), Some(&endpoints), "us-east", &topology);
+        let tiers: Vec<(&str, bool, u32)> = route
+            .tiers
+            .iter()
+            .map(|t| (t.region.as_str(), t.local, t.ready_instances))
+            .collect();
+        assert_eq!(tiers, vec![("us-east", true, 0), ("eu-west", false, 1)]);
+        let workload = route.workload.expect("placed here");
+        assert!(matches!(
+            workload.kind,
+            Some(pb::local_workload::Kind::Process(ref p)) if p.command == "/bin/sample"
+        ));
+        assert_eq!(
+            workload.scale,
+            Some(pb::ScaleBounds {
+                min_instances: 1,
+                max_instances: 4,
+                target_concurrency: 5,
+                idle_seconds: 30,
+            })
+        );
+
+        // ap-south is not in the placement: remote tiers only, nothing to run.
+        let route = build_route(
+            &f,
+            Some(&placement),
+            Some(&endpoints),
+            "ap-south",
+            &topology,
+        );
+        assert!(route.tiers.iter().all(|t| !t.local));
+        assert_eq!(route.tiers.len(), 2);
         assert!(route.workload.is_none());
     }
 
@@ -374,11 +479,13 @@ mod tests {
         let a = Arc::new(build_route(
             &function("a", &["us-east"], &[]),
             None,
+            None,
             "us-east",
             &topology,
         ));
         let b = Arc::new(build_route(
             &function("b", &["us-east"], &[]),
+            None,
             None,
             "us-east",
             &topology,

@@ -81,6 +81,9 @@ impl ControlPlane {
                 etcd_urls.into(),
                 "--agent-lease-ttl".into(),
                 opts.agent_lease_ttl_secs.to_string().into(),
+                // The scheduler's election lease: as short as the agents' so failovers are quick.
+                "--leader-lease-ttl".into(),
+                opts.agent_lease_ttl_secs.to_string().into(),
             ];
             if let Some(id) = &opts.replica_id {
                 args.extend(["--replica-id".into(), id.into()]);

@@ -11,18 +11,10 @@ use meridian_tests::{
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
-/// Two replicas on one etcd, both campaigning with the test lease TTL.
+/// Two replicas on one etcd; the harness gives them the test lease TTL for the election.
 async fn replicas(etcd: &Etcd) -> Result<(ControlPlane, ControlPlane)> {
     let url = etcd.url();
-    let start = |id: &str| {
-        ControlPlane::start(
-            &url,
-            ControlPlaneOpts {
-                extra_args: vec!["--leader-lease-ttl".into(), LEASE_TTL_SECS.to_string()],
-                ..ControlPlaneOpts::replica(id)
-            },
-        )
-    };
+    let start = |id: &str| ControlPlane::start(&url, ControlPlaneOpts::replica(id));
     let (a, b) = tokio::try_join!(start("cp-0"), start("cp-1"))?;
     Ok((a, b))
 }

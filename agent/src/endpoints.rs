@@ -1,11 +1,14 @@
-//! The endpoints this agent reports to the control plane, derived from its routing table. For now
-//! only `external` workloads: each URL the table assigns to this region is one endpoint.
+//! The endpoints this agent reports to the control plane, derived from its routing table and its
+//! runtime: each URL of an `external` workload assigned to this region, and each live instance
+//! (starting, ready or draining) of a `process` workload.
 
 use meridian_proto::v1::{
     local_workload, Endpoint, EndpointReport, EndpointState, FunctionEndpoints,
 };
 
 use crate::address::{parse_host_opt_port, AddressError};
+use crate::overlay::instance_endpoints;
+use crate::runtime::{FunctionKey, Snapshot};
 use crate::table::Table;
 
 /// Port of an `http://` URL that names none.
@@ -66,16 +69,30 @@ fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str>
         .then(|| &value[prefix.len()..])
 }
 
-/// The complete endpoint set of an agent in `zone` holding `table`: one entry per function with
-/// an external workload, in table order. URLs that cannot be parsed are skipped with a warning
-/// (the control plane validates them; a report must not fail because of one).
-pub fn compute(table: &Table, zone: &str) -> Vec<FunctionEndpoints> {
+/// The complete endpoint set of an agent in `zone` holding `table` and running `snapshot`: one
+/// entry per function with an external workload or live instances of a process workload, in
+/// table order. URLs that cannot be parsed are skipped with a warning (the control plane
+/// validates them; a report must not fail because of one).
+pub fn compute(table: &Table, zone: &str, snapshot: &Snapshot) -> Vec<FunctionEndpoints> {
     let mut set = Vec::new();
     for route in table.functions() {
-        let Some(local_workload::Kind::External(external)) =
-            route.workload.as_ref().and_then(|w| w.kind.as_ref())
-        else {
-            continue;
+        let external = match route.workload.as_ref().and_then(|w| w.kind.as_ref()) {
+            Some(local_workload::Kind::External(external)) => external,
+            Some(local_workload::Kind::Process(_)) => {
+                let key = FunctionKey::new(route.namespace.clone(), route.name.clone());
+                let Some(function) = snapshot.functions.get(&key) else {
+                    continue;
+                };
+                if !function.instances.is_empty() {
+                    set.push(FunctionEndpoints {
+                        namespace: route.namespace.clone(),
+                        name: route.name.clone(),
+                        endpoints: instance_endpoints(function, zone),
+                    });
+                }
+                continue;
+            }
+            None => continue,
         };
         let mut endpoints: Vec<Endpoint> = Vec::with_capacity(external.urls.len());
         for url in &external.urls {
@@ -109,7 +126,11 @@ pub fn report(set: &[FunctionEndpoints]) -> EndpointReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_proto::v1::{ExternalRegion, FunctionRoute, LocalWorkload, RoutingTable};
+    use meridian_proto::v1::{
+        ExternalRegion, FunctionRoute, LocalWorkload, ProcessRuntime, RoutingTable,
+    };
+
+    use crate::runtime::{FunctionRuntime, InstanceInfo, InstanceState};
 
     #[test]
     fn fnv1a64_matches_reference_vectors() {
@@ -196,7 +217,7 @@ mod tests {
             ],
         };
         let table = Table::from_wire(wire, "us-east").unwrap();
-        let set = compute(&table, "us-east-a");
+        let set = compute(&table, "us-east-a", &Snapshot::default());
         let summary: Vec<(String, Vec<String>)> = set
             .iter()
             .map(|f| {
@@ -212,5 +233,92 @@ mod tests {
             ]
         );
         assert_eq!(report(&set).functions, set);
+    }
+
+    #[test]
+    fn process_instances_are_reported_in_every_state() {
+        let process = |name: &str| FunctionRoute {
+            namespace: "default".into(),
+            name: name.into(),
+            workload: Some(LocalWorkload {
+                scale: Default::default(),
+                kind: Some(local_workload::Kind::Process(ProcessRuntime {
+                    command: "fn".into(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        let wire = RoutingTable {
+            local_generation: 0,
+            version: 1,
+            region: "us-east".into(),
+            functions: vec![process("idle"), process("busy"), process("unknown")],
+        };
+        let table = Table::from_wire(wire, "us-east").unwrap();
+        let instance = |id: &str, port: u16, state| InstanceInfo {
+            id: id.into(),
+            address: format!("127.0.1.1:{port}").parse().unwrap(),
+            state,
+            pid: 1,
+            started: std::time::SystemTime::UNIX_EPOCH,
+            ready: None,
+            restarts: 0,
+        };
+        let mut snapshot = Snapshot::default();
+        snapshot.functions.insert(
+            FunctionKey::new("default", "busy"),
+            FunctionRuntime {
+                instances: vec![
+                    instance("busy-000002", 4002, InstanceState::Draining),
+                    instance("busy-000001", 4001, InstanceState::Ready),
+                    instance("busy-000003", 4003, InstanceState::Starting),
+                ],
+                ..Default::default()
+            },
+        );
+        snapshot.functions.insert(
+            FunctionKey::new("default", "idle"),
+            FunctionRuntime::default(),
+        );
+        // Instances of a function the table does not have (draining after removal): left out.
+        snapshot.functions.insert(
+            FunctionKey::new("default", "gone"),
+            FunctionRuntime {
+                instances: vec![instance("gone-000001", 4009, InstanceState::Draining)],
+                ..Default::default()
+            },
+        );
+        let set = compute(&table, "us-east-a", &snapshot);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].name, "busy");
+        let summary: Vec<(&str, &str, i32, &str)> = set[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.id.as_str(), e.address.as_str(), e.state, e.zone.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "busy-000001",
+                    "127.0.1.1:4001",
+                    EndpointState::Ready as i32,
+                    "us-east-a"
+                ),
+                (
+                    "busy-000002",
+                    "127.0.1.1:4002",
+                    EndpointState::Draining as i32,
+                    "us-east-a"
+                ),
+                (
+                    "busy-000003",
+                    "127.0.1.1:4003",
+                    EndpointState::Starting as i32,
+                    "us-east-a"
+                ),
+            ]
+        );
     }
 }

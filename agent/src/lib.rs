@@ -4,13 +4,21 @@
 //! - [`state`]: the persisted routing table, written atomically.
 //! - [`table`]: applying full tables and deltas; what the agent refuses (Nacks).
 //! - [`session`]: one stream to one control-plane replica; [`connector`] rotates through replicas.
-//! - [`endpoints`]: the endpoints this agent reports.
-//! - [`local_api`]: `LocalRoutingService` for the region's sidecars.
+//! - [`endpoints`]: the endpoints this agent reports (external URLs, process instances).
+//! - [`runtime`]: runs the instances of `process` functions.
+//! - [`autoscaler`]: the KPA-style autoscaler per function, and the loop that drives the runtime.
+//! - [`load`]: the sidecars' load reports, and the drain gate built on them.
+//! - [`overlay`]: the table served to sidecars: local tiers filled from the runtime.
+//! - [`local_api`]: `LocalRoutingService` and `LoadService` for the region's sidecars,
+//!   `AgentApiService` (logs) for operators.
 
 pub mod address;
+pub mod autoscaler;
 pub mod connector;
 pub mod endpoints;
+pub mod load;
 pub mod local_api;
+pub mod overlay;
 pub mod runtime;
 pub mod session;
 pub mod state;

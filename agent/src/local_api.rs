@@ -1,30 +1,90 @@
-//! `LocalRoutingService`: the agent's API for the sidecars on its host, plus gRPC health. It only
-//! reads the latest accepted table from a `watch` channel, so it works the same with or without
-//! a control plane (static stability).
+//! The agent's API on its host: `LocalRoutingService` (the served table) and `LoadService` (load
+//! reports, activations) for sidecars, `AgentApiService` (instance logs) for operators, plus gRPC
+//! health. Tables come from a `watch` channel, so it works the same with or without a control
+//! plane (static stability).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
+use meridian_proto::v1::agent_api_service_server::{AgentApiService, AgentApiServiceServer};
+use meridian_proto::v1::load_service_server::{LoadService, LoadServiceServer};
 use meridian_proto::v1::local_routing_service_server::{
     LocalRoutingService, LocalRoutingServiceServer,
 };
 use meridian_proto::v1::{
-    GetRoutesRequest, RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
+    ActivateRequest, ActivateResponse, GetRoutesRequest, LoadReport, LoadReportResponse, LogLine,
+    LogsRequest, RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-/// The latest accepted table; `None` until the agent has one.
+use crate::autoscaler::Activation;
+use crate::load::LoadBook;
+use crate::runtime::{FunctionKey, LogStream, Runtime, RuntimeError};
+
+/// The latest table (accepted, or served with its overlay); `None` until the agent has one.
 pub type CurrentTable = Option<Arc<RoutingTable>>;
 
 /// Message of the NOT_FOUND answer to `Get` before the agent has any table.
 pub const NO_TABLE_YET: &str = "agent has no routing table yet";
+/// Lines per instance a `Logs` call with `tail_lines` 0 gets.
+pub const DEFAULT_TAIL_LINES: usize = 100;
+/// Namespace of requests that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// How long `Activate` waits for the autoscaler's answer.
+const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where `Logs` reads instance output: the runtime, or a fake in tests.
+pub trait LogSource: Send + Sync + 'static {
+    fn logs(
+        &self,
+        key: &FunctionKey,
+        instance: Option<String>,
+        tail: usize,
+        follow: bool,
+    ) -> Result<LogStream, RuntimeError>;
+}
+
+impl LogSource for Runtime {
+    fn logs(
+        &self,
+        key: &FunctionKey,
+        instance: Option<String>,
+        tail: usize,
+        follow: bool,
+    ) -> Result<LogStream, RuntimeError> {
+        Runtime::logs(self, key, instance, tail, follow)
+    }
+}
+
+/// Where load reports and activations go.
+#[derive(Debug, Clone)]
+struct LoadSink {
+    book: Arc<LoadBook>,
+    activations: mpsc::Sender<Activation>,
+}
+
+/// The agent's region and its instances' logs.
+#[derive(Clone)]
+struct Logs {
+    source: Arc<dyn LogSource>,
+    region: String,
+}
+
+impl std::fmt::Debug for Logs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logs")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalApiError {
@@ -32,19 +92,47 @@ pub enum LocalApiError {
     Serve(#[source] tonic::transport::Error),
 }
 
-/// The service; clone it freely, every clone reads the same channel.
+/// The services; clone it freely, every clone reads the same channel. Without
+/// [`LocalApi::with_load`] or [`LocalApi::with_logs`] those RPCs answer UNIMPLEMENTED.
 #[derive(Debug, Clone)]
 pub struct LocalApi {
     routes: watch::Receiver<CurrentTable>,
     refusals: Option<mpsc::Sender<TableReport>>,
+    load: Option<LoadSink>,
+    logs: Option<Logs>,
 }
 
 impl LocalApi {
+    /// `routes` is what sidecars are served; its publisher going away ends every stream (Watch
+    /// and followed logs), which lets graceful shutdown finish.
     pub fn new(routes: watch::Receiver<CurrentTable>) -> Self {
         Self {
             routes,
             refusals: None,
+            load: None,
+            logs: None,
         }
+    }
+
+    /// Load reports go to `book`; held requests and `Activate` calls to `activations`.
+    pub fn with_load(mut self, book: Arc<LoadBook>, activations: mpsc::Sender<Activation>) -> Self {
+        self.load = Some(LoadSink { book, activations });
+        self
+    }
+
+    /// `Logs` reads `source`; lines that name no region get `region`.
+    pub fn with_logs(mut self, source: Arc<dyn LogSource>, region: impl Into<String>) -> Self {
+        self.logs = Some(Logs {
+            source,
+            region: region.into(),
+        });
+        self
+    }
+
+    /// Resolves when the table publisher is gone (agent shutting down).
+    fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut routes = self.routes.clone();
+        async move { while routes.changed().await.is_ok() {} }
     }
 
     /// Sidecars' refusals of tables go to `refusals` (the session forwards them as Nacks).
@@ -107,8 +195,124 @@ impl LocalRoutingService for LocalApi {
     }
 }
 
-/// Serves `LocalRoutingService` and `grpc.health.v1.Health` on `listener` until `shutdown`
-/// resolves and the open streams have ended.
+/// The function a request names; an empty namespace is the default one.
+fn function_key(namespace: String, name: String) -> Result<FunctionKey, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument("name: required"));
+    }
+    let namespace = if namespace.is_empty() {
+        DEFAULT_NAMESPACE.to_owned()
+    } else {
+        namespace
+    };
+    Ok(FunctionKey::new(namespace, name))
+}
+
+#[tonic::async_trait]
+impl LoadService for LocalApi {
+    async fn report_load(
+        &self,
+        request: Request<LoadReport>,
+    ) -> Result<Response<LoadReportResponse>, Status> {
+        let Some(load) = &self.load else {
+            return Err(Status::unimplemented("this agent takes no load reports"));
+        };
+        let held = load
+            .book
+            .record(request.into_inner(), tokio::time::Instant::now());
+        for key in held {
+            // Full means the autoscaler is already busy with activations; the next report
+            // repeats this one while requests are held.
+            let _ = load.activations.try_send(Activation { key, reply: None });
+        }
+        Ok(Response::new(LoadReportResponse {}))
+    }
+
+    async fn activate(
+        &self,
+        request: Request<ActivateRequest>,
+    ) -> Result<Response<ActivateResponse>, Status> {
+        let Some(load) = &self.load else {
+            return Err(Status::unimplemented("this agent takes no activations"));
+        };
+        let ActivateRequest {
+            client,
+            namespace,
+            name,
+        } = request.into_inner();
+        let key = function_key(namespace, name)?;
+        tracing::debug!(%client, function = %key, "activation");
+        let (reply, answer) = oneshot::channel();
+        let activation = Activation {
+            key,
+            reply: Some(reply),
+        };
+        let shutting_down = || Status::unavailable("agent is shutting down");
+        match tokio::time::timeout(ACTIVATE_TIMEOUT, async {
+            load.activations
+                .send(activation)
+                .await
+                .map_err(|_| shutting_down())?;
+            answer.await.map_err(|_| shutting_down())
+        })
+        .await
+        {
+            Ok(Ok(instances)) => Ok(Response::new(ActivateResponse { instances })),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the autoscaler did not answer in time",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApiService for LocalApi {
+    type LogsStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Send>>;
+
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let Some(logs) = &self.logs else {
+            return Err(Status::unimplemented("this agent serves no logs"));
+        };
+        let LogsRequest {
+            namespace,
+            name,
+            tail_lines,
+            follow,
+            instance,
+        } = request.into_inner();
+        let key = function_key(namespace, name)?;
+        let tail = if tail_lines == 0 {
+            DEFAULT_TAIL_LINES
+        } else {
+            usize::try_from(tail_lines).unwrap_or(usize::MAX)
+        };
+        let instance = (!instance.is_empty()).then_some(instance);
+        let lines =
+            logs.source
+                .logs(&key, instance, tail, follow)
+                .map_err(|error| match error {
+                    RuntimeError::UnknownFunction(_) | RuntimeError::UnknownInstance { .. } => {
+                        Status::not_found(crate::error_chain(&error))
+                    }
+                    other => Status::internal(crate::error_chain(&other)),
+                })?;
+        let region = logs.region.clone();
+        let lines = futures::StreamExt::take_until(lines, self.closed()).map(move |mut line| {
+            if line.region.is_empty() {
+                line.region.clone_from(&region);
+            }
+            Ok(line)
+        });
+        Ok(Response::new(Box::pin(lines)))
+    }
+}
+
+/// Serves `LocalRoutingService`, `LoadService`, `AgentApiService` and `grpc.health.v1.Health` on
+/// `listener` until `shutdown` resolves and the open streams have ended.
 pub async fn serve(
     listener: TcpListener,
     api: LocalApi,
@@ -118,10 +322,25 @@ pub async fn serve(
     health
         .set_serving::<LocalRoutingServiceServer<LocalApi>>()
         .await;
+    if api.load.is_some() {
+        health.set_serving::<LoadServiceServer<LocalApi>>().await;
+    }
+    if api.logs.is_some() {
+        health
+            .set_serving::<AgentApiServiceServer<LocalApi>>()
+            .await;
+    }
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(LocalRoutingServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .add_service(LocalRoutingServiceServer::new(api.clone()))
+        .add_service(LoadServiceServer::new(api.clone()))
+        .add_service(AgentApiServiceServer::new(api))
+        // A listener passed in keeps Nagle on unless told otherwise: a table sent right after
+        // another (an instance READY just after STARTING) would wait for the delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(LocalApiError::Serve)
 }
@@ -218,5 +437,225 @@ mod tests {
         drop(publisher);
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    /// Lines of two instances, and a follow stream that never ends by itself.
+    struct FakeLogs;
+
+    impl LogSource for FakeLogs {
+        fn logs(
+            &self,
+            key: &FunctionKey,
+            instance: Option<String>,
+            tail: usize,
+            follow: bool,
+        ) -> Result<LogStream, RuntimeError> {
+            if key.name != "f" {
+                return Err(RuntimeError::UnknownFunction(key.to_string()));
+            }
+            let line = |instance: &str, n: usize| LogLine {
+                instance: instance.into(),
+                stream: "stdout".into(),
+                line: format!("{key} line {n}"),
+                region: String::new(),
+            };
+            let mut lines = Vec::new();
+            for id in ["f-aaaaaa", "f-bbbbbb"] {
+                if instance.as_deref().is_none_or(|i| i == id) {
+                    lines.extend((0..tail.min(3)).map(|n| line(id, n)));
+                }
+            }
+            let head = futures::stream::iter(lines);
+            if follow {
+                Ok(Box::pin(head.chain(futures::stream::pending())))
+            } else {
+                Ok(Box::pin(head))
+            }
+        }
+    }
+
+    struct Served {
+        channel: tonic::transport::Channel,
+        publisher: watch::Sender<CurrentTable>,
+        book: Arc<LoadBook>,
+        activations: mpsc::Receiver<Activation>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Result<(), LocalApiError>>,
+    }
+
+    async fn serve_everything() -> Served {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (publisher, routes) = watch::channel(Some(table(4)));
+        let book = Arc::new(LoadBook::new());
+        let (activations_tx, activations) = mpsc::channel(8);
+        let api = LocalApi::new(routes)
+            .with_load(Arc::clone(&book), activations_tx)
+            .with_logs(Arc::new(FakeLogs), "us-east");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, api, async {
+            let _ = stopped.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Served {
+            channel,
+            publisher,
+            book,
+            activations,
+            stop,
+            server,
+        }
+    }
+
+    #[tokio::test]
+    async fn load_reports_reach_the_book_and_held_requests_activate() {
+        use meridian_proto::v1::load_service_client::LoadServiceClient;
+        use meridian_proto::v1::FunctionLoad;
+
+        let mut served = serve_everything().await;
+        let mut client = LoadServiceClient::new(served.channel.clone());
+        let function = |name: &str, held: u32| FunctionLoad {
+            namespace: "default".into(),
+            name: name.into(),
+            average_concurrency: 2.0,
+            requests: 4,
+            held,
+            endpoints: vec![],
+        };
+        client
+            .report_load(LoadReport {
+                client: "sidecar-1".into(),
+                table_version: 4,
+                local_generation: 1,
+                window_ms: 1000,
+                functions: vec![function("f", 0), function("g", 2)],
+            })
+            .await
+            .unwrap();
+        let seen = served.book.observe(tokio::time::Instant::now());
+        assert_eq!(seen[&FunctionKey::new("default", "f")].requests, 4);
+        assert_eq!(seen[&FunctionKey::new("default", "g")].concurrency, 2.0);
+        let activation = served.activations.recv().await.unwrap();
+        assert_eq!(activation.key, FunctionKey::new("default", "g"));
+        assert!(activation.reply.is_none());
+
+        // Activate waits for the autoscaler's answer.
+        let call = tokio::spawn(async move {
+            client
+                .activate(ActivateRequest {
+                    client: "sidecar-1".into(),
+                    namespace: String::new(),
+                    name: "f".into(),
+                })
+                .await
+        });
+        let activation = served.activations.recv().await.unwrap();
+        assert_eq!(activation.key, FunctionKey::new("default", "f"));
+        activation.reply.unwrap().send(3).unwrap();
+        assert_eq!(call.await.unwrap().unwrap().into_inner().instances, 3);
+
+        let mut client = LoadServiceClient::new(served.channel.clone());
+        let status = client
+            .activate(ActivateRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        // No autoscaler any more: UNAVAILABLE, not a hang.
+        drop(served.activations);
+        let status = client
+            .activate(ActivateRequest {
+                name: "f".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        drop(served.publisher);
+        served.stop.send(()).unwrap();
+        served.server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn logs_tail_filter_and_follow_until_shutdown() {
+        use meridian_proto::v1::agent_api_service_client::AgentApiServiceClient;
+
+        let served = serve_everything().await;
+        let mut client = AgentApiServiceClient::new(served.channel.clone());
+        let request = |instance: &str, tail_lines: u32, follow: bool| LogsRequest {
+            namespace: "default".into(),
+            name: "f".into(),
+            tail_lines,
+            follow,
+            instance: instance.into(),
+        };
+        let mut stream = client
+            .logs(request("", 2, false))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut lines = Vec::new();
+        while let Some(line) = stream.message().await.unwrap() {
+            assert_eq!(line.region, "us-east");
+            lines.push(format!("{} {}", line.instance, line.line));
+        }
+        assert_eq!(
+            lines,
+            [
+                "f-aaaaaa default/f line 0",
+                "f-aaaaaa default/f line 1",
+                "f-bbbbbb default/f line 0",
+                "f-bbbbbb default/f line 1",
+            ]
+        );
+
+        let status = client
+            .logs(LogsRequest {
+                name: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().contains("default/nope"),
+            "{}",
+            status.message()
+        );
+
+        // tail 0 means the default; a followed stream stays open until the agent shuts down.
+        let mut stream = client
+            .logs(request("f-bbbbbb", 0, true))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..3 {
+            let line = stream.message().await.unwrap().unwrap();
+            assert_eq!(line.instance, "f-bbbbbb");
+        }
+        drop(served.publisher);
+        assert!(stream.message().await.unwrap().is_none());
+        served.stop.send(()).unwrap();
+        served.server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_load_or_logs_the_calls_are_unimplemented() {
+        let (_publisher, routes) = watch::channel(None);
+        let api = LocalApi::new(routes);
+        let status = api
+            .report_load(Request::new(LoadReport::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+        let status = api
+            .logs(Request::new(LogsRequest::default()))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status.code(), Code::Unimplemented);
     }
 }

@@ -1,27 +1,35 @@
 //! `meridian-agent`: flags, the start-up order that makes the agent statically stable (persisted
-//! table, then the local API, then the control plane), and shutdown.
+//! table, then the runtime with its instances, then the local API, then the control plane), and
+//! shutdown (instances stopped before the agent exits).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser;
 use meridian_agent::address::parse_host_port;
+use meridian_agent::autoscaler::{Scaler, ScalerConfig, Windows};
 use meridian_agent::connector::{Connector, ConnectorError};
+use meridian_agent::load::LoadBook;
 use meridian_agent::local_api;
+use meridian_agent::overlay::{self, Overlay};
+use meridian_agent::runtime::{Runtime, RuntimeConfig};
 use meridian_agent::session::{AgentState, GrpcDialer, Identity};
 use meridian_agent::state::StateStore;
 use meridian_common::backoff::Backoff;
 use meridian_common::names::validate_dns_label;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Exit code for bad flags and for a control plane that refuses this agent's identity.
 const EXIT_USAGE: u8 = 2;
 /// How long open local streams get to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Activations queued for the autoscaler; more are dropped (the sidecar retries them).
+const ACTIVATION_QUEUE: usize = 256;
 
 /// Meridian's per-region agent: holds a stream to the control plane, persists the routing
 /// table it accepts, and serves it to the region's sidecars.
@@ -51,16 +59,39 @@ struct Args {
         value_delimiter = ','
     )]
     control_plane: Vec<String>,
-    /// Directory of the persisted routing table.
+    /// Directory of the persisted routing table, the instance records (instances.json), the
+    /// instances' working directories (instances/) and their logs (logs/).
     #[arg(
         long,
         env = "MERIDIAN_STATE_DIR",
         default_value = "/var/lib/meridian/agent"
     )]
     state_dir: PathBuf,
-    /// Address of the local routing API (LocalRoutingService) for sidecars.
+    /// Address of the agent's API: LocalRoutingService and LoadService for sidecars,
+    /// AgentApiService (logs) for operators.
     #[arg(long, env = "MERIDIAN_AGENT_LISTEN", default_value = "127.0.0.1:7100")]
     listen: SocketAddr,
+    /// host:port of the agent's API as others should dial it (told to the control plane, for
+    /// `meridianctl logs`) [default: the bound --listen address].
+    #[arg(long, env = "MERIDIAN_API_ADDRESS")]
+    api_address: Option<String>,
+    /// IP address function instances bind (their HOST) and sidecars dial [default: the host of
+    /// --gateway].
+    #[arg(long, env = "MERIDIAN_INSTANCE_HOST")]
+    instance_host: Option<IpAddr>,
+    /// Autoscaler: seconds of concurrency averaged for the stable decision.
+    #[arg(long, env = "MERIDIAN_STABLE_WINDOW_SECS", default_value_t = 60)]
+    stable_window_secs: u64,
+    /// Autoscaler: seconds of concurrency averaged to detect a burst (panic mode).
+    #[arg(long, env = "MERIDIAN_PANIC_WINDOW_SECS", default_value_t = 6)]
+    panic_window_secs: u64,
+    /// Longest wait, in seconds, for sidecars to stop using a draining instance before it is
+    /// stopped.
+    #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+    /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
+    #[arg(long, env = "MERIDIAN_STOP_GRACE_SECS", default_value_t = 10)]
+    stop_grace_secs: u64,
     /// First reconnect delay ceiling, in milliseconds.
     #[arg(long, env = "MERIDIAN_RECONNECT_BASE_MS", default_value_t = 100)]
     reconnect_base_ms: u64,
@@ -76,6 +107,11 @@ struct Config {
     control_plane: Vec<String>,
     state_dir: PathBuf,
     listen: SocketAddr,
+    api_address: Option<String>,
+    instance_host: IpAddr,
+    windows: Windows,
+    drain_timeout: Duration,
+    stop_grace: Duration,
     backoff: Backoff,
 }
 
@@ -91,6 +127,12 @@ impl Config {
             control_plane,
             state_dir,
             listen,
+            api_address,
+            instance_host,
+            stable_window_secs,
+            panic_window_secs,
+            drain_timeout_secs,
+            stop_grace_secs,
             reconnect_base_ms,
             reconnect_max_ms,
         } = args;
@@ -105,7 +147,30 @@ impl Config {
         if cloud.is_empty() {
             return Err("invalid --cloud: must not be empty".into());
         }
-        parse_host_port(&gateway).map_err(|e| format!("invalid --gateway {gateway:?}: {e}"))?;
+        let gateway_address =
+            parse_host_port(&gateway).map_err(|e| format!("invalid --gateway {gateway:?}: {e}"))?;
+        let instance_host = match instance_host {
+            Some(host) => host,
+            None => gateway_address.host.parse::<IpAddr>().map_err(|_| {
+                format!(
+                    "--gateway host {:?} is not an IP address: give --instance-host",
+                    gateway_address.host
+                )
+            })?,
+        };
+        if let Some(api_address) = &api_address {
+            parse_host_port(api_address)
+                .map_err(|e| format!("invalid --api-address {api_address:?}: {e}"))?;
+        }
+        if stable_window_secs == 0 {
+            return Err("invalid --stable-window-secs: must be at least 1".into());
+        }
+        if panic_window_secs == 0 || panic_window_secs > stable_window_secs {
+            return Err(format!(
+                "invalid --panic-window-secs {panic_window_secs}: must be between 1 and \
+                 --stable-window-secs ({stable_window_secs})"
+            ));
+        }
         let control_plane = control_plane_urls(&control_plane)?;
         if reconnect_base_ms == 0 {
             return Err("invalid --reconnect-base-ms: must be at least 1".into());
@@ -127,6 +192,14 @@ impl Config {
             control_plane,
             state_dir,
             listen,
+            api_address,
+            instance_host,
+            windows: Windows {
+                stable: Duration::from_secs(stable_window_secs),
+                panic: Duration::from_secs(panic_window_secs),
+            },
+            drain_timeout: Duration::from_secs(drain_timeout_secs),
+            stop_grace: Duration::from_secs(stop_grace_secs),
             backoff: Backoff::new(
                 Duration::from_millis(reconnect_base_ms),
                 Duration::from_millis(reconnect_max_ms),
@@ -180,8 +253,16 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         control_plane,
         state_dir,
         listen,
+        api_address,
+        instance_host,
+        windows,
+        drain_timeout,
+        stop_grace,
         backoff,
     } = config;
+    // Listening from the start: a SIGTERM while instances are being started must still stop
+    // them, not kill the agent outright and leave them behind.
+    let stop_signal = tokio::spawn(meridian_common::shutdown::signal());
 
     // 1. The persisted table, before anything else: it is what we serve without a control plane.
     let store = StateStore::open(&state_dir).context("cannot open the state directory")?;
@@ -196,26 +277,146 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         ),
         None => tracing::info!(dir = %state_dir.display(), "no persisted routing table"),
     }
-    let (publisher, routes) = watch::channel(None);
-    let state = AgentState::new(identity, store, publisher, held);
+    let (publisher, accepted) = watch::channel(None);
+    let state = AgentState::new(identity.clone(), store, publisher, held);
 
-    // 2. The local API, serving that table.
+    // 2. The runtime: first it kills what a previous agent left running.
+    let book = Arc::new(LoadBook::new());
+    let runtime = Runtime::start(
+        RuntimeConfig {
+            state_dir: state_dir.clone(),
+            instance_host,
+            region: identity.region.clone(),
+            stop_grace,
+            drain_timeout,
+        },
+        Arc::clone(&book) as _,
+    )
+    .await
+    .context("cannot start the process runtime")?;
+
+    let served = serve(
+        identity,
+        state,
+        accepted,
+        &runtime,
+        book,
+        Serving {
+            control_plane,
+            listen,
+            api_address,
+            windows,
+            backoff,
+            stop_signal,
+        },
+    )
+    .await;
+    let code = match served {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    };
+
+    // Whatever ended the agent, its instances must not outlive it.
+    tracing::info!("stopping function instances");
+    runtime.shutdown().await;
+    tracing::info!("agent stopped");
+    Ok(code)
+}
+
+/// What `serve` needs besides the state and the runtime.
+struct Serving {
+    control_plane: Vec<String>,
+    listen: SocketAddr,
+    api_address: Option<String>,
+    windows: Windows,
+    backoff: Backoff,
+    /// Resolves on SIGTERM or SIGINT.
+    stop_signal: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the served table, the autoscaler, the local API and the control-plane connection until
+/// a signal, a refusal or a failure; returns the exit code. The runtime is left running.
+async fn serve(
+    identity: Identity,
+    state: AgentState,
+    accepted: watch::Receiver<local_api::CurrentTable>,
+    runtime: &Runtime,
+    book: Arc<LoadBook>,
+    serving: Serving,
+) -> anyhow::Result<ExitCode> {
+    let Serving {
+        control_plane,
+        listen,
+        api_address,
+        windows,
+        backoff,
+        mut stop_signal,
+    } = serving;
+
+    // 3. The table sidecars are served: the accepted one with the instances overlaid. Its
+    //    generations start at the wall clock (ms) so that they keep growing across restarts.
+    let (served_publisher, served) = watch::channel(None);
+    let first_generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let overlay_task = tokio::spawn(overlay::run(
+        Overlay::new(identity.zone.clone(), first_generation),
+        accepted.clone(),
+        runtime.subscribe(),
+        served_publisher,
+        Arc::clone(&book),
+    ));
+
+    // 4. The autoscaler: runs the table's process functions from the persisted table already.
+    let (activations, activations_rx) = mpsc::channel(ACTIVATION_QUEUE);
+    let (scaler, scale_status) = Scaler::new(
+        ScalerConfig {
+            region: identity.region.clone(),
+            agent_id: identity.agent_id.clone(),
+            windows,
+        },
+        runtime.clone(),
+        Arc::clone(&book),
+    );
+    let scaler_task = tokio::spawn(scaler.run(accepted, runtime.subscribe(), activations_rx));
+
+    // 5. The local API, serving that table.
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local_addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let api_address = api_address.unwrap_or_else(|| {
+        if local_addr.ip().is_unspecified() {
+            tracing::warn!(
+                "listening on {local_addr}: operators' tools cannot dial that; give --api-address"
+            );
+        }
+        local_addr.to_string()
+    });
     let (stop_server, server_stopped) = oneshot::channel::<()>();
-    let (refusals, refused) = tokio::sync::mpsc::channel(64);
-    let mut state = state.with_sidecar_refusals(refused);
-    let api = local_api::LocalApi::new(routes).with_refusals(refusals);
+    let (refusals, refused) = mpsc::channel(64);
+    let mut state = state
+        .with_sidecar_refusals(refused)
+        .with_api_address(api_address.clone())
+        .with_instances(runtime.subscribe())
+        .with_scale_status(scale_status);
+    let api = local_api::LocalApi::new(served)
+        .with_refusals(refusals)
+        .with_load(book, activations)
+        .with_logs(Arc::new(runtime.clone()), identity.region.clone());
     let mut server = tokio::spawn(local_api::serve(listener, api, async {
         let _ = server_stopped.await;
     }));
+    // The address ends the line: tests and scripts read it from there.
+    tracing::info!("advertising agent API as {api_address}");
     tracing::info!("serving local routing API on {local_addr}");
 
-    // 3. The control plane.
+    // 6. The control plane.
     let mut connector = Connector::new(control_plane, GrpcDialer::default(), backoff)?;
     let mut code = ExitCode::SUCCESS;
     tokio::select! {
@@ -227,7 +428,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
                 code = ExitCode::FAILURE;
             }
         }
-        () = meridian_common::shutdown::signal() => {}
+        _ = &mut stop_signal => {}
         served = &mut server => {
             // The server only returns early when it fails.
             served.context("local routing API task failed")??;
@@ -235,9 +436,17 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
     }
 
-    // Dropping the state drops the table publisher, which ends every open Watch stream, so the
-    // graceful shutdown below does not wait on sidecars.
+    // Dropping the state drops the accepted-table publisher: the autoscaler stops (no more
+    // instance changes), and the overlay stops, dropping the served-table publisher, which
+    // ends every open Watch and followed Logs stream, so the graceful shutdown below does not
+    // wait on sidecars.
     drop(state);
+    if let Err(error) = scaler_task.await {
+        tracing::warn!(%error, "autoscaler task failed");
+    }
+    if let Err(error) = overlay_task.await {
+        tracing::warn!(%error, "served-table task failed");
+    }
     let _ = stop_server.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(served) => served.context("local routing API task failed")??,
@@ -245,7 +454,6 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             "local API connections still open after {SHUTDOWN_GRACE:?}; exiting anyway"
         ),
     }
-    tracing::info!("agent stopped");
     Ok(code)
 }
 
@@ -268,6 +476,29 @@ mod tests {
         assert_eq!(config.identity.gateway, "127.0.0.1:15002");
         assert_eq!(config.control_plane, ["http://127.0.0.1:7000"]);
         assert_eq!(config.listen, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(config.api_address, None);
+        assert_eq!(config.instance_host, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(config.windows, Windows::default());
+        assert_eq!(config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.stop_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn instance_host_follows_the_gateway_unless_given() {
+        let config = Config::from_args(args(&["--gateway", "127.0.2.1:15002"])).unwrap();
+        assert_eq!(config.instance_host, "127.0.2.1".parse::<IpAddr>().unwrap());
+        let config = Config::from_args(args(&["--gateway", "[::1]:15002"])).unwrap();
+        assert_eq!(config.instance_host, "::1".parse::<IpAddr>().unwrap());
+        let config = Config::from_args(args(&[
+            "--gateway",
+            "gw.example:15002",
+            "--instance-host",
+            "10.0.0.5",
+        ]))
+        .unwrap();
+        assert_eq!(config.instance_host, "10.0.0.5".parse::<IpAddr>().unwrap());
+        let error = Config::from_args(args(&["--gateway", "gw.example:15002"])).unwrap_err();
+        assert!(error.contains("--instance-host"), "{error}");
     }
 
     #[test]
@@ -288,5 +519,9 @@ mod tests {
         assert!(bad(&["--control-plane", ","]).starts_with("invalid --control-plane"));
         assert!(bad(&["--reconnect-base-ms", "0"]).starts_with("invalid --reconnect-base-ms"));
         assert!(bad(&["--reconnect-max-ms", "10"]).starts_with("invalid --reconnect-max-ms"));
+        assert!(bad(&["--api-address", "h"]).starts_with("invalid --api-address"));
+        assert!(bad(&["--stable-window-secs", "0"]).starts_with("invalid --stable-window-secs"));
+        assert!(bad(&["--panic-window-secs", "0"]).starts_with("invalid --panic-window-secs"));
+        assert!(bad(&["--panic-window-secs", "61"]).starts_with("invalid --panic-window-secs"));
     }
 }

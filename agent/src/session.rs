@@ -1,6 +1,7 @@
 //! One push stream to one control-plane replica: Hello, then apply each update, persist it, Ack
-//! it and publish it (or Nack it and keep the old table), report endpoints, and exchange
-//! heartbeats until the stream fails or falls silent.
+//! it and publish it (or Nack it and keep the old table), report endpoints (external URLs and
+//! process instances, again whenever instances change) and the scale state of process
+//! functions, and exchange heartbeats until the stream fails or falls silent.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,15 +12,17 @@ use futures::StreamExt;
 use meridian_proto::v1::agent_service_client::AgentServiceClient;
 use meridian_proto::v1::{
     agent_message, control_message, Ack, AgentMessage, ControlMessage, FunctionEndpoints,
-    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate, TableReport,
+    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate, ScaleReport, TableReport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{self, Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use crate::autoscaler::ScaleStatus;
 use crate::endpoints;
 use crate::local_api::CurrentTable;
+use crate::runtime::Snapshot;
 use crate::state::StateStore;
 use crate::table::{self, Table};
 
@@ -32,6 +35,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Messages queued towards the control plane. Small: acks and reports are few, and a control
 /// plane that does not read is detected by the send timeout, not by a large buffer.
 const OUTBOUND_BUFFER: usize = 16;
+/// Instance changes come in bursts (spawn, ready, a neighbour draining): one report per burst.
+pub const ENDPOINT_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Scale reports change with the load every second; at most one per this interval.
+pub const SCALE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a session ended. The connector retries after all of them except a refusal.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +181,12 @@ pub struct AgentState {
     timing: Timing,
     /// Tables the local sidecars could not compile, to be Nacked upstream.
     sidecar_refusals: Option<mpsc::Receiver<TableReport>>,
+    /// The address of the agent's API, told in the Hello (empty: not served).
+    api_address: String,
+    /// The runtime's instances, reported as endpoints of process functions.
+    instances: Option<watch::Receiver<Arc<Snapshot>>>,
+    /// The autoscaler's state, reported as `ScaleReport`s.
+    scale: Option<watch::Receiver<ScaleStatus>>,
 }
 
 impl AgentState {
@@ -193,7 +206,28 @@ impl AgentState {
             held,
             timing: Timing::default(),
             sidecar_refusals: None,
+            api_address: String::new(),
+            instances: None,
+            scale: None,
         }
+    }
+
+    /// The agent's API address (`host:port`), for operators' tools to find it.
+    pub fn with_api_address(mut self, api_address: impl Into<String>) -> Self {
+        self.api_address = api_address.into();
+        self
+    }
+
+    /// Instances of process functions are reported as endpoints, on every change.
+    pub fn with_instances(mut self, instances: watch::Receiver<Arc<Snapshot>>) -> Self {
+        self.instances = Some(instances);
+        self
+    }
+
+    /// The autoscaler's state is reported upstream as it changes.
+    pub fn with_scale_status(mut self, scale: watch::Receiver<ScaleStatus>) -> Self {
+        self.scale = Some(scale);
+        self
     }
 
     /// Refusals reported by sidecars (see `LocalApi::with_refusals`) are forwarded as Nacks.
@@ -224,8 +258,24 @@ impl AgentState {
             cloud: id.cloud.clone(),
             gateway: id.gateway.clone(),
             last_version: self.held.as_ref().map_or(0, Table::version),
-            api_address: String::new(),
+            api_address: self.api_address.clone(),
         }))
+    }
+
+    /// The endpoints the held table and the runtime's instances imply now.
+    fn endpoint_set(&self) -> Option<Vec<FunctionEndpoints>> {
+        let held = self.held.as_ref()?;
+        let snapshot = self
+            .instances
+            .as_ref()
+            .map(|instances| Arc::clone(&instances.borrow()))
+            .unwrap_or_default();
+        Some(endpoints::compute(held, &self.identity.zone, &snapshot))
+    }
+
+    /// The scale state now; `None` without an autoscaler.
+    fn scale_status(&self) -> Option<ScaleStatus> {
+        self.scale.as_ref().map(|scale| Arc::clone(&scale.borrow()))
     }
 }
 
@@ -244,12 +294,18 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
     // Report what the held table implies right away: a control plane that finds us up to date
     // sends no update, and the endpoints must not wait for the next change to be re-registered
     // under this stream's lease.
-    if let Some(held) = &state.held {
-        let set = endpoints::compute(held, &state.identity.zone);
+    let reported = state.endpoint_set();
+    if let Some(set) = &reported {
         first.push(message(agent_message::Kind::Endpoints(endpoints::report(
-            &set,
+            set,
         ))));
     }
+    // The same for the scale state: the control plane's copy went with the previous stream.
+    let scale_reported = state.scale_status().filter(|status| !status.is_empty());
+    if let Some(status) = &scale_reported {
+        first.push(message(agent_message::Kind::Scale(scale_report(status))));
+    }
+    let scale_sent_at = scale_reported.as_ref().map(|_| Instant::now());
     for msg in first {
         // The buffer is empty and larger than `first`: this cannot fail.
         let _ = tx.try_send(msg);
@@ -268,7 +324,11 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
         state,
         tx,
         received_update: false,
-        reported: None,
+        reported,
+        endpoints_due: None,
+        scale_reported,
+        scale_sent_at,
+        scale_due: None,
         parts: Vec::new(),
     };
     let error = stream.run(inbound).await;
@@ -286,13 +346,43 @@ fn message(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
 
+fn scale_report(status: &ScaleStatus) -> ScaleReport {
+    ScaleReport {
+        functions: status.to_vec(),
+    }
+}
+
+/// Waits for a change on an optional channel; never resolves without one or once it closed
+/// (the caller then stops polling it).
+async fn next_change<T>(receiver: &mut Option<watch::Receiver<T>>) -> bool {
+    match receiver {
+        Some(receiver) => receiver.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One open stream's bookkeeping.
 struct OpenStream<'a> {
     state: &'a mut AgentState,
     tx: mpsc::Sender<AgentMessage>,
     received_update: bool,
-    /// The endpoint set last reported after an update on this stream; `None` before the first.
+    /// The endpoint set last reported on this stream; `None` before the first.
     reported: Option<Vec<FunctionEndpoints>>,
+    /// When to look at changed instances again (debounced).
+    endpoints_due: Option<Instant>,
+    /// The scale state last reported on this stream, and when.
+    scale_reported: Option<ScaleStatus>,
+    scale_sent_at: Option<Instant>,
+    /// A changed scale state waits until then (at most one report per interval).
+    scale_due: Option<Instant>,
     /// Parts of an update received so far (`more` was set); applied when the last arrives.
     parts: Vec<RoutingUpdate>,
 }
@@ -306,8 +396,38 @@ impl OpenStream<'_> {
         let mut heartbeat = time::interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut deadline = Instant::now() + timing.silence;
+        let mut watch_instances = self.state.instances.is_some();
+        let mut watch_scale = self.state.scale.is_some();
         loop {
             tokio::select! {
+                changed = next_change(&mut self.state.instances), if watch_instances => {
+                    watch_instances = changed;
+                    if changed && self.endpoints_due.is_none() {
+                        self.endpoints_due = Some(Instant::now() + ENDPOINT_DEBOUNCE);
+                    }
+                }
+                () = sleep_until_some(self.endpoints_due) => {
+                    self.endpoints_due = None;
+                    if let Err(error) = self.report_endpoints().await {
+                        return error;
+                    }
+                }
+                changed = next_change(&mut self.state.scale), if watch_scale => {
+                    watch_scale = changed;
+                    if changed && self.scale_due.is_none() {
+                        let now = Instant::now();
+                        let earliest = self
+                            .scale_sent_at
+                            .map_or(now, |at| at + SCALE_REPORT_INTERVAL);
+                        self.scale_due = Some(earliest.max(now));
+                    }
+                }
+                () = sleep_until_some(self.scale_due) => {
+                    self.scale_due = None;
+                    if let Err(error) = self.report_scale().await {
+                        return error;
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let beat = Heartbeat { unix_ms: unix_ms() };
                     if let Err(error) = self.send(agent_message::Kind::Heartbeat(beat)).await {
@@ -415,14 +535,40 @@ impl OpenStream<'_> {
         );
         let state = &mut *self.state;
         state.publisher.send_replace(Some(wire));
-        let set = endpoints::compute(&table, &state.identity.zone);
         state.held = Some(table);
+        self.report_endpoints().await
+    }
+
+    /// Sends the endpoint set if it differs from the last one sent on this stream.
+    async fn report_endpoints(&mut self) -> Result<(), SessionError> {
+        let Some(set) = self.state.endpoint_set() else {
+            return Ok(());
+        };
         if self.reported.as_ref() != Some(&set) {
             let report = endpoints::report(&set);
             self.reported = Some(set);
             self.send(agent_message::Kind::Endpoints(report)).await?;
         }
         Ok(())
+    }
+
+    /// Sends the scale state if it differs from the last one sent on this stream.
+    async fn report_scale(&mut self) -> Result<(), SessionError> {
+        let Some(status) = self.state.scale_status() else {
+            return Ok(());
+        };
+        let unchanged = match &self.scale_reported {
+            Some(reported) => **reported == *status,
+            // Nothing to say yet: no process function here.
+            None => status.is_empty(),
+        };
+        if unchanged {
+            return Ok(());
+        }
+        self.scale_sent_at = Some(Instant::now());
+        let report = scale_report(&status);
+        self.scale_reported = Some(status);
+        self.send(agent_message::Kind::Scale(report)).await
     }
 
     async fn nack(&mut self, version: i64, reason: String) -> Result<(), SessionError> {
@@ -939,5 +1085,173 @@ mod tests {
         );
         // Other codes are retried.
         assert!(!SessionError::from_status(Status::unavailable("x")).is_refusal());
+    }
+
+    mod instances_and_scale {
+        use super::*;
+        use meridian_proto::v1::{EndpointState, FunctionScale, ProcessRuntime, RegionScale};
+
+        use crate::runtime::{FunctionKey, FunctionRuntime, InstanceInfo, InstanceState};
+
+        fn process(name: &str) -> FunctionRoute {
+            FunctionRoute {
+                namespace: "default".into(),
+                name: name.into(),
+                function_version: 1,
+                workload: Some(LocalWorkload {
+                    scale: Default::default(),
+                    kind: Some(local_workload::Kind::Process(ProcessRuntime {
+                        command: "fn".into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }
+        }
+
+        fn running(states: &[InstanceState]) -> Arc<Snapshot> {
+            let instances = states
+                .iter()
+                .enumerate()
+                .map(|(n, state)| InstanceInfo {
+                    id: format!("f-00000{n}"),
+                    address: format!("127.0.1.1:{}", 4000 + n).parse().unwrap(),
+                    state: *state,
+                    pid: 1,
+                    started: UNIX_EPOCH,
+                    ready: None,
+                    restarts: 0,
+                })
+                .collect();
+            let mut snapshot = Snapshot::default();
+            snapshot.functions.insert(
+                FunctionKey::new("default", "f"),
+                FunctionRuntime {
+                    instances,
+                    ..Default::default()
+                },
+            );
+            Arc::new(snapshot)
+        }
+
+        fn status(desired: u32) -> ScaleStatus {
+            Arc::new(vec![FunctionScale {
+                namespace: "default".into(),
+                name: "f".into(),
+                scale: Some(RegionScale {
+                    desired,
+                    ..Default::default()
+                }),
+            }])
+        }
+
+        fn endpoint_states(kind: agent_message::Kind) -> Vec<i32> {
+            let agent_message::Kind::Endpoints(report) = kind else {
+                panic!("expected an endpoint report, got {kind:?}");
+            };
+            report.functions[0]
+                .endpoints
+                .iter()
+                .map(|e| e.state)
+                .collect()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn hello_names_the_api_and_instances_and_scale_are_reported() {
+            let held = table::apply_full("us-east", &full(5, vec![process("f")])).unwrap();
+            let Harness { state, _dir, .. } = harness(Some(held));
+            let (instances, instances_rx) = watch::channel(running(&[InstanceState::Starting]));
+            let (scale, scale_rx) = watch::channel(status(1));
+            let state = state
+                .with_api_address("127.0.1.1:7100")
+                .with_instances(instances_rx)
+                .with_scale_status(scale_rx);
+            let (dialer, mut attempts) = dialer();
+            let _session = spawn_session(state, dialer);
+            let (_cp, mut agent) = attempts.recv().await.unwrap().accept();
+
+            let agent_message::Kind::Hello(hello) = agent.next().await else {
+                panic!("first message is not a hello");
+            };
+            assert_eq!(hello.api_address, "127.0.1.1:7100");
+            // The held table's endpoints and the scale state, at once.
+            assert_eq!(
+                endpoint_states(agent.next().await),
+                [EndpointState::Starting as i32]
+            );
+            let agent_message::Kind::Scale(report) = agent.next().await else {
+                panic!("expected a scale report");
+            };
+            assert_eq!(report.functions, *status(1));
+            let start = Instant::now();
+
+            // A burst of instance changes: one report, 100 ms after the first.
+            instances.send_replace(running(&[InstanceState::Ready]));
+            time::sleep(Duration::from_millis(30)).await;
+            instances.send_replace(running(&[InstanceState::Ready, InstanceState::Starting]));
+            let states = endpoint_states(agent.next_non_heartbeat().await);
+            assert_eq!(
+                states,
+                [EndpointState::Ready as i32, EndpointState::Starting as i32]
+            );
+            assert_eq!(Instant::now() - start, ENDPOINT_DEBOUNCE);
+            // A change that leaves the endpoints alone (another snapshot, same instances)
+            // sends nothing; the next real one does.
+            instances.send_replace(running(&[InstanceState::Ready, InstanceState::Starting]));
+            time::sleep(Duration::from_millis(300)).await;
+            instances.send_replace(running(&[InstanceState::Draining]));
+            let states = endpoint_states(agent.next_non_heartbeat().await);
+            assert_eq!(states, [EndpointState::Draining as i32]);
+
+            // Scale: the first change waits out the second since the report at the start,
+            // and two changes in that time are one report of the latest.
+            let since_start = Instant::now() - start;
+            assert!(since_start < SCALE_REPORT_INTERVAL);
+            scale.send_replace(status(2));
+            scale.send_replace(status(3));
+            let agent_message::Kind::Scale(report) = agent.next_non_heartbeat().await else {
+                panic!("expected a scale report");
+            };
+            assert_eq!(report.functions, *status(3));
+            assert_eq!(Instant::now() - start, SCALE_REPORT_INTERVAL);
+            // After a quiet second, a change goes out at once.
+            time::sleep(Duration::from_secs(2)).await;
+            let changed_at = Instant::now();
+            scale.send_replace(status(0));
+            let agent_message::Kind::Scale(report) = agent.next_non_heartbeat().await else {
+                panic!("expected a scale report");
+            };
+            assert_eq!(report.functions, *status(0));
+            assert_eq!(Instant::now(), changed_at);
+            // The function is gone: an empty report, so the control plane drops its entry.
+            time::sleep(Duration::from_secs(1)).await;
+            scale.send_replace(Arc::new(Vec::new()));
+            let agent_message::Kind::Scale(report) = agent.next_non_heartbeat().await else {
+                panic!("expected a scale report");
+            };
+            assert!(report.functions.is_empty());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn no_scale_report_until_there_is_a_process_function() {
+            let Harness { state, _dir, .. } = harness(None);
+            let (scale, scale_rx) = watch::channel(Arc::new(Vec::new()));
+            let state = state.with_scale_status(scale_rx);
+            let (dialer, mut attempts) = dialer();
+            let _session = spawn_session(state, dialer);
+            let (_cp, mut agent) = attempts.recv().await.unwrap().accept();
+            assert!(matches!(agent.next().await, agent_message::Kind::Hello(_)));
+            // A change to the same empty state says nothing; the heartbeat comes first.
+            scale.send_replace(Arc::new(Vec::new()));
+            assert!(matches!(
+                agent.next().await,
+                agent_message::Kind::Heartbeat(_)
+            ));
+            scale.send_replace(status(1));
+            let agent_message::Kind::Scale(report) = agent.next_non_heartbeat().await else {
+                panic!("expected a scale report");
+            };
+            assert_eq!(report.functions, *status(1));
+        }
     }
 }

@@ -3,9 +3,9 @@
 //! Hello, and graceful shutdown on SIGTERM.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meridian_agent::state::StateStore;
@@ -16,73 +16,7 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_meridian-agent");
-
-/// The agent's stderr, line by line, from a reader thread.
-struct Agent {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-}
-
-impl Agent {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(AGENT)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for(&self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        for _ in 0..100 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.child.kill().unwrap();
-        panic!("agent did not exit within 10 s");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port that was free a moment ago (nothing listens on it).
-fn dead_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
+use support::{dead_port, Agent, AGENT};
 
 #[test]
 fn bad_region_exits_2_naming_the_flag() {
@@ -146,10 +80,8 @@ async fn serves_persisted_table_without_control_plane_and_stops_on_sigterm() {
 
     // SIGTERM: open Watch streams end, and the agent exits at once rather than after the
     // shutdown grace period.
-    let pid = agent.child.id().to_string();
     let started = Instant::now();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
+    agent.terminate();
     assert!(!matches!(watch.message().await, Ok(Some(_))));
     let code = tokio::task::spawn_blocking(move || agent.wait_exit())
         .await

@@ -197,7 +197,8 @@ async fn main() -> anyhow::Result<()> {
         .add_service(ScaleServiceServer::new(ScaleApi::new(store.clone())))
         .add_service(AgentServiceServer::new(push))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY a small push can wait ~40 ms on the agent's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 meridian_common::shutdown::signal().await;
                 // End agent streams so that the server's graceful shutdown can complete.

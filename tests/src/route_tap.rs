@@ -210,7 +210,7 @@ impl RouteTap {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(load)
-                .serve_with_incoming(TcpIncoming::from(listener))
+                .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
                 .await;
         });
         Ok(RouteTap { addr, shared, task })

@@ -12,17 +12,30 @@ use meridian_tests::{
 };
 use tokio::time::Instant;
 
+/// Waits until us-east reports `ready` instances of `name` and exactly those processes run
+/// (a report of a previous agent may linger briefly); returns their pids.
 async fn running(cp: &str, name: &str, ready: u32) -> Result<BTreeSet<u32>> {
-    let scale = wait_scale(
-        cp,
-        name,
-        "us-east",
+    poll_until(
         Duration::from_secs(20),
-        &format!("{ready} ready instances of {name}"),
-        |s| s.ready == ready && s.starting == 0 && s.draining == 0,
+        &format!("{ready} ready instances of {name}, reported and running"),
+        || async {
+            let scale = meridian_tests::region_scale(cp, name, "us-east").await?;
+            ensure!(
+                scale.ready == ready && scale.starting == 0 && scale.draining == 0,
+                "{}",
+                describe_scale(&scale)
+            );
+            let reported: BTreeSet<u32> = scale.instances.iter().map(|i| i.pid).collect();
+            let processes: BTreeSet<u32> =
+                instance_processes("default", name).into_keys().collect();
+            ensure!(
+                reported == processes,
+                "reported {reported:?}, running {processes:?}"
+            );
+            Ok(reported)
+        },
     )
-    .await?;
-    Ok(scale.instances.iter().map(|i| i.pid).collect())
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -342,10 +342,16 @@ impl Autoscaler {
 
         let (mut wanted, mut reason) = if self.panicking {
             // Never down while panicking: the burst may come back before the window shows it.
-            (
-                self.desired.max(desired_panic).max(desired_stable),
-                format!("panic: concurrency {panic:.1} >= 2x capacity {capacity}"),
-            )
+            let reason = if panic_condition {
+                format!("panic: concurrency {panic:.1} >= 2x capacity {capacity}")
+            } else {
+                // Still in panic mode, which ends only after a calm stable window.
+                format!(
+                    "panic (until calm for {}s): concurrency {panic:.1}, capacity {capacity}",
+                    self.windows.stable.as_secs()
+                )
+            };
+            (self.desired.max(desired_panic).max(desired_stable), reason)
         } else {
             (
                 desired_stable,

@@ -5,13 +5,14 @@
 #   agents             us-east 127.0.1.1, eu-west 127.0.2.1, ap-south 127.0.3.1
 #                      (local API :7100 on each), each pointed at both replicas
 #   sidecars           one per region: outbound :15001, gateway :15002, admin :15090
-#   sample function    one instance per region on :9000: the `external` function `hello`
+#   sample function    run by the agents as the `process` functions `hello` (one warm instance
+#                      per region) and `slow` (scales from zero with load, back to zero when idle)
 #   relay              the cross-region links, with latency (one way: us-east<->eu-west 40 ms,
 #                      us-east<->ap-south 120 ms, eu-west<->ap-south 100 ms); each sidecar reads
 #                      its tables through the relay (:7101), control API on 127.0.0.1:7199
 # then applies deploy/local/sample-function.yaml, waits until us-east's sidecar serves `hello`,
-# prints what to try (a call, failover, a partition) and keeps running until Ctrl-C, which stops
-# everything.
+# prints what to try (a call, a crash, a partition, scale up and down) and keeps running until
+# Ctrl-C, which stops everything.
 #
 # Usage: deploy/local/run.sh [--release]
 set -euo pipefail
@@ -42,7 +43,6 @@ TAP_PORT=7101
 OUTBOUND_PORT=15001
 GATEWAY_PORT=15002
 ADMIN_PORT=15090
-SAMPLE_PORT=9000
 RELAY_CONTROL=127.0.0.1:7199
 LATENCIES=(us-east:eu-west=40 us-east:ap-south=120 eu-west:ap-south=100)
 
@@ -89,7 +89,7 @@ etcd_healthy() {
 
 ctl() { "$BIN_DIR/meridianctl" --control-plane "http://${CP_ADDRS[0]}" "$@"; }
 
-# Every agent acknowledged a table at least as new as the sample function.
+# Every agent acknowledged a table at least as new as the sample function hello.
 agents_acked_sample() {
     local fn_json agents_json version acked count=0
     fn_json=$(ctl get functions hello -o json) || return 1
@@ -110,8 +110,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo is not on the PATH: install Rust 
 REGION_ADDRS=()
 for i in "${!REGIONS[@]}"; do
     ip=$(region_ip "$i")
-    for port in "$AGENT_API_PORT" "$TAP_PORT" "$OUTBOUND_PORT" "$GATEWAY_PORT" "$ADMIN_PORT" \
-        "$SAMPLE_PORT"; do
+    for port in "$AGENT_API_PORT" "$TAP_PORT" "$OUTBOUND_PORT" "$GATEWAY_PORT" "$ADMIN_PORT"; do
         REGION_ADDRS+=("$ip:$port")
     done
 done
@@ -132,8 +131,8 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$LOGS"
 log "run directory (logs, etcd data, agent state): $RUN_DIR"
 
-# Started processes, in start order; stopped in reverse order. The script ends when one of the
-# WATCHED ones dies; the sample-function instances are not watched (stopping one is the demo).
+# Started processes, in start order; stopped in reverse order (the agents stop their function
+# instances). The script ends when one of the WATCHED ones dies.
 NAMES=()
 PIDS=()
 WATCHED=()
@@ -146,24 +145,6 @@ start() {
     PIDS+=("$!")
     WATCHED+=("$!")
     log "started $name (pid $!), log: $LOGS/$name.log"
-}
-
-# start_instance NAME VAR=VALUE... -- COMMAND...: like start, with environment variables, not
-# watched. Sets LAST_PID.
-start_instance() {
-    local name=$1
-    shift
-    local vars=()
-    while [ "$1" != -- ]; do
-        vars+=("$1")
-        shift
-    done
-    shift
-    env "${vars[@]}" "$@" >"$LOGS/$name.log" 2>&1 &
-    LAST_PID=$!
-    NAMES+=("$name")
-    PIDS+=("$LAST_PID")
-    log "started $name (pid $LAST_PID), log: $LOGS/$name.log"
 }
 
 stop_all() {
@@ -219,7 +200,8 @@ for i in "${!REGIONS[@]}"; do
     region=${REGIONS[i]}
     ip=$(region_ip "$i")
     mkdir -p "$RUN_DIR/agent-$region"
-    start "agent-$region" "$BIN_DIR/meridian-agent" \
+    # The functions' `command: sample_function` is found on the agent's PATH.
+    start "agent-$region" env PATH="$BIN_DIR/examples:$PATH" "$BIN_DIR/meridian-agent" \
         --region "$region" --agent-id "$region-1" --zone "$region-a" \
         --listen "$ip:$AGENT_API_PORT" --gateway "$ip:$GATEWAY_PORT" \
         --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region"
@@ -245,14 +227,6 @@ for i in "${!REGIONS[@]}"; do
         --outbound "$ip:$OUTBOUND_PORT" --gateway "$ip:$GATEWAY_PORT" --admin "$ip:$ADMIN_PORT"
 done
 
-SAMPLE_PIDS=()
-for i in "${!REGIONS[@]}"; do
-    region=${REGIONS[i]}
-    start_instance "sample-function-$region" PORT="$SAMPLE_PORT" HOST="$(region_ip "$i")" \
-        REGION="$region" INSTANCE_ID="$region-1" -- "$BIN_DIR/examples/sample_function"
-    SAMPLE_PIDS+=("$LAST_PID")
-done
-
 log "applying deploy/local/sample-function.yaml"
 ctl apply -f "$ROOT/deploy/local/sample-function.yaml"
 wait_for "every agent to acknowledge the sample function" 60 "$LOGS/agent-us-east.log" \
@@ -275,18 +249,42 @@ wait_for "us-east's sidecar to serve hello" 30 "$LOGS/sidecar-us-east.log" serve
 printf '\n$ %s\n' "$CALL"
 call_hello | tr -d '\r'
 
+# The pid of the instance of function $1 that the agent of region $2 runs (from /proc).
+instance_pid() {
+    local environ pid
+    for environ in /proc/[0-9]*/environ; do
+        pid=${environ#/proc/}
+        pid=${pid%/environ}
+        # Other users' processes cannot be read, and short-lived ones vanish: skip them quietly.
+        if { tr '\0' '\n' <"$environ" | grep -qx "MERIDIAN_FUNCTION=default/$1"; } 2>/dev/null &&
+            { tr '\0' '\n' <"$environ" | grep -qx "REGION=$2"; } 2>/dev/null; then
+            echo "$pid"
+            return 0
+        fi
+    done
+    echo "<pid>"
+}
+# hello has a ready instance in every region (READY is the 5th column of `get instances`).
+hello_ready_everywhere() {
+    [ "$(ctl get instances hello | awk 'NR > 1 && $5 >= 1' | wc -l)" -ge "${#REGIONS[@]}" ]
+}
+wait_for "hello to be ready in every region" 30 "$LOGS/agent-us-east.log" hello_ready_everywhere
+printf '\n$ meridianctl get instances\n'
+ctl get instances
+
 cat <<EOF
 
-Meridian is running: etcd, 2 control-plane replicas, 3 agents, 3 sidecars, the relay, and one
-sample-function instance per region. Ctrl-C stops everything. Logs: $LOGS
+Meridian is running: etcd, 2 control-plane replicas, 3 agents (running the functions' instances),
+3 sidecars and the relay. Ctrl-C stops everything. Logs: $LOGS
 
 Call the function hello through us-east's sidecar (answered in us-east, see meridian-region):
   $CALL
 
-Failover: stop us-east's instance, then call again; eu-west answers (the nearest region as
-us-east's sidecar measures it: 40 ms away, against 120 ms for ap-south):
-  kill ${SAMPLE_PIDS[0]}
+Crash: kill us-east's instance of hello; the agent starts a new one (a new id, restarts 1) and
+calls keep working meanwhile (the sidecar retries elsewhere):
+  kill -9 $(instance_pid hello us-east)
   $CALL
+  meridianctl describe function hello
 
 Partition: cut us-east off from eu-west; within a second ap-south answers. Then heal it:
   curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/blackhole
@@ -294,14 +292,23 @@ Partition: cut us-east off from eu-west; within a second ap-south answers. Then 
   curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/heal
   curl http://$RELAY_CONTROL/links
 
+Scale from zero, out under load, and back to zero: slow (200 ms a call, 5 calls per instance)
+runs nothing until called. The first call is held while an instance starts (meridian-held-ms);
+40 callers at once scale it out in seconds; 20 s after the last call it is back at zero:
+  curl -i -H 'Host: slow' http://$US_EAST:$OUTBOUND_PORT/
+  seq 4000 | xargs -P 40 -I{} curl -s -o /dev/null -H 'Host: slow' http://$US_EAST:$OUTBOUND_PORT/ &
+  watch -n 1 $BIN_DIR/meridianctl get instances slow
+  meridianctl logs slow --region us-east --tail 5
+
 What us-east's sidecar sees (each tier's priority and share, probe states and round trips,
-ejections) and counts:
+ejections, held requests) and counts:
   curl http://$US_EAST:$ADMIN_PORT/routes
   curl http://$US_EAST:$ADMIN_PORT/metrics
 
 The control plane:
   export PATH="$BIN_DIR:\$PATH"
   meridianctl get functions
+  meridianctl get instances
   meridianctl get agents
   meridianctl get routes us-east
   meridianctl describe function hello

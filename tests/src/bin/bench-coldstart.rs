@@ -13,7 +13,8 @@
 //! - **instances started per second**: one function applied with `minInstances = --instances`;
 //!   from the first instance spawned to the last ready.
 //! - **time from a 10x burst to enough ready capacity**: a steady 10 concurrent requests (100 ms
-//!   each, target concurrency 10: one instance), then 100; the time until 10 are ready.
+//!   each, target concurrency 10: one instance) for one stable window, then 100; the time until
+//!   10 are ready.
 //!
 //! Usage: bench-coldstart [--samples N] [--instances N]
 //! (build first: cargo build --release --workspace --bins --examples).
@@ -211,8 +212,9 @@ async fn main() -> Result<()> {
         |s| s.ready >= 1,
     )
     .await?;
-    // Let the steady load settle so the stable window knows it.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Let the steady load fill one whole stable window (60 s), as a function that has been
+    // serving a while would have; the surge then starts from a settled state.
+    tokio::time::sleep(Duration::from_secs(62)).await;
     let before = region_scale(&cp, "burst", "us-east").await?;
     println!("steady 10 concurrent: {}", describe_scale(&before));
     let _ = one;

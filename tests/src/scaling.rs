@@ -215,7 +215,7 @@ pub fn instance_processes(namespace: &str, name: &str) -> BTreeMap<u32, String> 
         };
         // A zombie keeps no environment; it is not running.
         let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-        if !vars.iter().any(|v| *v == wanted.as_bytes()) {
+        if !vars.contains(&wanted.as_bytes()) {
             continue;
         }
         let instance = vars

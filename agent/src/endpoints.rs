@@ -126,11 +126,10 @@ pub fn report(set: &[FunctionEndpoints]) -> EndpointReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_proto::v1::{
-        ExternalRegion, FunctionRoute, LocalWorkload, ProcessRuntime, RoutingTable,
-    };
+    use meridian_proto::v1::{ExternalRegion, FunctionRoute, LocalWorkload, RoutingTable};
 
-    use crate::runtime::{FunctionRuntime, InstanceInfo, InstanceState};
+    use crate::fixtures::{endpoint_summary, instance, process_function};
+    use crate::runtime::{FunctionRuntime, InstanceState};
 
     #[test]
     fn fnv1a64_matches_reference_vectors() {
@@ -237,34 +236,17 @@ mod tests {
 
     #[test]
     fn process_instances_are_reported_in_every_state() {
-        let process = |name: &str| FunctionRoute {
-            namespace: "default".into(),
-            name: name.into(),
-            workload: Some(LocalWorkload {
-                scale: Default::default(),
-                kind: Some(local_workload::Kind::Process(ProcessRuntime {
-                    command: "fn".into(),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        };
         let wire = RoutingTable {
             local_generation: 0,
             version: 1,
             region: "us-east".into(),
-            functions: vec![process("idle"), process("busy"), process("unknown")],
+            functions: vec![
+                process_function("idle"),
+                process_function("busy"),
+                process_function("unknown"),
+            ],
         };
         let table = Table::from_wire(wire, "us-east").unwrap();
-        let instance = |id: &str, port: u16, state| InstanceInfo {
-            id: id.into(),
-            address: format!("127.0.1.1:{port}").parse().unwrap(),
-            state,
-            pid: 1,
-            started: std::time::SystemTime::UNIX_EPOCH,
-            ready: None,
-            restarts: 0,
-        };
         let mut snapshot = Snapshot::default();
         snapshot.functions.insert(
             FunctionKey::new("default", "busy"),
@@ -292,13 +274,8 @@ mod tests {
         let set = compute(&table, "us-east-a", &snapshot);
         assert_eq!(set.len(), 1);
         assert_eq!(set[0].name, "busy");
-        let summary: Vec<(&str, &str, i32, &str)> = set[0]
-            .endpoints
-            .iter()
-            .map(|e| (e.id.as_str(), e.address.as_str(), e.state, e.zone.as_str()))
-            .collect();
         assert_eq!(
-            summary,
+            endpoint_summary(&set[0].endpoints),
             [
                 (
                     "busy-000001",

@@ -16,6 +16,8 @@ pub mod address;
 pub mod autoscaler;
 pub mod connector;
 pub mod endpoints;
+#[cfg(test)]
+mod fixtures;
 pub mod load;
 pub mod local_api;
 pub mod overlay;

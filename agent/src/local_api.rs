@@ -404,22 +404,46 @@ mod tests {
         assert_eq!(stream.next().await.unwrap().unwrap().version, 7);
     }
 
+    /// `serve` running on a loopback port, and a channel connected to it.
+    struct Running {
+        channel: tonic::transport::Channel,
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Result<(), LocalApiError>>,
+    }
+
+    impl Running {
+        async fn start(api: LocalApi) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, api, async {
+                let _ = stopped.await;
+            }));
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            Running {
+                channel,
+                stop,
+                server,
+            }
+        }
+
+        /// Shuts the server down; it must return cleanly, which it only does once the open
+        /// streams have ended.
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            self.server.await.unwrap().unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn serves_over_grpc_with_health() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (publisher, routes) = watch::channel(Some(table(4)));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, LocalApi::new(routes), async {
-            let _ = stopped.await;
-        }));
-
-        let url = format!("http://{addr}");
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let running = Running::start(LocalApi::new(routes)).await;
+        let channel = running.channel.clone();
         let mut client = LocalRoutingServiceClient::new(channel.clone());
         let got = client.get(GetRoutesRequest {}).await.unwrap().into_inner();
         assert_eq!(got.version, 4);
@@ -435,8 +459,7 @@ mod tests {
         );
 
         drop(publisher);
-        stop.send(()).unwrap();
-        server.await.unwrap().unwrap();
+        running.stop().await;
     }
 
     /// Lines of two instances, and a follow stream that never ends by itself.
@@ -475,39 +498,24 @@ mod tests {
     }
 
     struct Served {
-        channel: tonic::transport::Channel,
+        running: Running,
         publisher: watch::Sender<CurrentTable>,
         book: Arc<LoadBook>,
         activations: mpsc::Receiver<Activation>,
-        stop: tokio::sync::oneshot::Sender<()>,
-        server: tokio::task::JoinHandle<Result<(), LocalApiError>>,
     }
 
     async fn serve_everything() -> Served {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (publisher, routes) = watch::channel(Some(table(4)));
         let book = Arc::new(LoadBook::new());
         let (activations_tx, activations) = mpsc::channel(8);
         let api = LocalApi::new(routes)
             .with_load(Arc::clone(&book), activations_tx)
             .with_logs(Arc::new(FakeLogs), "us-east");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, api, async {
-            let _ = stopped.await;
-        }));
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
         Served {
-            channel,
+            running: Running::start(api).await,
             publisher,
             book,
             activations,
-            stop,
-            server,
         }
     }
 
@@ -517,7 +525,7 @@ mod tests {
         use meridian_proto::v1::FunctionLoad;
 
         let mut served = serve_everything().await;
-        let mut client = LoadServiceClient::new(served.channel.clone());
+        let mut client = LoadServiceClient::new(served.running.channel.clone());
         let function = |name: &str, held: u32| FunctionLoad {
             namespace: "default".into(),
             name: name.into(),
@@ -558,7 +566,7 @@ mod tests {
         activation.reply.unwrap().send(3).unwrap();
         assert_eq!(call.await.unwrap().unwrap().into_inner().instances, 3);
 
-        let mut client = LoadServiceClient::new(served.channel.clone());
+        let mut client = LoadServiceClient::new(served.running.channel.clone());
         let status = client
             .activate(ActivateRequest::default())
             .await
@@ -575,8 +583,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(status.code(), Code::Unavailable);
         drop(served.publisher);
-        served.stop.send(()).unwrap();
-        served.server.await.unwrap().unwrap();
+        served.running.stop().await;
     }
 
     #[tokio::test]
@@ -584,7 +591,7 @@ mod tests {
         use meridian_proto::v1::agent_api_service_client::AgentApiServiceClient;
 
         let served = serve_everything().await;
-        let mut client = AgentApiServiceClient::new(served.channel.clone());
+        let mut client = AgentApiServiceClient::new(served.running.channel.clone());
         let request = |instance: &str, tail_lines: u32, follow: bool| LogsRequest {
             namespace: "default".into(),
             name: "f".into(),
@@ -638,8 +645,7 @@ mod tests {
         }
         drop(served.publisher);
         assert!(stream.message().await.unwrap().is_none());
-        served.stop.send(()).unwrap();
-        served.server.await.unwrap().unwrap();
+        served.running.stop().await;
     }
 
     #[tokio::test]

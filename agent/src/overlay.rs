@@ -195,10 +195,11 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use meridian_proto::v1::{EndpointState, LocalWorkload, ProcessRuntime, ScaleBounds};
 
+    use crate::fixtures::{endpoint_summary, instance};
     use crate::runtime::InstanceInfo;
 
     fn process_route(name: &str, tiers: Vec<Tier>) -> FunctionRoute {
@@ -247,18 +248,6 @@ mod tests {
         }
     }
 
-    fn instance(id: &str, port: u16, state: InstanceState) -> InstanceInfo {
-        InstanceInfo {
-            id: id.into(),
-            address: format!("127.0.1.1:{port}").parse().unwrap(),
-            state,
-            pid: 100,
-            started: SystemTime::UNIX_EPOCH,
-            ready: None,
-            restarts: 0,
-        }
-    }
-
     fn snapshot(name: &str, instances: Vec<InstanceInfo>, cold: Option<u64>) -> Snapshot {
         let mut snapshot = Snapshot::default();
         snapshot.functions.insert(
@@ -293,13 +282,8 @@ mod tests {
         assert_eq!(local.region, "us-east");
         assert_eq!(local.order, TierOrder::Local as i32);
         assert_eq!(local.ready_instances, 1);
-        let summary: Vec<(&str, &str, i32, &str)> = local
-            .endpoints
-            .iter()
-            .map(|e| (e.id.as_str(), e.address.as_str(), e.state, e.zone.as_str()))
-            .collect();
         assert_eq!(
-            summary,
+            endpoint_summary(&local.endpoints),
             [
                 (
                     "f-aaaaaa",
@@ -392,6 +376,16 @@ mod tests {
         assert_eq!(o.generation(), 103);
     }
 
+    /// Waits for `run` to publish its next table; returns that table's local generation.
+    async fn next_generation(served: &mut watch::Receiver<CurrentTable>) -> u64 {
+        served.changed().await.unwrap();
+        served
+            .borrow_and_update()
+            .as_ref()
+            .unwrap()
+            .local_generation
+    }
+
     #[tokio::test]
     async fn run_publishes_changes_and_records_what_it_served() {
         let (accepted_tx, accepted_rx) = watch::channel(None);
@@ -406,34 +400,16 @@ mod tests {
             Arc::clone(&book),
         ));
         accepted_tx.send_replace(Some(Arc::new(table(vec![process_route("f", vec![])]))));
-        served.changed().await.unwrap();
-        assert_eq!(
-            served
-                .borrow_and_update()
-                .as_ref()
-                .unwrap()
-                .local_generation,
-            1
-        );
+        assert_eq!(next_generation(&mut served).await, 1);
 
         let ready = snapshot("f", vec![instance("f-a", 1, InstanceState::Ready)], None);
         snap_tx.send_replace(Arc::new(ready));
-        served.changed().await.unwrap();
-        let table_now = served.borrow_and_update().clone().unwrap();
-        assert_eq!(table_now.local_generation, 2);
+        assert_eq!(next_generation(&mut served).await, 2);
         assert!(!book.is_drained("f-a", tokio::time::Instant::now()));
 
         let draining = snapshot("f", vec![instance("f-a", 1, InstanceState::Draining)], None);
         snap_tx.send_replace(Arc::new(draining));
-        served.changed().await.unwrap();
-        assert_eq!(
-            served
-                .borrow_and_update()
-                .as_ref()
-                .unwrap()
-                .local_generation,
-            3
-        );
+        assert_eq!(next_generation(&mut served).await, 3);
         assert!(book.is_drained("f-a", tokio::time::Instant::now()));
 
         // The runtime going away is not the end; the accepted table's channel closing is.

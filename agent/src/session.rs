@@ -1089,38 +1089,18 @@ mod tests {
 
     mod instances_and_scale {
         use super::*;
-        use meridian_proto::v1::{EndpointState, FunctionScale, ProcessRuntime, RegionScale};
+        use meridian_proto::v1::{EndpointState, FunctionScale, RegionScale};
 
-        use crate::runtime::{FunctionKey, FunctionRuntime, InstanceInfo, InstanceState};
-
-        fn process(name: &str) -> FunctionRoute {
-            FunctionRoute {
-                namespace: "default".into(),
-                name: name.into(),
-                function_version: 1,
-                workload: Some(LocalWorkload {
-                    scale: Default::default(),
-                    kind: Some(local_workload::Kind::Process(ProcessRuntime {
-                        command: "fn".into(),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            }
-        }
+        use crate::fixtures::{instance, process_function as process};
+        use crate::runtime::{FunctionKey, FunctionRuntime, InstanceState};
 
         fn running(states: &[InstanceState]) -> Arc<Snapshot> {
             let instances = states
                 .iter()
                 .enumerate()
-                .map(|(n, state)| InstanceInfo {
-                    id: format!("f-00000{n}"),
-                    address: format!("127.0.1.1:{}", 4000 + n).parse().unwrap(),
-                    state: *state,
-                    pid: 1,
-                    started: UNIX_EPOCH,
-                    ready: None,
-                    restarts: 0,
+                .map(|(n, state)| {
+                    let port = 4000 + u16::try_from(n).unwrap();
+                    instance(&format!("f-00000{n}"), port, *state)
                 })
                 .collect();
             let mut snapshot = Snapshot::default();

@@ -16,7 +16,7 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use support::{dead_port, Agent, AGENT};
+use support::{agent_args, dead_port, Agent, AGENT};
 
 #[test]
 fn bad_region_exits_2_naming_the_flag() {
@@ -48,24 +48,8 @@ async fn serves_persisted_table_without_control_plane_and_stops_on_sigterm() {
         .unwrap();
     let cp = format!("http://127.0.0.1:{}", dead_port());
     let state_dir = dir.path().to_str().unwrap();
-    let mut agent = Agent::start(&[
-        "--region",
-        "us-east",
-        "--state-dir",
-        state_dir,
-        "--listen",
-        "127.0.0.1:0",
-        "--control-plane",
-        &cp,
-    ]);
-    let line = agent.wait_for("serving local routing API on ");
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
-
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut agent = Agent::start(&agent_args(state_dir, &cp));
+    let channel = agent.connect().await;
     let mut client = LocalRoutingServiceClient::new(channel);
     let table = client.get(GetRoutesRequest {}).await.unwrap().into_inner();
     assert_eq!(table.version, 42);
@@ -121,16 +105,7 @@ async fn refused_hello_exits_2() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(&[
-        "--region",
-        "us-east",
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--control-plane",
-        &cp,
-    ]);
+    let mut agent = Agent::start(&agent_args(dir.path().to_str().unwrap(), &cp));
     agent.wait_for("hello.gateway: must be host:port");
     let code = tokio::task::spawn_blocking(move || agent.wait_exit())
         .await

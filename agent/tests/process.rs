@@ -98,32 +98,16 @@ fn process_route(name: &str, min: u32, max: u32) -> FunctionRoute {
 
 /// Agent flags for `state_dir` with fast autoscaler windows.
 fn agent_args<'a>(state_dir: &'a str, control_plane: &'a str) -> Vec<&'a str> {
-    vec![
-        "--region",
-        "us-east",
-        "--state-dir",
-        state_dir,
-        "--listen",
-        "127.0.0.1:0",
-        "--control-plane",
-        control_plane,
+    let mut args = support::agent_args(state_dir, control_plane);
+    args.extend([
         "--stable-window-secs",
         "2",
         "--panic-window-secs",
         "1",
         "--stop-grace-secs",
         "2",
-    ]
-}
-
-async fn connect(agent: &Agent) -> Channel {
-    let line = agent.wait_for("serving local routing API on ");
-    let addr = line.rsplit(' ').next().unwrap().to_owned();
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    ]);
+    args
 }
 
 /// The local tier of `name` in `table`.
@@ -229,7 +213,7 @@ async fn runs_scales_drains_and_stops_instances_without_a_control_plane() {
     let cp = format!("http://127.0.0.1:{}", dead_port());
     let state_dir = dir.path().to_str().unwrap();
     let mut agent = Agent::start(&agent_args(state_dir, &cp));
-    let channel = connect(&agent).await;
+    let channel = agent.connect().await;
     let mut tables = Tables::open(channel.clone()).await;
 
     // Min instances run from the persisted table alone; the served table has the instance,

@@ -476,16 +476,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn compile_reuses_unchanged_routes_and_skips_no_ops() {
+    /// A state at `revision` with an agent in each of `regions`, and what those records dirtied.
+    fn state_with_agents(revision: i64, regions: &[&str]) -> (MeshState, Dirty) {
         let mut state = MeshState {
-            revision: 10,
+            revision,
             ..Default::default()
         };
         let mut dirty = Dirty::default();
-        for (k, r) in [agent("us-east"), agent("eu-west")] {
+        for region in regions {
+            let (k, r) = agent(region);
             state.apply(k, Some(r), &mut dirty);
         }
+        (state, dirty)
+    }
+
+    /// The first compile from nothing, which must publish tables.
+    fn first_compile(state: &MeshState, dirty: &Dirty) -> (Tables, Topology) {
+        let (first, topology) =
+            compile(state, &Tables::default(), &Topology::default(), dirty, true);
+        (first.expect("first compile publishes"), topology)
+    }
+
+    #[test]
+    fn compile_reuses_unchanged_routes_and_skips_no_ops() {
+        let (mut state, mut dirty) = state_with_agents(10, &["us-east", "eu-west"]);
         state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
         state.apply(RecordKey::Function(key("b")), Some(stored("b")), &mut dirty);
         for name in ["a", "b"] {
@@ -495,14 +509,7 @@ mod tests {
                 &mut dirty,
             );
         }
-        let (first, topology) = compile(
-            &state,
-            &Tables::default(),
-            &Topology::default(),
-            &dirty,
-            true,
-        );
-        let first = first.expect("first compile publishes");
+        let (first, topology) = first_compile(&state, &dirty);
         assert_eq!(first.version, 10);
         assert_eq!(first.regions.len(), 2);
         let us = &first.regions["us-east"];
@@ -557,21 +564,8 @@ mod tests {
 
     #[test]
     fn election_keys_build_no_tables() {
-        let mut state = MeshState {
-            revision: 3,
-            ..Default::default()
-        };
-        let mut dirty = Dirty::default();
-        let (agent_key, agent_record) = agent("us-east");
-        state.apply(agent_key, Some(agent_record), &mut dirty);
-        let (first, topology) = compile(
-            &state,
-            &Tables::default(),
-            &Topology::default(),
-            &dirty,
-            true,
-        );
-        let first = first.expect("first compile publishes");
+        let (mut state, dirty) = state_with_agents(3, &["us-east"]);
+        let (first, topology) = first_compile(&state, &dirty);
 
         let mut dirty = Dirty::default();
         state.revision = 4;
@@ -592,23 +586,9 @@ mod tests {
 
     #[test]
     fn placements_change_routes_and_the_scheduler_view() {
-        let mut state = MeshState {
-            revision: 10,
-            ..Default::default()
-        };
-        let mut dirty = Dirty::default();
-        for (k, r) in [agent("us-east"), agent("eu-west")] {
-            state.apply(k, Some(r), &mut dirty);
-        }
+        let (mut state, mut dirty) = state_with_agents(10, &["us-east", "eu-west"]);
         state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
-        let (first, topology) = compile(
-            &state,
-            &Tables::default(),
-            &Topology::default(),
-            &dirty,
-            true,
-        );
-        let first = first.expect("first compile publishes");
+        let (first, topology) = first_compile(&state, &dirty);
         assert!(first.regions["us-east"].routes[&key("a")].tiers.is_empty());
 
         let (views, _keep) = watch::channel(Arc::new(SchedulerView::default()));

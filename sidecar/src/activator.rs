@@ -356,11 +356,26 @@ mod tests {
         fn f(&self) -> Arc<FunctionRoute> {
             Arc::clone(self.state.load_full().unwrap().lookup("f").unwrap())
         }
+
+        /// Holds a request for `f` in a task, with a deadline far enough off that only a swap
+        /// ends the hold within a test.
+        fn hold_in_task(
+            &self,
+            listener: Listener,
+        ) -> tokio::task::JoinHandle<Result<Released, HoldTimeout>> {
+            let activator = Arc::clone(&self.activator);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            tokio::spawn(async move { activator.hold("f", listener, deadline).await })
+        }
     }
 
     #[test]
     fn only_an_activatable_process_function_without_ready_instances_needs_activation() {
         let compiler = Compiler::new("us-east");
+        let needs_activation = |t: &pb::RoutingTable| {
+            let state = compiler.compile(t).unwrap();
+            state.lookup("f").unwrap().needs_activation()
+        };
         let state = compiler.compile(&f_table(false, 0, 1)).unwrap();
         let f = state.lookup("f").unwrap();
         assert!(f.needs_activation());
@@ -384,24 +399,14 @@ mod tests {
             .as_mut()
             .unwrap()
             .max_instances = 0;
-        assert!(!compiler
-            .compile(&t)
-            .unwrap()
-            .lookup("f")
-            .unwrap()
-            .needs_activation());
+        assert!(!needs_activation(&t));
         // External functions never.
         let t = table(vec![route(
             "default",
             "f",
             vec![tier("us-east", true, &[])],
         )]);
-        assert!(!compiler
-            .compile(&t)
-            .unwrap()
-            .lookup("f")
-            .unwrap()
-            .needs_activation());
+        assert!(!needs_activation(&t));
     }
 
     #[tokio::test(start_paused = true)]
@@ -454,17 +459,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn hold_is_released_by_a_swap_with_a_ready_instance() {
         let mut fx = fixture(&f_table(false, 50, 1));
-        let activator = Arc::clone(&fx.activator);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let held = tokio::spawn(async move {
-            activator
-                .hold("f", Listener::Gateway, deadline)
-                .await
-                .map(|released| match released {
-                    Released::Route(state, f) => (state.local_generation(), f.local_ready),
-                    Released::Gone => (0, false),
-                })
-        });
+        let held = fx.hold_in_task(Listener::Gateway);
         // The hold asks for an instance at once.
         assert_eq!(fx.queued.recv().await.unwrap().name, "f");
         // A swap that changes nothing for `f` (same version, next generation) keeps it held.
@@ -473,7 +468,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!held.is_finished());
         fx.swap(&f_table(true, 50, 3));
-        assert_eq!(held.await.unwrap(), Ok((3, true)));
+        let released = held.await.unwrap().map(|released| match released {
+            Released::Route(state, f) => (state.local_generation(), f.local_ready),
+            Released::Gone => (0, false),
+        });
+        assert_eq!(released, Ok((3, true)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -486,16 +485,7 @@ mod tests {
         assert!(matches!(result, Err(HoldTimeout)));
         assert_eq!(Instant::now(), deadline);
 
-        let activator = Arc::clone(&fx.activator);
-        let held = tokio::spawn(async move {
-            activator
-                .hold(
-                    "f",
-                    Listener::Outbound,
-                    Instant::now() + Duration::from_secs(5),
-                )
-                .await
-        });
+        let held = fx.hold_in_task(Listener::Outbound);
         tokio::task::yield_now().await;
         fx.swap(&table(vec![]));
         assert!(matches!(held.await.unwrap(), Ok(Released::Gone)));
@@ -504,16 +494,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn outbound_hold_is_released_when_a_remote_becomes_warm() {
         let fx = fixture(&f_table(false, 50, 1));
-        let activator = Arc::clone(&fx.activator);
-        let held = tokio::spawn(async move {
-            activator
-                .hold(
-                    "f",
-                    Listener::Outbound,
-                    Instant::now() + Duration::from_secs(5),
-                )
-                .await
-        });
+        let held = fx.hold_in_task(Listener::Outbound);
         tokio::task::yield_now().await;
         assert!(!held.is_finished());
         // A probe measured the gateway fast; the next swap re-checks.

@@ -33,6 +33,12 @@ fn process(mut f: pb::FunctionRoute, cold_start_ms: u32) -> pb::FunctionRoute {
     f
 }
 
+/// `cold`: a process function scaled to zero here (a local tier without instances) and run in
+/// no other region, so every request for it is held.
+fn cold() -> pb::FunctionRoute {
+    process(function("cold", vec![local("us-east", &[])]), 0)
+}
+
 fn at_generation(mut table: pb::RoutingTable, generation: u64) -> pb::RoutingTable {
     table.local_generation = generation;
     table
@@ -68,6 +74,17 @@ async fn wait_metric(client: &H1, sidecar: &Sidecar, series: &str, value: f64) -
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls /metrics until `count` requests for `cold` are held.
+async fn wait_held(client: &H1, sidecar: &Sidecar, count: f64) -> Result<()> {
+    wait_metric(
+        client,
+        sidecar,
+        r#"meridian_held_requests{function="cold"}"#,
+        count,
+    )
+    .await
 }
 
 /// Polls /routes until the gateway at `address` has a measured RTT; returns it in ms.
@@ -110,11 +127,7 @@ async fn held_requests_are_released_when_an_instance_becomes_ready() -> Result<(
     let mut agent = start_agent().await?;
     let sidecar = start_sidecar("us-east", agent.addr).await?;
     // Scaled to zero: a local tier without instances, no other region.
-    let cold = table(
-        4,
-        "us-east",
-        vec![process(function("cold", vec![local("us-east", &[])]), 0)],
-    );
+    let cold = table(4, "us-east", vec![cold()]);
     agent.tables.send_replace(Some(cold));
     wait_ready(&client, &sidecar).await?;
     assert!(agent.reports.recv().await.unwrap().accepted);
@@ -128,13 +141,7 @@ async fn held_requests_are_released_when_an_instance_becomes_ready() -> Result<(
     );
     // Another region's request on the gateway listener is held just the same.
     let gateway = spawn_get(&client, sidecar.gateway, "cold");
-    wait_metric(
-        &client,
-        &sidecar,
-        r#"meridian_held_requests{function="cold"}"#,
-        2.0,
-    )
-    .await?;
+    wait_held(&client, &sidecar, 2.0).await?;
     let held_since = Instant::now();
 
     // An instance starts (same version, next local generation): still not ready, still held.
@@ -178,13 +185,7 @@ async fn held_requests_are_released_when_an_instance_becomes_ready() -> Result<(
             "{name}: held {held} ms, but waited {waited:?} after it was seen held"
         );
     }
-    wait_metric(
-        &client,
-        &sidecar,
-        r#"meridian_held_requests{function="cold"}"#,
-        0.0,
-    )
-    .await?;
+    wait_held(&client, &sidecar, 0.0).await?;
     assert_eq!(
         metric(
             &client,
@@ -223,14 +224,9 @@ async fn held_requests_time_out_with_a_reason() -> Result<()> {
         timeout_ms: Some(150),
         ..Default::default()
     });
-    agent.tables.send_replace(Some(table(
-        1,
-        "us-east",
-        vec![
-            process(function("cold", vec![local("us-east", &[])]), 0),
-            quick,
-        ],
-    )));
+    agent
+        .tables
+        .send_replace(Some(table(1, "us-east", vec![cold(), quick])));
     wait_ready(&client, &sidecar).await?;
 
     for (host, limit) in [("cold", 300), ("quick", 150)] {
@@ -271,22 +267,14 @@ async fn a_full_hold_queue_answers_at_once() -> Result<()> {
         ..Options::default()
     };
     let sidecar = start_sidecar_with("us-east", agent.addr, options).await?;
-    agent.tables.send_replace(Some(table(
-        1,
-        "us-east",
-        vec![process(function("cold", vec![local("us-east", &[])]), 0)],
-    )));
+    agent
+        .tables
+        .send_replace(Some(table(1, "us-east", vec![cold()])));
     wait_ready(&client, &sidecar).await?;
 
     let first = spawn_get(&client, sidecar.outbound, "cold");
     let second = spawn_get(&client, sidecar.outbound, "cold");
-    wait_metric(
-        &client,
-        &sidecar,
-        r#"meridian_held_requests{function="cold"}"#,
-        2.0,
-    )
-    .await?;
+    wait_held(&client, &sidecar, 2.0).await?;
     let started = Instant::now();
     let (status, headers, body) = get(&client, sidecar.outbound, "cold", "/").await?;
     assert!(started.elapsed() < Duration::from_secs(1));
@@ -421,7 +409,7 @@ async fn load_reports_carry_concurrency_requests_held_and_instances() -> Result<
             "us-east",
             vec![
                 process(function("busy", vec![local("us-east", &[slow.addr])]), 0),
-                process(function("cold", vec![local("us-east", &[])]), 0),
+                cold(),
                 // Not run by the agent: never reported.
                 function("other", vec![local("us-east", &[external.addr])]),
             ],

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
+use meridian_proto::v1::FunctionPlacement;
 use meridian_tests::{
     apply, instances, leader, poll_until, wait_scale, ControlPlane, ControlPlaneOpts, Etcd,
     ProcessFunction, LEASE_TTL_SECS,
@@ -28,6 +29,26 @@ async fn wait_leader(cp: &ControlPlane, ids: &[&str], within: Duration) -> Resul
         Ok(leader)
     })
     .await
+}
+
+/// The placement the control plane at `url` reports for `name`; an error while it has none.
+async fn reported_placement(url: &str, name: &str) -> Result<FunctionPlacement> {
+    instances(url, name)
+        .await?
+        .and_then(|f| f.placement)
+        .ok_or_else(|| anyhow!("no placement of {name} yet"))
+}
+
+/// Fails unless `name`'s placement was written by `leader`: after a takeover, a placement by
+/// anyone else is a write that should have been fenced.
+async fn ensure_placed_by(url: &str, name: &str, leader: &str) -> Result<()> {
+    let placement = reported_placement(url, name).await?;
+    ensure!(
+        placement.leader == leader,
+        "{name} placed by {}, not {leader}",
+        placement.leader
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,18 +85,7 @@ async fn killed_leader_is_replaced_within_the_lease_ttl() -> Result<()> {
     poll_until(
         Duration::from_secs(10),
         "a placement by the new leader",
-        || async {
-            let placement = instances(&url, "after")
-                .await?
-                .and_then(|f| f.placement)
-                .ok_or_else(|| anyhow!("no placement yet"))?;
-            ensure!(
-                placement.leader == next,
-                "placement by {}",
-                placement.leader
-            );
-            Ok(())
-        },
+        || ensure_placed_by(&url, "after", &next),
     )
     .await?;
     Ok(())
@@ -96,11 +106,7 @@ async fn paused_leader_is_fenced_and_none_of_its_writes_land() -> Result<()> {
     )
     .await?;
     poll_until(Duration::from_secs(10), "placement of before", || async {
-        instances(&other_url, "before")
-            .await?
-            .and_then(|f| f.placement)
-            .map(|_| ())
-            .ok_or_else(|| anyhow!("no placement yet"))
+        reported_placement(&other_url, "before").await.map(|_| ())
     })
     .await?;
 
@@ -129,15 +135,7 @@ async fn paused_leader_is_fenced_and_none_of_its_writes_land() -> Result<()> {
         "the new leader's placements",
         || async {
             for name in ["during", "before"] {
-                let placement = instances(&other_url, name)
-                    .await?
-                    .and_then(|f| f.placement)
-                    .ok_or_else(|| anyhow!("no placement of {name}"))?;
-                ensure!(
-                    placement.leader == next,
-                    "{name} placed by {}",
-                    placement.leader
-                );
+                ensure_placed_by(&other_url, name, &next).await?;
             }
             Ok(())
         },
@@ -163,15 +161,7 @@ async fn paused_leader_is_fenced_and_none_of_its_writes_land() -> Result<()> {
     let fenced = paused.process().log().matches("write fenced").count();
     println!("{first} was paused; {next} took over; the old leader's fenced writes: {fenced}");
     for name in ["before", "during"] {
-        let placement = instances(&other_url, name)
-            .await?
-            .and_then(|f| f.placement)
-            .ok_or_else(|| anyhow!("no placement of {name}"))?;
-        ensure!(
-            placement.leader == next,
-            "{name}'s placement was written by {} after {next} took over",
-            placement.leader
-        );
+        ensure_placed_by(&other_url, name, &next).await?;
     }
     ensure!(
         leader(&paused.url()).await? == next,
@@ -191,10 +181,7 @@ async fn min_instances_in_a_region_without_an_agent_is_reported() -> Result<()> 
         Duration::from_secs(10),
         "a placement with a problem",
         || async {
-            let placement = instances(&cp, "stranded")
-                .await?
-                .and_then(|f| f.placement)
-                .ok_or_else(|| anyhow!("no placement yet"))?;
+            let placement = reported_placement(&cp, "stranded").await?;
             ensure!(
                 !placement.problems.is_empty(),
                 "no problem reported: {placement:?}"

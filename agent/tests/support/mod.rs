@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
+use tonic::transport::Channel;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_meridian-agent");
 
 /// The agent's stderr, line by line, from a reader thread.
@@ -62,6 +64,17 @@ impl Agent {
 }
 
 impl Agent {
+    /// Connects to the local routing API, once the agent logs the address it serves it on.
+    pub async fn connect(&self) -> Channel {
+        let line = self.wait_for("serving local routing API on ");
+        let addr = line.rsplit(' ').next().unwrap().to_owned();
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// Asks the agent to stop (SIGTERM), as an operator would.
     pub fn terminate(&self) {
         let pid = self.child.id().to_string();
@@ -86,6 +99,21 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The flags every test agent needs: region `us-east`, `state_dir`, the local API on a free port
+/// and `control_plane` to dial.
+pub fn agent_args<'a>(state_dir: &'a str, control_plane: &'a str) -> Vec<&'a str> {
+    vec![
+        "--region",
+        "us-east",
+        "--state-dir",
+        state_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--control-plane",
+        control_plane,
+    ]
 }
 
 /// A port that was free a moment ago (nothing listens on it).

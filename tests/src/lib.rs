@@ -23,6 +23,7 @@ pub mod control_plane;
 pub mod etcd;
 pub mod http;
 pub mod mesh;
+pub mod otlp;
 pub mod process;
 pub mod relay;
 pub mod route_tap;

@@ -1,0 +1,1 @@
+//! An OTLP/gRPC trace receiver for tests: collects the spans the binaries export.

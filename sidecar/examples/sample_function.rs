@@ -10,7 +10,8 @@
 //!
 //! Every response carries `x-instance`, `x-start-unix-us` (when the process's main began),
 //! `x-ready-unix-us` (when it began listening) and `x-arrived-unix-us` (when the request
-//! arrived), so a caller can split a cold start into process start, start-up and queueing.
+//! arrived), so a caller can split a cold start into process start, start-up and queueing; and
+//! `x-seen-traceparent`, the request's W3C `traceparent` when it had one.
 //! Stops cleanly on SIGTERM/SIGINT.
 //!
 //! Run: `PORT=9000 REGION=us-east INSTANCE_ID=a cargo run -p meridian-sidecar --example sample_function`
@@ -93,6 +94,8 @@ async fn answer(identity: Arc<Identity>, request: Request<Incoming>) -> Response
     if !health && !identity.delay.is_zero() {
         tokio::time::sleep(identity.delay).await;
     }
+    // Echoed so tests can see what trace context reached the instance (W3C traceparent).
+    let traceparent = request.headers().get("traceparent").cloned();
     let path = request.uri().path();
     let (status, body) = if health {
         (
@@ -126,6 +129,9 @@ async fn answer(identity: Arc<Identity>, request: Request<Incoming>) -> Response
     headers.insert("x-start-unix-us", identity.start_us.clone());
     headers.insert("x-ready-unix-us", identity.ready_us.clone());
     headers.insert("x-arrived-unix-us", HeaderValue::from(arrived_us));
+    if let Some(traceparent) = traceparent {
+        headers.insert("x-seen-traceparent", traceparent);
+    }
     response
 }
 

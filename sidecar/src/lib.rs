@@ -20,6 +20,7 @@ pub mod priority;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod spans;
 pub mod watch;
 
 pub use server::{run, Bound, Config};

@@ -115,13 +115,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match run(config).await {
+    let code = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last requests' spans are still queued in the batch exporter.
+    meridian_common::telemetry::shutdown();
+    code
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

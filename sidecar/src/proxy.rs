@@ -34,6 +34,7 @@ use crate::health::{self, HEALTH_PATH};
 use crate::metrics::GlobalStats;
 use crate::priority::{self, MAX_TIERS};
 use crate::routes::{Endpoint, FunctionRoute, HostError, RoutingState, Tier};
+use crate::spans::{RequestSpan, SpanFactory};
 
 /// Request headers beyond this many bytes are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -82,12 +83,16 @@ pub fn client(http2: bool) -> HttpClient {
 /// The proxy shared by every connection of both listeners.
 #[derive(Debug)]
 pub struct Proxy {
+    region: &'static str,
     region_header: HeaderValue,
     state: Arc<ArcSwapOption<RoutingState>>,
     http1: HttpClient,
     http2: HttpClient,
     global: Arc<GlobalStats>,
     activator: Arc<Activator>,
+    /// `Some` only when span export is on (decided once, at start): with `None` the request
+    /// path does no tracing work at all.
+    spans: Option<SpanFactory>,
 }
 
 /// Where one attempt goes.
@@ -269,12 +274,14 @@ impl Proxy {
         let leaked: &'static str = Box::leak(region.to_owned().into_boxed_str());
         let region_header = HeaderValue::from_maybe_shared(Bytes::from_static(leaked.as_bytes()))?;
         Ok(Self {
+            region: leaked,
             region_header,
             state,
             http1: client(false),
             http2: client(true),
             global,
             activator,
+            spans: SpanFactory::when_enabled(),
         })
     }
 
@@ -288,10 +295,35 @@ impl Proxy {
         request: Request<Incoming>,
         listener: Listener,
     ) -> Response<ResponseBody> {
-        let start = Instant::now();
+        // Probes are not traced: one every half second per peer would drown the requests.
         if listener == Listener::Gateway && request.uri().path() == HEALTH_PATH {
             return self.health();
         }
+        let Some(spans) = &self.spans else {
+            return self.serve(request, listener, None).await;
+        };
+        // A gateway request names the region it comes from in the hop header.
+        let source = match listener {
+            Listener::Gateway => request
+                .headers()
+                .get(MERIDIAN_HOP)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or(self.region),
+            Listener::Outbound => self.region,
+        };
+        let span = spans.request(request.headers(), request.method(), source);
+        let response = self.serve(request, listener, Some(&span)).await;
+        span.finish(response.status().as_u16());
+        response
+    }
+
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        listener: Listener,
+        trace: Option<&RequestSpan>,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
         let size = header_bytes(request.headers());
         if size > MAX_HEADER_BYTES {
             return self.unrouted(ProxyError::HeadersTooLarge {
@@ -316,15 +348,20 @@ impl Proxy {
                 }
             },
         };
+        if let Some(span) = trace {
+            span.function(&function.namespace, &function.name);
+        }
         // External functions (and the benchmark) pay this one branch; process functions one
         // relaxed add for the load report, and a cold start detour when nothing is ready.
         if function.is_process() {
             function.stats().load.arrived();
             if function.needs_activation() {
-                return self.cold(&state, function, request, listener, start).await;
+                return self
+                    .cold(&state, function, request, listener, start, trace)
+                    .await;
             }
         }
-        self.forward(&state, function, request, listener, start)
+        self.forward(&state, function, request, listener, start, trace)
             .await
     }
 
@@ -338,12 +375,13 @@ impl Proxy {
         request: Request<Incoming>,
         listener: Listener,
         start: Instant,
+        trace: Option<&RequestSpan>,
     ) -> Response<ResponseBody> {
         let now = state.clock().now();
         self.activator.activate(function, now);
         if listener == Listener::Outbound && crate::activator::warm_remote(function, now) {
             return self
-                .forward(state, function, request, listener, start)
+                .forward(state, function, request, listener, start, trace)
                 .await;
         }
         let stats = Arc::clone(function.stats());
@@ -364,11 +402,15 @@ impl Proxy {
             .hold(function.label(), listener, deadline)
             .await;
         let held = held_since.elapsed();
+        let millis = u64::try_from(held.as_millis()).unwrap_or(u64::MAX);
+        if let Some(span) = trace {
+            span.held(millis);
+        }
         // From here on the request is in flight (or answered), no longer held.
         drop(place);
         let mut response = match outcome {
             Ok(Released::Route(state, function)) => {
-                self.forward(&state, &function, request, listener, start)
+                self.forward(&state, &function, request, listener, start, trace)
                     .await
             }
             Ok(Released::Gone) => self.unrouted(ProxyError::UnknownFunction {
@@ -386,7 +428,6 @@ impl Proxy {
                 self.fail(function, None, error, start)
             }
         };
-        let millis = u64::try_from(held.as_millis()).unwrap_or(u64::MAX);
         response
             .headers_mut()
             .insert(MERIDIAN_HELD_MS, HeaderValue::from(millis));
@@ -400,6 +441,7 @@ impl Proxy {
         request: Request<Incoming>,
         listener: Listener,
         start: Instant,
+        trace: Option<&RequestSpan>,
     ) -> Response<ResponseBody> {
         let policy = &function.policy;
         let deadline = start + policy.timeout;
@@ -495,6 +537,9 @@ impl Proxy {
             if let Some(failure) = &last {
                 if !function.budget().withdraw() {
                     self.global.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    if let Some(span) = trace {
+                        span.reason("budget-exhausted");
+                    }
                     let error = ProxyError::BudgetExhausted {
                         last: failure.describe(),
                     };
@@ -521,8 +566,24 @@ impl Proxy {
                 (None, Some(stream)) => RequestBody::Stream(stream),
                 (None, None) => break,
             };
-            let Some(attempt_headers) = attempt_headers else {
+            let Some(mut attempt_headers) = attempt_headers else {
                 break;
+            };
+            let attempt_span = match (trace, &self.spans) {
+                (Some(request_span), Some(spans)) => {
+                    let reason = attempt_reason(last.as_ref(), pick, function, local_only, now);
+                    let span = spans.attempt(
+                        request_span,
+                        attempt.saturating_add(1),
+                        &pick.tier.region,
+                        pick.tier.local,
+                        endpoint.address(),
+                        reason,
+                    );
+                    span.inject(&mut attempt_headers);
+                    Some(span)
+                }
+                _ => None,
             };
             let hop = (!pick.tier.local).then_some(&self.region_header);
             let upstream = match build_request(&parts, attempt_headers, body, pick, hop) {
@@ -533,6 +594,13 @@ impl Proxy {
             let in_flight = endpoint.start_request();
             let sent_at = Instant::now();
             let outcome = tokio::time::timeout(per_try, client.request(upstream)).await;
+            if let Some(span) = attempt_span {
+                match &outcome {
+                    Ok(Ok(response)) => span.answered(response.status().as_u16()),
+                    Ok(Err(error)) => span.failed(crate::error_chain(error)),
+                    Err(_) => span.failed(format!("no response within {per_try:?}")),
+                }
+            }
             let now = state.clock().now();
             match outcome {
                 Ok(Ok(response)) => {
@@ -676,6 +744,43 @@ impl Proxy {
             .headers_mut()
             .insert(MERIDIAN_REGION, self.region_header.clone());
         response
+    }
+}
+
+/// Why an attempt goes where it goes, for its span: the failure it retries (`region-down` when a
+/// remote gateway could not be reached, else `retry: <status or error>`), or for a first attempt
+/// that leaves the region although it has a local tier, why the local tier was passed over
+/// (`cold-start`, `ejected`, else `spill`: priority load moved to the next tier). Only called
+/// when tracing is on.
+fn attempt_reason(
+    last: Option<&Failure<'_>>,
+    pick: Pick<'_>,
+    function: &FunctionRoute,
+    local_only: bool,
+    now: u64,
+) -> Option<String> {
+    match last {
+        Some(Failure::Error {
+            error: ProxyError::Upstream { source, .. },
+            tier,
+            ..
+        }) if !tier.local && source.is_connect() => Some("region-down".to_owned()),
+        Some(Failure::Response { response, .. }) => {
+            Some(format!("retry: {}", response.status().as_u16()))
+        }
+        Some(Failure::Error { error, .. }) => Some(format!("retry: {}", crate::error_chain(error))),
+        None if pick.tier.local || local_only => None,
+        None => {
+            let local = function.local_tier()?;
+            let reason = if function.is_process() && !function.local_ready {
+                "cold-start"
+            } else if local.endpoints.iter().any(|e| e.shared.is_ejected(now)) {
+                "ejected"
+            } else {
+                "spill"
+            };
+            Some(reason.to_owned())
+        }
     }
 }
 
@@ -966,6 +1071,30 @@ mod tests {
             .probe_succeeded(Duration::from_millis(80));
         let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
         assert_eq!(pick.tier.region, "eu-west");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_attempt_reason_says_why_the_local_tier_was_passed_over() {
+        let state = compile(vec![
+            tier("us-east", true, &["127.0.1.1:1"]),
+            tier("eu-west", false, &["127.0.2.1:15002"]),
+        ]);
+        let function = state.lookup("f").unwrap();
+        let now = state.clock().now();
+        let local = choose(function, now, false, &Tried::default(), 0).unwrap();
+        assert_eq!(attempt_reason(None, local, function, false, now), None);
+        function.tiers[0].endpoints[0].shared.eject(now);
+        let remote = choose(function, now, false, &Tried::default(), 0).unwrap();
+        assert_eq!(remote.tier.region, "eu-west");
+        assert_eq!(
+            attempt_reason(None, remote, function, false, now).as_deref(),
+            Some("ejected")
+        );
+        // Without a local tier, a remote region is the normal route: no reason.
+        let state = compile(vec![tier("eu-west", false, &["127.0.2.1:15002"])]);
+        let function = state.lookup("f").unwrap();
+        let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+        assert_eq!(attempt_reason(None, pick, function, false, now), None);
     }
 
     #[test]

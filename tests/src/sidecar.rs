@@ -35,6 +35,9 @@ pub struct SidecarOpts {
     pub wait_for_table: bool,
     /// Appended to the command line.
     pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. `OTEL_*`). With `OTEL_EXPORTER_OTLP_ENDPOINT` and no
+    /// `OTEL_SERVICE_NAME`, the service name is `meridian-sidecar-<region>`.
+    pub env: Vec<(String, String)>,
 }
 
 /// One sidecar.
@@ -120,10 +123,20 @@ impl Sidecar {
             args.extend(["--client-id".into(), id.into()]);
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
-        let process = Process::spawn(
+        let mut env: Vec<(&str, String)> = opts
+            .env
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone()))
+            .collect();
+        let has = |key: &str| opts.env.iter().any(|(k, _)| k == key);
+        if has("OTEL_EXPORTER_OTLP_ENDPOINT") && !has("OTEL_SERVICE_NAME") {
+            env.push(("OTEL_SERVICE_NAME", format!("meridian-sidecar-{region}")));
+        }
+        let process = Process::spawn_with_env(
             &format!("sidecar-{region}"),
             &bin("meridian-sidecar")?,
             args,
+            &env,
         )?;
         Ok(Sidecar {
             process,

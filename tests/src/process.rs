@@ -243,11 +243,12 @@ impl Drop for Process {
     }
 }
 
-/// Removes every `MERIDIAN_*` variable a developer may have set, so that children see only the
-/// flags a test passes; sets plain logs.
+/// Removes every `MERIDIAN_*` and `OTEL_*` variable a developer may have set, so that children
+/// see only the flags a test passes (and export traces only where a test asks); sets plain logs.
 pub(crate) fn hermetic_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("MERIDIAN_") {
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("MERIDIAN_") || key_text.starts_with("OTEL_") {
             cmd.env_remove(key);
         }
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that checks everything: installs what the build and the end-to-end tests need
-# (protoc, etcd) if it is missing, then runs clippy, rustfmt, the build of every binary and every
-# test of the workspace. Exits non-zero if any step fails; every step runs even after a failure
+# (protoc, etcd, promtool) if it is missing, then runs clippy, rustfmt, the build of every binary
+# and every test of the workspace. Exits non-zero if any step fails; every step runs even after a failure
 # (except the tests, which need the build), so one run shows every problem.
 #
 # Usage: tests/run.sh            (from anywhere; works on the repository this script is in)
@@ -14,7 +14,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 install_prerequisites() {
-    deploy/install-packages.sh protoc=protobuf-compiler etcd=etcd-server,etcd-client
+    # promtool (Debian's prometheus package) checks every /metrics endpoint (tests/tests/metrics.rs).
+    deploy/install-packages.sh protoc=protobuf-compiler etcd=etcd-server,etcd-client \
+        promtool=prometheus
 }
 
 install_prerequisites

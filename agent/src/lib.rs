@@ -11,8 +11,10 @@
 //! - [`overlay`]: the table served to sidecars: local tiers filled from the runtime.
 //! - [`local_api`]: `LocalRoutingService` and `LoadService` for the region's sidecars,
 //!   `AgentApiService` (logs) for operators.
+//! - [`metrics`]: Prometheus metrics; [`admin`] serves them (`/metrics`, `/ready`) over HTTP.
 
 pub mod address;
+pub mod admin;
 pub mod autoscaler;
 pub mod connector;
 pub mod endpoints;
@@ -20,6 +22,7 @@ pub mod endpoints;
 mod fixtures;
 pub mod load;
 pub mod local_api;
+pub mod metrics;
 pub mod overlay;
 pub mod runtime;
 pub mod session;

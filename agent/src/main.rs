@@ -11,10 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::Parser;
 use meridian_agent::address::parse_host_port;
+use meridian_agent::admin::{self, Admin};
 use meridian_agent::autoscaler::{Scaler, ScalerConfig, Windows};
 use meridian_agent::connector::{Connector, ConnectorError};
 use meridian_agent::load::LoadBook;
 use meridian_agent::local_api;
+use meridian_agent::metrics::{self, AgentMetrics};
 use meridian_agent::overlay::{self, Overlay};
 use meridian_agent::runtime::{Runtime, RuntimeConfig};
 use meridian_agent::session::{AgentState, GrpcDialer, Identity};
@@ -98,7 +100,15 @@ struct Args {
     /// Largest reconnect delay, in milliseconds.
     #[arg(long, env = "MERIDIAN_RECONNECT_MAX_MS", default_value_t = 3000)]
     reconnect_max_ms: u64,
+    /// Address of the admin listener (HTTP: /metrics in Prometheus text, /ready), or `none`
+    /// [default: the host of --listen, port 7190; if that is taken, the agent runs without one
+    /// and says so].
+    #[arg(long, env = "MERIDIAN_AGENT_ADMIN")]
+    admin: Option<String>,
 }
+
+/// Port of the admin listener when `--admin` is not given.
+const DEFAULT_ADMIN_PORT: u16 = 7190;
 
 /// Flags after validation.
 #[derive(Debug)]
@@ -113,6 +123,10 @@ struct Config {
     drain_timeout: Duration,
     stop_grace: Duration,
     backoff: Backoff,
+    /// `None`: no admin listener.
+    admin: Option<SocketAddr>,
+    /// `--admin` was given: failing to listen there is fatal (the default is skipped instead).
+    admin_given: bool,
 }
 
 impl Config {
@@ -135,6 +149,7 @@ impl Config {
             stop_grace_secs,
             reconnect_base_ms,
             reconnect_max_ms,
+            admin,
         } = args;
         validate_dns_label(&region).map_err(|e| format!("invalid --region {region:?}: {e}"))?;
         let agent_id = agent_id.unwrap_or_else(|| format!("{region}-1"));
@@ -172,6 +187,12 @@ impl Config {
             ));
         }
         let control_plane = control_plane_urls(&control_plane)?;
+        let admin_given = admin.is_some();
+        let admin = match admin {
+            Some(value) => meridian_agent::admin::parse_address(&value)
+                .map_err(|e| format!("invalid --admin: {e}"))?,
+            None => Some(SocketAddr::new(listen.ip(), DEFAULT_ADMIN_PORT)),
+        };
         if reconnect_base_ms == 0 {
             return Err("invalid --reconnect-base-ms: must be at least 1".into());
         }
@@ -204,6 +225,8 @@ impl Config {
                 Duration::from_millis(reconnect_base_ms),
                 Duration::from_millis(reconnect_max_ms),
             ),
+            admin,
+            admin_given,
         })
     }
 }
@@ -238,13 +261,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match run(config).await {
+    let code = match run(config).await {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans (shutdown, instances stopped) are exported before the process ends.
+    meridian_common::telemetry::shutdown();
+    code
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
@@ -259,6 +285,8 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         drain_timeout,
         stop_grace,
         backoff,
+        admin,
+        admin_given,
     } = config;
     // Listening from the start: a SIGTERM while instances are being started must still stop
     // them, not kill the agent outright and leave them behind.
@@ -277,8 +305,15 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         ),
         None => tracing::info!(dir = %state_dir.display(), "no persisted routing table"),
     }
+    let metrics = AgentMetrics::new(identity.region.clone());
+    if let Some(table) = &held {
+        // A table from disk is as old as the file: that is how stale a restarted agent is.
+        let at = metrics::persisted_at(&store.table_path()).unwrap_or_else(SystemTime::now);
+        metrics.table_accepted(table.version(), at);
+    }
     let (publisher, accepted) = watch::channel(None);
-    let state = AgentState::new(identity.clone(), store, publisher, held);
+    let state = AgentState::new(identity.clone(), store, publisher, held)
+        .with_connected(metrics.connected_flag());
 
     // 2. The runtime: first it kills what a previous agent left running.
     let book = Arc::new(LoadBook::new());
@@ -308,6 +343,9 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             windows,
             backoff,
             stop_signal,
+            admin,
+            admin_given,
+            metrics,
         },
     )
     .await;
@@ -335,6 +373,9 @@ struct Serving {
     backoff: Backoff,
     /// Resolves on SIGTERM or SIGINT.
     stop_signal: tokio::task::JoinHandle<()>,
+    admin: Option<SocketAddr>,
+    admin_given: bool,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Runs the served table, the autoscaler, the local API and the control-plane connection until
@@ -354,6 +395,9 @@ async fn serve(
         windows,
         backoff,
         mut stop_signal,
+        admin,
+        admin_given,
+        metrics,
     } = serving;
 
     // 3. The table sidecars are served: the accepted one with the instances overlaid. Its
@@ -381,6 +425,44 @@ async fn serve(
         runtime.clone(),
         Arc::clone(&book),
     );
+    let admin_listener = match admin {
+        Some(address) => match TcpListener::bind(address).await {
+            Ok(listener) => Some(listener),
+            // Only the default may be skipped: an address the operator gave must work.
+            Err(error) if !admin_given => {
+                tracing::warn!(%error, "cannot listen on the default admin address {address}; running without /metrics and /ready (give --admin)");
+                None
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot listen on --admin {address}"))
+            }
+        },
+        None => None,
+    };
+    let admin_task = match admin_listener {
+        Some(listener) => {
+            let registry = metrics::registry(
+                Arc::clone(&metrics),
+                scale_status.clone(),
+                runtime.subscribe(),
+            );
+            let admin = Arc::new(Admin::new(registry, accepted.clone()));
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!("admin listening on {address}");
+            }
+            Some(tokio::spawn(admin::serve(
+                listener,
+                admin,
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+    tokio::spawn(metrics::track_tables(
+        Arc::clone(&metrics),
+        accepted.clone(),
+    ));
+    tokio::spawn(metrics::track_cold_starts(metrics, runtime.subscribe()));
     let scaler_task = tokio::spawn(scaler.run(accepted, runtime.subscribe(), activations_rx));
 
     // 5. The local API, serving that table.
@@ -441,6 +523,9 @@ async fn serve(
     // ends every open Watch and followed Logs stream, so the graceful shutdown below does not
     // wait on sidecars.
     drop(state);
+    if let Some(task) = admin_task {
+        task.abort();
+    }
     if let Err(error) = scaler_task.await {
         tracing::warn!(%error, "autoscaler task failed");
     }
@@ -481,6 +566,19 @@ mod tests {
         assert_eq!(config.windows, Windows::default());
         assert_eq!(config.drain_timeout, Duration::from_secs(30));
         assert_eq!(config.stop_grace, Duration::from_secs(10));
+        assert_eq!(config.admin, Some("127.0.0.1:7190".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_follows_the_listen_host_unless_given() {
+        let config = Config::from_args(args(&["--listen", "127.0.2.1:7100"])).unwrap();
+        assert_eq!(config.admin, Some("127.0.2.1:7190".parse().unwrap()));
+        let config = Config::from_args(args(&["--admin", "none"])).unwrap();
+        assert_eq!(config.admin, None);
+        let config = Config::from_args(args(&["--admin", "0.0.0.0:9100"])).unwrap();
+        assert_eq!(config.admin, Some("0.0.0.0:9100".parse().unwrap()));
+        let error = Config::from_args(args(&["--admin", "nope"])).unwrap_err();
+        assert!(error.starts_with("invalid --admin"), "{error}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! process instances, again whenever instances change) and the scale state of process
 //! functions, and exchange heartbeats until the stream fails or falls silent.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -187,6 +188,8 @@ pub struct AgentState {
     instances: Option<watch::Receiver<Arc<Snapshot>>>,
     /// The autoscaler's state, reported as `ScaleReport`s.
     scale: Option<watch::Receiver<ScaleStatus>>,
+    /// Set while a stream to a control plane is open (the `meridian_agent_connected` gauge).
+    connected: Arc<AtomicBool>,
 }
 
 impl AgentState {
@@ -209,7 +212,14 @@ impl AgentState {
             api_address: String::new(),
             instances: None,
             scale: None,
+            connected: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Kept true while a stream to a control plane is open.
+    pub fn with_connected(mut self, connected: Arc<AtomicBool>) -> Self {
+        self.connected = connected;
+        self
     }
 
     /// The agent's API address (`host:port`), for operators' tools to find it.
@@ -320,6 +330,8 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
         Err(_) => return outcome(false, SessionError::OpenTimeout(silence)),
     };
     tracing::info!(%address, agent_id = %state.identity.agent_id, "connected to control plane");
+    // Cleared however the session ends, including its future being dropped at shutdown.
+    let _connected = ConnectedFlag::raise(Arc::clone(&state.connected));
     let mut stream = OpenStream {
         state,
         tx,
@@ -333,6 +345,22 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
     };
     let error = stream.run(inbound).await;
     outcome(stream.received_update, error)
+}
+
+/// Holds a flag true for as long as it lives.
+struct ConnectedFlag(Arc<AtomicBool>);
+
+impl ConnectedFlag {
+    fn raise(flag: Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for ConnectedFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 fn outcome(received_update: bool, error: SessionError) -> SessionOutcome {

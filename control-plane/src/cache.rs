@@ -16,6 +16,7 @@ use meridian_common::backoff::Backoff;
 use meridian_proto::v1 as pb;
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::scheduler::SchedulerView;
 use crate::spec::{FunctionKey, FunctionSpec};
 use crate::store::{Change, Record, RecordKey, Store, StoreError, StoredPlacement};
@@ -235,6 +236,7 @@ fn compile(
         Some(Tables {
             version: state.revision,
             regions: tables,
+            seen_at: None,
         }),
         topology,
     )
@@ -270,6 +272,8 @@ pub struct Outputs {
     pub views: watch::Sender<Arc<SchedulerView>>,
     /// Set once the first snapshot is published.
     pub ready: watch::Sender<bool>,
+    /// Told when each routing change was seen, for the propagation-latency histogram.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Runs forever: keeps `outputs` holding the newest tables and scheduler view.
@@ -278,6 +282,7 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
         tables: publish,
         views,
         ready,
+        metrics,
     } = outputs;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut topology = Topology::default();
@@ -318,7 +323,12 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
         );
         backoff.reset();
 
-        match follow(&store, &config, &mut state, &publish, &views, &mut topology).await {
+        let outputs = Follow {
+            publish: &publish,
+            views: &views,
+            metrics: metrics.as_deref(),
+        };
+        match follow(&store, &config, &mut state, &outputs, &mut topology).await {
             StoreError::Compacted(revision) => {
                 tracing::warn!(revision, "watch fell behind compaction; reloading");
             }
@@ -330,15 +340,26 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
     }
 }
 
+/// Where [`follow`] publishes.
+struct Follow<'a> {
+    publish: &'a watch::Sender<Arc<Tables>>,
+    views: &'a watch::Sender<Arc<SchedulerView>>,
+    metrics: Option<&'a Metrics>,
+}
+
 /// Follows the watch from the state's revision; returns when it must reload.
 async fn follow(
     store: &Store,
     config: &CacheConfig,
     state: &mut MeshState,
-    publish: &watch::Sender<Arc<Tables>>,
-    views: &watch::Sender<Arc<SchedulerView>>,
+    outputs: &Follow<'_>,
     topology: &mut Topology,
 ) -> StoreError {
+    let Follow {
+        publish,
+        views,
+        metrics,
+    } = *outputs;
     let mut next_revision = state.revision + 1;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
@@ -366,6 +387,8 @@ async fn follow(
                 }
             };
             backoff.reset();
+            // Propagation is measured from here: the coalescing below is part of it.
+            let seen_at = std::time::Instant::now();
             let mut last_revision = first.revision;
             changes.extend(first.changes);
             // Coalesce a burst: keep reading until it has been quiet for `coalesce`.
@@ -397,8 +420,12 @@ async fn follow(
                 let previous = publish.borrow().clone();
                 let (tables, new_topology) = compile(state, &previous, topology, &dirty, false);
                 *topology = new_topology;
-                if let Some(tables) = tables {
+                if let Some(mut tables) = tables {
                     tracing::debug!(version = tables.version, "publishing routing tables");
+                    tables.seen_at = Some(seen_at);
+                    if let Some(metrics) = metrics {
+                        metrics.table_changed(&tables, seen_at);
+                    }
                     publish.send_replace(Arc::new(tables));
                 }
                 publish_view(state, views, &dirty);

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use meridian_control_plane::admin::{self, Admin};
 use meridian_control_plane::api::{FunctionApi, MeshApi, ScaleApi};
 use meridian_control_plane::cache::{self, CacheConfig};
 use meridian_control_plane::election::{self, ElectionConfig, ElectionState};
+use meridian_control_plane::metrics::{self, Metrics};
 use meridian_control_plane::push::{self, AgentPush, PushConfig};
 use meridian_control_plane::scheduler::{SchedulerConfig, SchedulerView};
 use meridian_control_plane::store::Store;
@@ -58,11 +60,26 @@ struct Args {
     #[arg(long, env = "MERIDIAN_LEADER_LEASE_TTL", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     leader_lease_ttl: u64,
+    /// Address of the admin listener (HTTP: /metrics in Prometheus text, /ready), or `none`
+    /// [default: 127.0.0.1:7090; if that is taken, e.g. by another replica on the host, the
+    /// replica runs without one and says so].
+    #[arg(long, env = "MERIDIAN_ADMIN")]
+    admin: Option<String>,
 }
+
+/// The admin listener's address when `--admin` is not given.
+const DEFAULT_ADMIN: &str = "127.0.0.1:7090";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     meridian_common::telemetry::init("info");
+    let result = run().await;
+    // The last spans are exported before the process ends, whether it failed or not.
+    meridian_common::telemetry::shutdown();
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let replica_id = args
         .replica_id
@@ -73,10 +90,27 @@ async fn main() -> anyhow::Result<()> {
     if !args.key_prefix.starts_with('/') {
         anyhow::bail!("--key-prefix {:?} must start with '/'", args.key_prefix);
     }
+    let admin_address = admin::parse_address(args.admin.as_deref().unwrap_or(DEFAULT_ADMIN))
+        .context("invalid --admin")?;
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_listener = match admin_address {
+        Some(address) => match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => Some(listener),
+            // Only the default may be skipped: a second replica on the host must not fail to
+            // start for want of metrics, but an address the operator gave must work.
+            Err(error) if args.admin.is_none() => {
+                tracing::warn!(%error, "cannot listen on the default admin address {address}; running without /metrics and /ready (give --admin)");
+                None
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot listen on --admin {address}"))
+            }
+        },
+        None => None,
+    };
     let store = Store::connect(
         &args.etcd_endpoints,
         &args.key_prefix,
@@ -96,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         lease_tx,
     ));
 
+    let metrics = Metrics::new();
     let (views_tx, views_rx) = watch::channel(Arc::new(SchedulerView::default()));
     tokio::spawn(cache::run(
         store.clone(),
@@ -107,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             tables: tables_tx,
             views: views_tx,
             ready: ready_tx,
+            metrics: Some(Arc::clone(&metrics)),
         },
     ));
     tokio::spawn(push::run_status_writer(
@@ -114,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         status_rx,
         Duration::from_millis(100),
     ));
+    let election_state = ElectionState::new();
     let election = tokio::spawn(election::run(
         store.clone(),
         ElectionConfig {
@@ -123,8 +160,23 @@ async fn main() -> anyhow::Result<()> {
         },
         views_rx,
         shutdown_rx.clone(),
-        ElectionState::new(),
+        Arc::clone(&election_state),
     ));
+    if let Some(listener) = admin_listener {
+        let registry = metrics::registry(
+            Arc::clone(&metrics),
+            tables_rx.clone(),
+            Arc::clone(&election_state),
+        );
+        let admin = Arc::new(Admin::new(registry, ready_rx.clone()));
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!("admin listening on {address}");
+        }
+        let mut stopped = shutdown_rx.clone();
+        tokio::spawn(admin::serve(listener, admin, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -180,7 +232,8 @@ async fn main() -> anyhow::Result<()> {
         status_tx,
         lease_rx,
         shutdown_rx,
-    );
+    )
+    .with_metrics(metrics);
 
     tracing::info!(replica = %replica_id, "listening on {}", args.listen);
     tonic::transport::Server::builder()

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::{AgentGuard, Metrics};
 use crate::spec::{FunctionKey, MAX_INSTANCES_LIMIT};
 use crate::store::{LeasedWrite, StatusOp, Store};
 use crate::table::{RegionTable, Tables};
@@ -302,6 +303,7 @@ pub struct AgentPush {
     shutdown: watch::Receiver<bool>,
     full_syncs: Arc<Semaphore>,
     writer: Writer,
+    metrics: Arc<Metrics>,
 }
 
 impl AgentPush {
@@ -326,7 +328,15 @@ impl AgentPush {
             shutdown,
             full_syncs,
             writer,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Counts pushes, nacks, connected agents and propagation in `metrics` (by default in a
+    /// private set nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -395,6 +405,9 @@ impl pb::agent_service_server::AgentService for AgentPush {
         );
 
         let (outbound, receiver) = mpsc::channel(8);
+        let metrics =
+            self.metrics
+                .agent_connected(&identity.region, &identity.agent_id, hello.last_version);
         let session = Session {
             store: self.store.clone(),
             config: self.config.clone(),
@@ -418,6 +431,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             scale_desired: BTreeMap::new(),
             scale_queued: BTreeMap::new(),
             outbound,
+            metrics,
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -461,6 +475,8 @@ struct Session {
     scale_desired: BTreeMap<String, Vec<u8>>,
     scale_queued: BTreeMap<String, Vec<u8>>,
     outbound: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+    /// Counts this agent as connected until the session ends.
+    metrics: AgentGuard,
 }
 
 enum Flow {
@@ -607,6 +623,7 @@ impl Session {
                 // The agent already holds exactly this version (reconnect without changes).
                 self.acked = Some(current.clone());
                 self.status.acked_version = current.version;
+                self.metrics.acked(current.version);
                 self.report_status();
                 return Ok(());
             }
@@ -633,6 +650,7 @@ impl Session {
                 .await
                 .map_err(|_| "agent went away")?;
         }
+        self.metrics.metrics().pushed(full);
         self.in_flight = Some(InFlight {
             table: current,
             full,
@@ -651,6 +669,7 @@ impl Session {
                         self.acked = Some(sent.table);
                         self.held_version = ack.version;
                         self.status.acked_version = ack.version;
+                        self.metrics.acked(ack.version);
                         self.report_status();
                     }
                     other => {
@@ -662,6 +681,7 @@ impl Session {
             }
             Some(Kind::Nack(nack)) => {
                 tracing::warn!(agent = %self.identity.agent_id, version = nack.version, reason = %nack.reason, "agent refused a routing table");
+                self.metrics.metrics().nacked();
                 if let Some(sent) = self.in_flight.take() {
                     if sent.full {
                         // The table itself is unacceptable: wait for a newer version.

@@ -170,6 +170,9 @@ impl RegionTable {
 pub struct Tables {
     pub version: i64,
     pub regions: BTreeMap<String, Arc<RegionTable>>,
+    /// When the watch delivered the first change these tables reflect (`None` after a full
+    /// load): where the propagation-latency histogram starts counting.
+    pub seen_at: Option<std::time::Instant>,
 }
 
 /// Regions a function runs in: for an external function the spec's, for a process function

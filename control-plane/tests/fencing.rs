@@ -298,6 +298,7 @@ impl Replica {
                 tables,
                 views,
                 ready,
+                metrics: None,
             },
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);

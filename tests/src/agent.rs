@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+use crate::http::{MeshClient, Reply};
 use crate::{bin, connect, fatal, free_port, poll_until, region_ip, Process};
 
 /// How long an agent gets to serve its local API after it starts.
@@ -45,6 +46,8 @@ pub struct Agent {
     agent_id: String,
     listen: SocketAddr,
     gateway: SocketAddr,
+    /// `None` when the test passed its own `--admin`.
+    admin: Option<SocketAddr>,
     state_dir: PathBuf,
     _state_tmp: Option<TempDir>,
 }
@@ -128,6 +131,14 @@ impl Agent {
         if let Some(zone) = &opts.zone {
             args.extend(["--zone".into(), zone.into()]);
         }
+        // The binary's default admin port is fixed; tests may run several agents per address.
+        let admin = if opts.extra_args.iter().any(|a| a.starts_with("--admin")) {
+            None
+        } else {
+            let admin = SocketAddr::from((ip, free_port(ip)?));
+            args.extend(["--admin".into(), admin.to_string().into()]);
+            Some(admin)
+        };
         args.extend(opts.extra_args.iter().map(OsString::from));
         let process = Process::spawn(&format!("agent-{agent_id}"), &bin("meridian-agent")?, args)?;
         Ok(Agent {
@@ -137,9 +148,30 @@ impl Agent {
             agent_id,
             listen,
             gateway,
+            admin,
             state_dir,
             _state_tmp: state_tmp,
         })
+    }
+
+    /// The admin listener (`None` when the test gave its own `--admin`).
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// `GET <path>` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Result<Reply> {
+        let admin = self
+            .admin
+            .ok_or_else(|| anyhow::anyhow!("this agent was started with its own --admin"))?;
+        MeshClient::http1(admin).get(&admin.to_string(), path).await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let reply = self.admin_get("/metrics").await?;
+        anyhow::ensure!(reply.status.is_success(), "/metrics: {}", reply.describe());
+        Ok(reply.text())
     }
 
     /// The region it was started with.

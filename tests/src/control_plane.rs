@@ -1,4 +1,5 @@
-//! A real `meridian-control-plane` replica on 127.0.0.1, ready once grpc.health.v1 says SERVING.
+//! A real `meridian-control-plane` replica on 127.0.0.1, ready once grpc.health.v1 says SERVING,
+//! with its admin listener (`/metrics`, `/ready`) on a fresh port of 127.0.0.1.
 
 use std::ffi::{OsStr, OsString};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,6 +15,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::http::{MeshClient, Reply};
 use crate::{bin, connect, fatal, free_port, meridianctl, poll_until, Process, LEASE_TTL_SECS};
 
 /// How long a replica gets to load its first etcd snapshot and report SERVING.
@@ -57,6 +59,8 @@ impl ControlPlaneOpts {
 pub struct ControlPlane {
     process: Process,
     addr: SocketAddr,
+    /// `None` when the test passed its own `--admin`.
+    admin: Option<SocketAddr>,
     replica_id: String,
 }
 
@@ -91,11 +95,21 @@ impl ControlPlane {
             if let Some(prefix) = &opts.key_prefix {
                 args.extend(["--key-prefix".into(), prefix.into()]);
             }
+            // The binary's default admin port is fixed; tests run many replicas at once.
+            let admin = if opts.extra_args.iter().any(|a| a.starts_with("--admin")) {
+                None
+            } else {
+                let admin =
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
+                args.extend(["--admin".into(), admin.to_string().into()]);
+                Some(admin)
+            };
             args.extend(opts.extra_args.iter().map(OsString::from));
             let process = Process::spawn(&format!("control-plane-{replica_id}"), &program, args)?;
             let mut cp = ControlPlane {
                 process,
                 addr,
+                admin,
                 replica_id,
             };
             match cp.wait_ready().await {
@@ -123,6 +137,26 @@ impl ControlPlane {
     /// The listen address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener (`None` when the test gave its own `--admin`).
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// `GET <path>` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Result<Reply> {
+        let admin = self
+            .admin
+            .ok_or_else(|| anyhow::anyhow!("this replica was started with its own --admin"))?;
+        MeshClient::http1(admin).get(&admin.to_string(), path).await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let reply = self.admin_get("/metrics").await?;
+        ensure!(reply.status.is_success(), "/metrics: {}", reply.describe());
+        Ok(reply.text())
     }
 
     /// The replica id it runs with (what `AgentStatus.replica` names).

@@ -113,6 +113,9 @@ pub fn agent_args<'a>(state_dir: &'a str, control_plane: &'a str) -> Vec<&'a str
         "127.0.0.1:0",
         "--control-plane",
         control_plane,
+        // The default admin port is fixed: tests run agents in parallel.
+        "--admin",
+        "none",
     ]
 }
 

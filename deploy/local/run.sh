@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs a whole Meridian on this machine, three regions on three loopback addresses:
 #   etcd               127.0.0.1:2379 (data in a temp dir)
-#   control planes     127.0.0.1:7000 and 127.0.0.1:7001
+#   control planes     127.0.0.1:7000 and 127.0.0.1:7001 (admin: /metrics on :7090 and :7091)
 #   agents             us-east 127.0.1.1, eu-west 127.0.2.1, ap-south 127.0.3.1
-#                      (local API :7100 on each), each pointed at both replicas
+#                      (local API :7100, admin :7190 on each), each pointed at both replicas
 #   sidecars           one per region: outbound :15001, gateway :15002, admin :15090
 #   sample function    run by the agents as the `process` functions `hello` (one warm instance
 #                      per region) and `slow` (scales from zero with load, back to zero when idle)
@@ -13,6 +13,8 @@
 # then applies deploy/local/sample-function.yaml, waits until us-east's sidecar serves `hello`,
 # prints what to try (a call, a crash, a partition, scale up and down) and keeps running until
 # Ctrl-C, which stops everything.
+# Traces: with OTEL_EXPORTER_OTLP_ENDPOINT set (e.g. http://127.0.0.1:4317, a Jaeger), every
+# component exports its spans there as meridian-<component>[-<region>].
 #
 # Usage: deploy/local/run.sh [--release]
 set -euo pipefail
@@ -25,7 +27,7 @@ case "${1:-}" in
     "") ;;
     --release) PROFILE=release ;;
     -h | --help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -44,6 +46,10 @@ OUTBOUND_PORT=15001
 GATEWAY_PORT=15002
 ADMIN_PORT=15090
 RELAY_CONTROL=127.0.0.1:7199
+# Admin endpoints (/metrics, /ready) of the control planes (one port each: they share an address)
+# and of the agents (on each region's address).
+CP_ADMIN_PORTS=(7090 7091)
+AGENT_ADMIN_PORT=7190
 LATENCIES=(us-east:eu-west=40 us-east:ap-south=120 eu-west:ap-south=100)
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -87,6 +93,21 @@ etcd_healthy() {
     [[ $response == *'"health":"true"'* ]]
 }
 
+# with_service NAME ATTRIBUTES COMMAND...: runs COMMAND (exec, so the pid stays the command's)
+# with OTEL_SERVICE_NAME=NAME and ATTRIBUTES added to OTEL_RESOURCE_ATTRIBUTES when traces are
+# exported (the caller set OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+# both are exported, so every component inherits the endpoint itself).
+with_service() {
+    local name=$1 attributes=$2
+    shift 2
+    if [ -n "$OTLP_ENDPOINT" ]; then
+        exec env OTEL_SERVICE_NAME="$name" \
+            OTEL_RESOURCE_ATTRIBUTES="${OTEL_RESOURCE_ATTRIBUTES:+$OTEL_RESOURCE_ATTRIBUTES,}$attributes" \
+            "$@"
+    fi
+    exec "$@"
+}
+
 ctl() { "$BIN_DIR/meridianctl" --control-plane "http://${CP_ADDRS[0]}" "$@"; }
 
 # Every agent acknowledged a table at least as new as the sample function hello.
@@ -104,15 +125,23 @@ agents_acked_sample() {
     [ "$count" -ge "${#REGIONS[@]}" ]
 }
 
+OTLP_ENDPOINT=${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-${OTEL_EXPORTER_OTLP_ENDPOINT:-}}
+[ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ] && export OTEL_EXPORTER_OTLP_ENDPOINT
+[ -n "${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-}" ] && export OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+
 install_prerequisites
 command -v cargo >/dev/null 2>&1 || die "cargo is not on the PATH: install Rust (https://rustup.rs) first"
 
 REGION_ADDRS=()
 for i in "${!REGIONS[@]}"; do
     ip=$(region_ip "$i")
-    for port in "$AGENT_API_PORT" "$TAP_PORT" "$OUTBOUND_PORT" "$GATEWAY_PORT" "$ADMIN_PORT"; do
+    for port in "$AGENT_API_PORT" "$TAP_PORT" "$OUTBOUND_PORT" "$GATEWAY_PORT" "$ADMIN_PORT" \
+        "$AGENT_ADMIN_PORT"; do
         REGION_ADDRS+=("$ip:$port")
     done
+done
+for port in "${CP_ADMIN_PORTS[@]}"; do
+    REGION_ADDRS+=("127.0.0.1:$port")
 done
 for addr in "$ETCD_CLIENT" "$ETCD_PEER" "${CP_ADDRS[@]}" "$RELAY_CONTROL" "${REGION_ADDRS[@]}"; do
     listening "$addr" && die "$addr is already in use (another Meridian or etcd running?)"
@@ -183,8 +212,11 @@ wait_for "etcd" 30 "$LOGS/etcd.log" etcd_healthy
 CP_URLS=()
 for i in "${!CP_ADDRS[@]}"; do
     addr=${CP_ADDRS[i]}
-    start "control-plane-$i" "$BIN_DIR/meridian-control-plane" \
-        --listen "$addr" --etcd-endpoints "http://$ETCD_CLIENT" --replica-id "cp-$i"
+    # Both replicas share 127.0.0.1, so each needs its own admin port.
+    start "control-plane-$i" with_service meridian-control-plane "service.instance.id=cp-$i" \
+        "$BIN_DIR/meridian-control-plane" \
+        --listen "$addr" --etcd-endpoints "http://$ETCD_CLIENT" --replica-id "cp-$i" \
+        --admin "127.0.0.1:${CP_ADMIN_PORTS[i]}"
     CP_URLS+=("http://$addr")
 done
 for i in "${!CP_ADDRS[@]}"; do
@@ -201,10 +233,12 @@ for i in "${!REGIONS[@]}"; do
     ip=$(region_ip "$i")
     mkdir -p "$RUN_DIR/agent-$region"
     # The functions' `command: sample_function` is found on the agent's PATH.
-    start "agent-$region" env PATH="$BIN_DIR/examples:$PATH" "$BIN_DIR/meridian-agent" \
+    start "agent-$region" with_service "meridian-agent-$region" "cloud.region=$region" \
+        env PATH="$BIN_DIR/examples:$PATH" "$BIN_DIR/meridian-agent" \
         --region "$region" --agent-id "$region-1" --zone "$region-a" \
         --listen "$ip:$AGENT_API_PORT" --gateway "$ip:$GATEWAY_PORT" \
-        --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region"
+        --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region" \
+        --admin "$ip:$AGENT_ADMIN_PORT"
 done
 
 # The relay: each region's sidecar reads its tables through the relay (:$TAP_PORT), which
@@ -222,7 +256,8 @@ start relay "$BIN_DIR/meridian-relay" "${relay_args[@]}"
 for i in "${!REGIONS[@]}"; do
     region=${REGIONS[i]}
     ip=$(region_ip "$i")
-    start "sidecar-$region" "$BIN_DIR/meridian-sidecar" \
+    start "sidecar-$region" with_service "meridian-sidecar-$region" "cloud.region=$region" \
+        "$BIN_DIR/meridian-sidecar" \
         --region "$region" --agent "http://$ip:$TAP_PORT" --client-id "sidecar-$region" \
         --outbound "$ip:$OUTBOUND_PORT" --gateway "$ip:$GATEWAY_PORT" --admin "$ip:$ADMIN_PORT"
 done
@@ -272,6 +307,20 @@ wait_for "hello to be ready in every region" 30 "$LOGS/agent-us-east.log" hello_
 printf '\n$ meridianctl get instances\n'
 ctl get instances
 
+if [ -n "$OTLP_ENDPOINT" ]; then
+    TRACES="Traces: every component exports its spans (OTLP/gRPC) to $OTLP_ENDPOINT, as the services
+meridian-control-plane, meridian-agent-<region> and meridian-sidecar-<region>. In Jaeger's UI
+(a Jaeger all-in-one serves it on port 16686, e.g. http://localhost:16686) pick the service
+meridian-sidecar-us-east and Find Traces; a call that failed over (the crash or the partition
+below) is one trace with both regions' sidecar spans and the reason on the attempt span."
+else
+    TRACES="Traces: off. To see every call as a trace, start a Jaeger and run this script again with
+the OTLP endpoint set, e.g.:
+  docker run -d --name jaeger -p 4317:4317 -p 16686:16686 jaegertracing/all-in-one:1.62.0
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 deploy/local/run.sh
+then open http://localhost:16686 (service meridian-sidecar-us-east)."
+fi
+
 cat <<EOF
 
 Meridian is running: etcd, 2 control-plane replicas, 3 agents (running the functions' instances),
@@ -301,9 +350,13 @@ runs nothing until called. The first call is held while an instance starts (meri
   meridianctl logs slow --region us-east --tail 5
 
 What us-east's sidecar sees (each tier's priority and share, probe states and round trips,
-ejections, held requests) and counts:
+ejections, held requests) and counts; and the other components' metrics:
   curl http://$US_EAST:$ADMIN_PORT/routes
   curl http://$US_EAST:$ADMIN_PORT/metrics
+  curl http://$US_EAST:$AGENT_ADMIN_PORT/metrics       # us-east's agent
+  curl http://127.0.0.1:${CP_ADMIN_PORTS[0]}/metrics       # control plane cp-0 (cp-1: :${CP_ADMIN_PORTS[1]})
+
+$TRACES
 
 The control plane:
   export PATH="$BIN_DIR:\$PATH"

@@ -241,7 +241,8 @@ impl World {
     }
 
     /// Waits until `region`'s sidecar lists `function` with the remote tiers `expected` (in this
-    /// order, after any local tier), each probed up with a measured round trip; returns the
+    /// order, after any local tier), each probed up with a measured round trip and with ready
+    /// instances in the table; returns the
     /// tiers.
     pub async fn wait_remote_tiers_up(
         &self,
@@ -264,6 +265,15 @@ impl World {
                     ensure!(
                         tier.probe.as_deref() == Some("up") && tier.rtt_ms.is_some(),
                         "{} not probed up yet: {:?}",
+                        tier.region,
+                        tier.raw
+                    );
+                    // A remote tier takes traffic only with ready instances behind its gateway,
+                    // which the table says once that region's agent has reported them.
+                    let ready = tier.raw.get("readyInstances").and_then(|v| v.as_u64());
+                    ensure!(
+                        ready.unwrap_or(0) > 0,
+                        "{} has no ready instances in the table yet: {:?}",
                         tier.region,
                         tier.raw
                     );

@@ -242,8 +242,7 @@ impl World {
 
     /// Waits until `region`'s sidecar lists `function` with the remote tiers `expected` (in this
     /// order, after any local tier), each probed up with a measured round trip and with ready
-    /// instances in the table; returns the
-    /// tiers.
+    /// instances in the table; returns the tiers.
     pub async fn wait_remote_tiers_up(
         &self,
         region: &str,

@@ -238,6 +238,8 @@ pub struct GlobalStats {
     pub load_report_failures: AtomicU64,
     /// The last load report failed (so the next failure is not logged again).
     pub load_reports_failing: AtomicBool,
+    /// The Watch stream to the agent is open (set and cleared by the watcher).
+    pub agent_watch_connected: AtomicBool,
 }
 
 /// Encodes the statistics of the current routing state at each scrape.
@@ -280,6 +282,49 @@ impl Collector for MeshCollector {
                     .collect()
             })
             .unwrap_or_default();
+
+        // The table in use: no series before the first one (there is no version or age).
+        {
+            let version = encoder.encode_descriptor(
+                "meridian_sidecar_table_version",
+                "Version (etcd revision) of the routing table in use (absent before the first).",
+                None,
+                MetricType::Gauge,
+            )?;
+            if let Some(state) = &state {
+                ConstGauge::new(state.version()).encode(version)?;
+            }
+        }
+        {
+            let generation = encoder.encode_descriptor(
+                "meridian_sidecar_table_local_generation",
+                "The agent's local-instance generation of the routing table in use (absent before the first).",
+                None,
+                MetricType::Gauge,
+            )?;
+            if let Some(state) = &state {
+                ConstGauge::new(state.local_generation()).encode(generation)?;
+            }
+        }
+        {
+            let age = encoder.encode_descriptor(
+                "meridian_sidecar_table_age_seconds",
+                "Seconds since the routing table in use was applied (absent before the first).",
+                None,
+                MetricType::Gauge,
+            )?;
+            if let Some(state) = &state {
+                ConstGauge::new(state.age().as_secs_f64()).encode(age)?;
+            }
+        }
+        let connected = encoder.encode_descriptor(
+            "meridian_agent_watch_connected",
+            "1 while the Watch stream to the local agent is open, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        let up = self.global.agent_watch_connected.load(Ordering::Relaxed);
+        ConstGauge::new(i64::from(up)).encode(connected)?;
 
         {
             let mut family = encoder.encode_descriptor(
@@ -495,6 +540,78 @@ mod tests {
         );
         assert!(
             text.contains("# TYPE meridian_request_duration_seconds histogram"),
+            "{text}"
+        );
+        // No table: the table gauges are described but have no series.
+        for name in [
+            "meridian_sidecar_table_version",
+            "meridian_sidecar_table_local_generation",
+            "meridian_sidecar_table_age_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{text}");
+            assert!(!text.contains(&format!("\n{name} ")), "{text}");
+        }
+        assert!(
+            text.contains("meridian_agent_watch_connected 0\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renders_the_table_in_use_and_its_age() {
+        use crate::routes::tests::{route, table, tier};
+        use crate::routes::Compiler;
+
+        let mut spec = table(vec![route(
+            "default",
+            "f",
+            vec![tier("us-east", true, &["127.0.1.1:9000"])],
+        )]);
+        spec.local_generation = 3;
+        let compiler = Compiler::new("us-east");
+        let state = Arc::new(ArcSwapOption::empty());
+        let global = Arc::new(GlobalStats::default());
+        let registry = registry(Arc::clone(&state), Arc::clone(&global));
+
+        // Compiled 10 s before it is applied: the age counts from the swap.
+        let compiled = compiler.compile(&spec);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        crate::watch::apply_compiled(&state, &compiler, compiled).unwrap();
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        global.agent_watch_connected.store(true, Ordering::Relaxed);
+
+        let text = render(&registry).unwrap();
+        assert!(
+            text.contains(
+                "# HELP meridian_sidecar_table_version Version (etcd revision) of the routing \
+                 table in use (absent before the first).\n\
+                 # TYPE meridian_sidecar_table_version gauge\n\
+                 meridian_sidecar_table_version 7\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nmeridian_sidecar_table_local_generation 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE meridian_sidecar_table_age_seconds gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nmeridian_sidecar_table_age_seconds 2.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meridian_agent_watch_connected 1\n"),
+            "{text}"
+        );
+
+        // Measured at scrape time.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let text = render(&registry).unwrap();
+        assert!(
+            text.contains("\nmeridian_sidecar_table_age_seconds 62.5\n"),
             "{text}"
         );
     }

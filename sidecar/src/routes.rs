@@ -268,6 +268,9 @@ pub struct RoutingState {
     local_generation: u64,
     region: String,
     clock: Clock,
+    /// When the state was swapped in, in [`Clock`] nanoseconds (when it was compiled, until
+    /// [`RoutingState::mark_applied`]). Read only by `/metrics`.
+    applied_at: u64,
     functions: Vec<Arc<FunctionRoute>>,
     /// `name.namespace`, and `name` for the default namespace -> index in `functions`.
     hosts: HostMap,
@@ -292,6 +295,16 @@ impl RoutingState {
 
     pub fn clock(&self) -> Clock {
         self.clock
+    }
+
+    /// Records that the state is being applied now (called just before it is swapped in).
+    pub fn mark_applied(&mut self) {
+        self.applied_at = self.clock.now();
+    }
+
+    /// Time since the state was applied (see [`RoutingState::mark_applied`]).
+    pub fn age(&self) -> Duration {
+        Duration::from_nanos(self.clock.now().saturating_sub(self.applied_at))
     }
 
     pub fn functions(&self) -> impl Iterator<Item = &Arc<FunctionRoute>> {
@@ -722,6 +735,7 @@ impl Compiler {
             local_generation: spec.local_generation,
             region: spec.region,
             clock: self.endpoints.clock(),
+            applied_at: self.endpoints.clock().now(),
             functions,
             hosts,
             gateways,

@@ -159,7 +159,8 @@ pub async fn run(
         refused,
         Arc::clone(&new_gateways),
         swaps,
-    );
+    )
+    .with_stats(Arc::clone(&global));
     let prober = Prober::new(
         config.probe_interval,
         config.probe_timeout,

@@ -9,6 +9,7 @@
 //! reporter tells the agent it has the new generation.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use meridian_proto::v1::{RoutingTable, TableReport, WatchRoutesRequest};
 use tokio::sync::{watch, Notify};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::metrics::GlobalStats;
 use crate::routes::{Compiler, RoutingState, TableError};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,6 +67,24 @@ pub struct Watcher {
     refused: Arc<ArcSwapOption<Refusal>>,
     new_gateways: Arc<Notify>,
     swaps: Arc<watch::Sender<u64>>,
+    global: Arc<GlobalStats>,
+}
+
+/// Clears the "watch connected" flag when the stream ends, whichever way `subscribe` returns
+/// (or is dropped on shutdown).
+struct Connected<'a>(&'a AtomicBool);
+
+impl<'a> Connected<'a> {
+    fn set(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Watcher {
@@ -87,7 +107,15 @@ impl Watcher {
             refused,
             new_gateways,
             swaps,
+            global: Arc::new(GlobalStats::default()),
         }
+    }
+
+    /// Where to record whether the watch stream is open (`meridian_agent_watch_connected`);
+    /// without it, a private flag nobody exports.
+    pub fn with_stats(mut self, global: Arc<GlobalStats>) -> Self {
+        self.global = global;
+        self
     }
 
     /// Watches until `shutdown` resolves, reconnecting with capped, jittered backoff.
@@ -138,6 +166,7 @@ impl Watcher {
             .await
             .map_err(WatchError::Watch)?
             .into_inner();
+        let _connected = Connected::set(&self.global.agent_watch_connected);
         tracing::info!(agent = %self.agent, "watching routes");
         while let Some(table) = tables.message().await.map_err(WatchError::Stream)? {
             backoff.reset();
@@ -227,8 +256,9 @@ pub fn apply_compiled(
     compiler: &Compiler,
     compiled: Result<RoutingState, TableError>,
 ) -> Result<usize, TableError> {
-    let compiled = compiled?;
+    let mut compiled = compiled?;
     let functions = compiled.functions().count();
+    compiled.mark_applied();
     state.store(Some(Arc::new(compiled)));
     compiler.prune();
     Ok(functions)
@@ -277,7 +307,9 @@ mod tests {
             &self,
             _request: Request<WatchRoutesRequest>,
         ) -> Result<Response<Self::WatchStream>, Status> {
-            let rx = self.tables.lock().await.take().unwrap();
+            let Some(rx) = self.tables.lock().await.take() else {
+                return Err(Status::unavailable("this fake agent serves one watch"));
+            };
             Ok(Response::new(Box::pin(ReceiverStream(rx))))
         }
 
@@ -339,6 +371,9 @@ mod tests {
         let refused = Arc::new(ArcSwapOption::empty());
         let swaps = Arc::new(watch::channel(0u64).0);
         let mut swapped = swaps.subscribe();
+        let global = Arc::new(GlobalStats::default());
+        let connected = || global.agent_watch_connected.load(Ordering::Relaxed);
+        assert!(!connected());
         let watcher = Watcher::new(
             format!("http://{addr}"),
             "sidecar-test",
@@ -347,7 +382,8 @@ mod tests {
             Arc::clone(&refused),
             Arc::new(Notify::new()),
             Arc::clone(&swaps),
-        );
+        )
+        .with_stats(Arc::clone(&global));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(watcher.run(async {
             let _ = stop_rx.await;
@@ -362,6 +398,7 @@ mod tests {
         let report = report_rx.recv().await.unwrap();
         assert!(report.accepted, "{report:?}");
         assert_eq!(report.client, "sidecar-test");
+        assert!(connected(), "the watch stream is open");
         assert_eq!(state.load().as_ref().unwrap().version(), 7);
 
         let mut bad = good.clone();
@@ -398,6 +435,16 @@ mod tests {
                 .address(),
             "127.0.1.1:9001"
         );
+
+        // The agent ends the stream (and refuses the next watch): no longer connected.
+        drop(table_tx);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while connected() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the flag is cleared when the stream ends");
 
         stop_tx.send(()).unwrap();
         task.await.unwrap();

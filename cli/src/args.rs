@@ -46,6 +46,17 @@ pub enum Command {
     },
     /// Print the logs of a process function's instances, from every agent that runs them.
     Logs(LogsArgs),
+    /// The mesh at a glance: control-plane replicas and the scheduler leader, agents and their
+    /// sync state per region, functions with ready/desired per region, and a one-line verdict.
+    /// Exits 0 even when it shows problems; 1 only when the control plane cannot be reached.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +203,25 @@ mod tests {
             "a name across all namespaces is refused"
         );
         assert!(Cli::try_parse_from(["meridianctl", "get", "functions", "-o", "wide"]).is_err());
+    }
+
+    #[test]
+    fn parses_status() {
+        let cli = Cli::try_parse_from(["meridianctl", "status"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Status(StatusArgs {
+                output: Format::Table
+            })
+        ));
+        let cli = Cli::try_parse_from(["meridianctl", "status", "-o", "yaml"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Status(StatusArgs {
+                output: Format::Yaml
+            })
+        ));
+        assert!(Cli::try_parse_from(["meridianctl", "status", "extra"]).is_err());
     }
 
     #[test]

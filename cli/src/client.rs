@@ -282,6 +282,15 @@ impl ControlPlane {
             .map_err(|s| self.map_status(s))
     }
 
+    pub async fn get_leader(&self) -> Result<wire::GetLeaderResponse, ClientError> {
+        let mut client = self.scale.clone();
+        client
+            .get_leader(wire::GetLeaderRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
     pub async fn routing_table(&self, region: &str) -> Result<wire::RoutingTable, ClientError> {
         let mut client = self.mesh.clone();
         client

@@ -8,12 +8,13 @@ use meridian_proto::v1 as wire;
 use thiserror::Error;
 use tonic::Code;
 
-use crate::args::{ApplyArgs, Cli, Command, GetArgs, GetResource, NamedResource};
+use crate::args::{ApplyArgs, Cli, Command, GetArgs, GetResource, NamedResource, StatusArgs};
 use crate::client::{ClientError, ControlPlane};
 use crate::instances::{self, ScaleSection};
 use crate::logs::{self, LogsError};
 use crate::manifest::{self, Document};
 use crate::output::{self, Format, RegionRoutes, RoutesSection};
+use crate::status::{self, StatusInput};
 
 const DEFAULT_NAMESPACE: &str = "default";
 
@@ -69,7 +70,62 @@ pub async fn run(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             resource: NamedResource::Function { name },
         } => delete(cli, namespace, name, out).await,
         Command::Logs(args) => logs::run(&cli.control_plane, namespace, args, out, err).await,
+        Command::Status(args) => status(cli, args, out).await,
     }
+}
+
+/// A server's answer or its error message; a connection problem ends the command (exit 1).
+fn answered<T>(result: Result<T, ClientError>) -> Result<Result<T, String>, CommandError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(e @ ClientError::Server { .. }) => Ok(Err(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `status`: every section is best effort (a server error is shown and counted as a problem);
+/// only an unreachable control plane fails the command. Functions of every namespace, unless
+/// `-n` names one.
+async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(), CommandError> {
+    let control_plane = ControlPlane::connect(&cli.control_plane).await?;
+    let all_namespaces = cli.namespace.is_none();
+    let namespace = cli.namespace.clone().unwrap_or_default();
+    let leader = answered(control_plane.get_leader().await)?;
+    let agents = answered(control_plane.list_agents("").await)?.map(|r| r.agents);
+    let instances = answered(
+        control_plane
+            .list_instances(wire::ListInstancesRequest {
+                namespace: namespace.clone(),
+                all_namespaces,
+                name: String::new(),
+            })
+            .await,
+    )?
+    .map(|r| r.functions);
+    let functions = answered(
+        control_plane
+            .list_functions(wire::ListFunctionsRequest {
+                namespace,
+                all_namespaces,
+                label_selector: String::new(),
+            })
+            .await,
+    )?
+    .map(|r| r.functions);
+    let model = status::status(&StatusInput {
+        address: control_plane.address().to_string(),
+        leader,
+        agents,
+        instances,
+        functions,
+    });
+    let text = match args.output {
+        Format::Table => status::status_text(&model),
+        Format::Json => status::status_json(&model)?,
+        Format::Yaml => status::status_yaml(&model)?,
+    };
+    out.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// A document of the file, resolved to the spec that will be sent.

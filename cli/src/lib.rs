@@ -1,8 +1,8 @@
 //! meridianctl: kubectl-like verbs over Meridian's FunctionService, MeshService and
 //! ScaleService, and the agents' AgentApiService (logs).
 //!
-//! `manifest` reads YAML/JSON documents into wire specs, `output` and `instances` render tables,
-//! JSON and YAML (pure functions, covered by golden tests), `client` talks to a control-plane
+//! `manifest` reads YAML/JSON documents into wire specs, `output`, `instances` and `status`
+//! render tables, JSON and YAML (pure functions, covered by golden tests), `client` talks to a control-plane
 //! replica, `logs` dials the agents and merges their log streams, and `commands` ties them
 //! together for `main`.
 
@@ -14,3 +14,4 @@ pub mod instances;
 pub mod logs;
 pub mod manifest;
 pub mod output;
+pub mod status;

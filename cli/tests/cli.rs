@@ -881,3 +881,75 @@ async fn logs_follow_streams_new_lines() {
     assert!(us_east.requests.lock().expect("lock")[0].follow);
     child.kill().await.expect("kill meridianctl");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_problems_and_exits_0() {
+    let (fake, addr) = start().await;
+    let addr = addr.to_string();
+    let out = ctl(&addr, &["apply", "-f", "-"], GOOD).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    {
+        let mut state = fake.state.lock().expect("lock");
+        state.instances = vec![worker_instances()];
+        state.agents = vec![
+            wire::AgentStatus {
+                acked_version: 7,
+                newest_version: 7,
+                in_sync: true,
+                replica: "cp-test".into(),
+                ..agent_status("us-east", "us-east-1", "127.0.1.1:15003")
+            },
+            wire::AgentStatus {
+                acked_version: 5,
+                newest_version: 7,
+                in_sync: false,
+                replica: "cp-test".into(),
+                last_nack: "bad table".into(),
+                ..agent_status("us-east", "us-east-2", "127.0.1.2:15003")
+            },
+        ];
+    }
+
+    let out = ctl(&addr, &["status"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for expected in [
+        "Scheduler leader: cp-test (since version 1)",
+        "us-east   2        1/2",
+        "us-east-2: bad table",
+        "batch/worker    process    us-east 2/3 (CrashLoopBackOff: exit code 1)",
+        "ap-south not placed: minInstances 2 but region ap-south has no agent",
+        "default/hello   external   us-east",
+        "\n3 problems: agent us-east-2 (us-east) lagging by 2 versions; ",
+        "Agent streams:    cp-test (2 agents)",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
+    }
+
+    let out = ctl(&addr, &["status", "-o", "json"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["controlPlane"]["leader"], "cp-test");
+    assert_eq!(json["problems"].as_array().map(Vec::len), Some(3));
+
+    let out = ctl(&addr, &["-n", "batch", "status", "-o", "yaml"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("name: worker"), "{stdout}");
+    assert!(
+        !stdout.contains("name: hello"),
+        "-n scopes the functions\n{stdout}"
+    );
+
+    // Unreachable: the only failure.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let gone = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let out = ctl(&gone, &["status"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("error: cannot reach control plane at "),
+        "{}",
+        text(&out.stderr)
+    );
+}

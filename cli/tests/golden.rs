@@ -9,6 +9,7 @@ use meridian_proto::v1 as wire;
 use meridianctl::instances::{self, ScaleSection};
 use meridianctl::manifest;
 use meridianctl::output::{self, RegionRoutes, RoutesSection};
+use meridianctl::status::{self, StatusInput};
 
 /// 2026-11-25T12:00:00Z, the `now` every rendering uses.
 const NOW_MS: i64 = 1_795_608_000_000;
@@ -813,4 +814,65 @@ fn log_lines() {
         "unreachable: tcp connect error: Connection refused (os error 111)",
     ));
     check("logs.txt", &text);
+}
+
+fn status_input() -> StatusInput {
+    StatusInput {
+        address: "http://127.0.0.1:7000".into(),
+        leader: Ok(wire::GetLeaderResponse {
+            leader: "cp-7000".into(),
+            elected_version: 180,
+        }),
+        agents: Ok(agents().agents),
+        instances: Ok(instances().functions),
+        functions: Ok(functions()),
+    }
+}
+
+#[test]
+fn status_with_problems() {
+    let model = status::status(&status_input());
+    check("status.txt", &status::status_text(&model));
+    check(
+        "status_json.txt",
+        &status::status_json(&model).expect("json"),
+    );
+    check(
+        "status_yaml.txt",
+        &status::status_yaml(&model).expect("yaml"),
+    );
+}
+
+#[test]
+fn status_healthy() {
+    let mut agents = agents().agents;
+    for agent in &mut agents {
+        agent.acked_version = agent.newest_version;
+        agent.in_sync = true;
+        agent.last_nack.clear();
+    }
+    let hello: Vec<wire::Function> = functions()
+        .into_iter()
+        .filter(|f| f.spec.as_ref().is_some_and(|s| s.name == "hello"))
+        .collect();
+    let model = status::status(&StatusInput {
+        agents: Ok(agents),
+        instances: Ok(Vec::new()),
+        functions: Ok(hello),
+        ..status_input()
+    });
+    assert_eq!(model.verdict, "healthy");
+    check("status_healthy.txt", &status::status_text(&model));
+}
+
+#[test]
+fn status_without_leader_and_scale_view() {
+    let model = status::status(&StatusInput {
+        leader: Ok(wire::GetLeaderResponse::default()),
+        agents: Ok(Vec::new()),
+        instances: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),
+        functions: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),
+        ..status_input()
+    });
+    check("status_degraded.txt", &status::status_text(&model));
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::Parser;
 use meridian_agent::address::parse_host_port;
-use meridian_agent::admin::{self, Admin};
+use meridian_agent::admin;
 use meridian_agent::autoscaler::{Scaler, ScalerConfig, Windows};
 use meridian_agent::connector::{Connector, ConnectorError};
 use meridian_agent::load::LoadBook;
@@ -446,7 +446,7 @@ async fn serve(
                 scale_status.clone(),
                 runtime.subscribe(),
             );
-            let admin = Arc::new(Admin::new(registry, accepted.clone()));
+            let admin = Arc::new(admin::new(registry, accepted.clone()));
             if let Ok(address) = listener.local_addr() {
                 tracing::info!("admin listening on {address}");
             }

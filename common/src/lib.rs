@@ -1,6 +1,7 @@
-//! What every Meridian binary shares: logging set-up, shutdown signals, reconnect backoff and
-//! the naming rule for regions, namespaces and functions.
+//! What every Meridian binary shares: logging set-up, the admin listener (`/metrics`, `/ready`),
+//! shutdown signals, reconnect backoff and the naming rule for regions, namespaces and functions.
 
+pub mod admin;
 pub mod backoff;
 pub mod names;
 pub mod shutdown;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use meridian_control_plane::admin::{self, Admin};
+use meridian_control_plane::admin;
 use meridian_control_plane::api::{FunctionApi, MeshApi, ScaleApi};
 use meridian_control_plane::cache::{self, CacheConfig};
 use meridian_control_plane::election::{self, ElectionConfig, ElectionState};
@@ -168,7 +168,7 @@ async fn run() -> anyhow::Result<()> {
             tables_rx.clone(),
             Arc::clone(&election_state),
         );
-        let admin = Arc::new(Admin::new(registry, ready_rx.clone()));
+        let admin = Arc::new(admin::new(registry, ready_rx.clone()));
         if let Ok(address) = listener.local_addr() {
             tracing::info!("admin listening on {address}");
         }

@@ -14,8 +14,10 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -121,9 +123,28 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Serves `admin` on `listener` until `shutdown` resolves (open connections are dropped then:
-/// a scrape cut short is retried by Prometheus).
+/// How long open admin connections may finish after shutdown before they are dropped (a scrape
+/// cut short is retried by Prometheus).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `admin` on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+    let handler = move |request: Request<Incoming>| {
+        let response = admin.respond(request.method(), request.uri().path());
+        async move { response }
+    };
+    serve_http(listener, handler, shutdown).await;
+}
+
+/// Serves plain HTTP/1.1 on `listener`, every request answered by `handler`, until `shutdown`
+/// resolves; open connections then get [`SHUTDOWN_GRACE`] to finish. Binaries with admin paths
+/// of their own (the sidecar's `/routes`) bring their handler and share this loop.
+pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -138,16 +159,22 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
             },
             _ = &mut shutdown => break,
         };
-        let admin = Arc::clone(&admin);
-        let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-            let response = admin.respond(request.method(), request.uri().path());
-            async move { Ok::<_, Infallible>(response) }
+        let handler = handler.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = handler(request);
+            async move { Ok::<_, Infallible>(response.await) }
         });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = connection.await;
         });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
     }
 }
 

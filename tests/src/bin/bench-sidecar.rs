@@ -22,14 +22,23 @@
 //! - memory: the sidecar's RSS with the table loaded before any traffic, and its peak (VmHWM)
 //!   after the runs; HAProxy's for comparison.
 //!
+//! With `--tracing` it measures, instead of HAProxy, what OpenTelemetry tracing costs the
+//! sidecar: the same sidecar path with tracing off (no `OTEL_*` variable), at 1% and at 100%
+//! sampling (`parentbased_traceidratio`; wrk sends no `traceparent`, so every request is a root
+//! and the ratio decides). Spans go over OTLP/gRPC to a counting collector in this process (on
+//! CPU 0 with wrk), which reports how many arrived.
+//!
 //! Usage: bench-sidecar [--duration SECS] [--connections N] [--functions N] [--skip-haproxy]
-//! (deploy/bench/sidecar.sh installs wrk and haproxy, builds in release mode and runs this).
+//! [--tracing] (deploy/bench/sidecar.sh installs wrk and haproxy, builds in release mode and
+//! runs this).
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -39,8 +48,15 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use meridian_proto::v1 as pb;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use meridian_tests::sidecar::{proc_cpu_time, proc_status_kib};
 use meridian_tests::{free_port, Process};
+use nix::sys::signal::Signal;
 use pb::local_routing_service_server::{LocalRoutingService, LocalRoutingServiceServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -53,6 +69,7 @@ struct Options {
     connections: u32,
     functions: usize,
     skip_haproxy: bool,
+    tracing: bool,
 }
 
 fn parse_options() -> Result<Options> {
@@ -61,6 +78,7 @@ fn parse_options() -> Result<Options> {
         connections: 64,
         functions: 1000,
         skip_haproxy: false,
+        tracing: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -76,10 +94,11 @@ fn parse_options() -> Result<Options> {
             "--connections" => options.connections = u32::try_from(value()?.max(1))?,
             "--functions" => options.functions = usize::try_from(value()?.max(1))?,
             "--skip-haproxy" => options.skip_haproxy = true,
+            "--tracing" => options.tracing = true,
             "-h" | "--help" => {
                 println!(
                     "usage: bench-sidecar [--duration SECS] [--connections N] [--functions N] \
-                     [--skip-haproxy]"
+                     [--skip-haproxy] [--tracing]"
                 );
                 std::process::exit(0);
             }
@@ -101,7 +120,7 @@ fn main() -> Result<()> {
             "{tool} is not installed (deploy/bench/sidecar.sh installs it)"
         );
     }
-    if !options.skip_haproxy {
+    if !options.skip_haproxy && !options.tracing {
         ensure!(
             which("haproxy").is_some(),
             "haproxy is not installed (deploy/bench/sidecar.sh installs it; or --skip-haproxy)"
@@ -346,6 +365,8 @@ struct Figures {
     cpu_busy: Option<f64>,
     rss_idle_kib: Option<u64>,
     rss_peak_kib: Option<u64>,
+    /// Every request wrk completed on this path: warm-up, latency and throughput runs.
+    requests: u64,
     errors: String,
 }
 
@@ -357,7 +378,7 @@ async fn measure(
     options: &Options,
 ) -> Result<Figures> {
     eprintln!("{name}: warming up");
-    wrk(url, options.connections, 2, false).await?;
+    let warmup = wrk(url, options.connections, 2, false).await?;
     eprintln!("{name}: latency, 1 connection, {} s", options.duration);
     let latency = wrk(url, 1, options.duration, true).await?;
     let rss_idle_kib = pid.map(|p| proc_status_kib(p, "VmRSS")).transpose()?;
@@ -382,6 +403,7 @@ async fn measure(
         cpu_busy: cpu.map(|c| c.as_secs_f64() / wall.as_secs_f64()),
         rss_idle_kib,
         rss_peak_kib: pid.map(|p| proc_status_kib(p, "VmHWM")).transpose()?,
+        requests: warmup.requests + latency.requests + throughput.requests,
         errors: format!("{}{}", latency.errors, throughput.errors),
     })
 }
@@ -460,71 +482,23 @@ async fn bench(options: Options) -> Result<()> {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(agent_listener)),
     );
 
-    let outbound = SocketAddr::from((ip, free_port(ip)?));
-    let gateway = SocketAddr::from((ip, free_port(ip)?));
-    let admin = SocketAddr::from((ip, free_port(ip)?));
-    // The sidecar built with this binary's profile (release from deploy/bench/sidecar.sh).
-    let sidecar_bin = std::env::current_exe()?
-        .parent()
-        .context("the benchmark binary has no directory")?
-        .join("meridian-sidecar");
-    ensure!(
-        sidecar_bin.is_file(),
-        "{} does not exist: cargo build --release -p meridian-sidecar",
-        sidecar_bin.display()
-    );
-    let mut sidecar = Process::spawn_with_env(
-        "sidecar",
-        &PathBuf::from("taskset"),
-        vec![
-            "-c".into(),
-            "1".into(),
-            sidecar_bin.into_os_string(),
-            "--region".into(),
-            REGION.into(),
-            "--agent".into(),
-            format!("http://{agent_addr}").into(),
-            "--outbound".into(),
-            outbound.to_string().into(),
-            "--gateway".into(),
-            gateway.to_string().into(),
-            "--admin".into(),
-            admin.to_string().into(),
-        ],
-        // Per-request logging would measure the terminal, not the proxy.
-        &[("RUST_LOG", "warn".to_string())],
-    )?;
-    wait_http(outbound, "bench", "the sidecar (Host: bench)").await?;
-    let sidecar_pid = sidecar.pid().context("the sidecar exited")?;
-    let routes = meridian_tests::http::MeshClient::http1(admin)
-        .get(&admin.to_string(), "/routes")
-        .await?;
-    let loaded: serde_json::Value = serde_json::from_slice(&routes.body)?;
-    let function_count = loaded["functions"].as_array().map_or(0, Vec::len);
-    ensure!(
-        function_count == options.functions,
-        "the sidecar holds {function_count} functions, expected {}",
-        options.functions
-    );
-    let sidecar_table_rss = proc_status_kib(sidecar_pid, "VmRSS")?;
-
     let mut results = Vec::new();
     results.push(measure("direct", &format!("http://{backend_addr}/"), None, &options).await?);
+    if options.tracing {
+        return bench_tracing(&options, agent_addr, results).await;
+    }
+    let mut sidecar = Sidecar::start(agent_addr, &[], &options).await?;
+    let sidecar_table_rss = proc_status_kib(sidecar.pid, "VmRSS")?;
     results.push(
         measure(
             "meridian-sidecar",
-            &format!("http://{outbound}/"),
-            Some(sidecar_pid),
+            &format!("http://{}/", sidecar.outbound),
+            Some(sidecar.pid),
             &options,
         )
         .await?,
     );
-    if !sidecar.is_running() {
-        bail!(
-            "the sidecar died during the benchmark:\n{}",
-            sidecar.log_tail(40)
-        );
-    }
+    sidecar.check_alive()?;
     let mut haproxy_version = String::new();
     if !options.skip_haproxy {
         let version = std::process::Command::new("haproxy").arg("-v").output()?;
@@ -558,6 +532,215 @@ async fn bench(options: Options) -> Result<()> {
 
     print_report(&options, &results, sidecar_table_rss, &haproxy_version);
     Ok(())
+}
+
+/// A `meridian-sidecar` on CPU 1, fed by the stand-in agent, with its table loaded.
+struct Sidecar {
+    process: Process,
+    pid: u32,
+    outbound: SocketAddr,
+}
+
+impl Sidecar {
+    async fn start(
+        agent: SocketAddr,
+        env: &[(&str, String)],
+        options: &Options,
+    ) -> Result<Sidecar> {
+        let ip = Ipv4Addr::LOCALHOST;
+        let outbound = SocketAddr::from((ip, free_port(ip)?));
+        let gateway = SocketAddr::from((ip, free_port(ip)?));
+        let admin = SocketAddr::from((ip, free_port(ip)?));
+        // The sidecar built with this binary's profile (release from deploy/bench/sidecar.sh).
+        let sidecar_bin = std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .join("meridian-sidecar");
+        ensure!(
+            sidecar_bin.is_file(),
+            "{} does not exist: cargo build --release -p meridian-sidecar",
+            sidecar_bin.display()
+        );
+        // Per-request logging would measure the terminal, not the proxy.
+        let mut env_all = vec![("RUST_LOG", "warn".to_string())];
+        env_all.extend(env.iter().cloned());
+        let process = Process::spawn_with_env(
+            "sidecar",
+            &PathBuf::from("taskset"),
+            vec![
+                "-c".into(),
+                "1".into(),
+                sidecar_bin.into_os_string(),
+                "--region".into(),
+                REGION.into(),
+                "--agent".into(),
+                format!("http://{agent}").into(),
+                "--outbound".into(),
+                outbound.to_string().into(),
+                "--gateway".into(),
+                gateway.to_string().into(),
+                "--admin".into(),
+                admin.to_string().into(),
+            ],
+            &env_all,
+        )?;
+        wait_http(outbound, "bench", "the sidecar (Host: bench)").await?;
+        let pid = process.pid().context("the sidecar exited")?;
+        let routes = meridian_tests::http::MeshClient::http1(admin)
+            .get(&admin.to_string(), "/routes")
+            .await?;
+        let loaded: serde_json::Value = serde_json::from_slice(&routes.body)?;
+        let function_count = loaded["functions"].as_array().map_or(0, Vec::len);
+        ensure!(
+            function_count == options.functions,
+            "the sidecar holds {function_count} functions, expected {}",
+            options.functions
+        );
+        Ok(Sidecar {
+            process,
+            pid,
+            outbound,
+        })
+    }
+
+    /// SIGTERM, then waits for the exit: a graceful stop flushes the batch span exporter, so
+    /// the spans counted afterwards are all that arrived.
+    async fn stop(&mut self) -> Result<()> {
+        self.process.signal(Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.process.try_exit().is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "the sidecar did not exit within 15 s of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        ensure!(
+            self.process.is_running(),
+            "the sidecar died during the benchmark:\n{}",
+            self.process.log_tail(40)
+        );
+        Ok(())
+    }
+}
+
+/// An OTLP/gRPC trace collector that counts the spans it is sent and keeps nothing.
+#[derive(Clone, Default)]
+struct CountingCollector {
+    spans: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl TraceService for CountingCollector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let count: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.spans.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The sidecar with tracing off, at 1% and at 100% sampling, each a fresh process.
+async fn bench_tracing(
+    options: &Options,
+    agent: SocketAddr,
+    mut results: Vec<Figures>,
+) -> Result<()> {
+    let ip = Ipv4Addr::LOCALHOST;
+    let collector = CountingCollector::default();
+    let collector_listener = TcpListener::bind((ip, free_port(ip)?)).await?;
+    let collector_addr = collector_listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(collector_listener)),
+    );
+    let traced = |ratio: &str| {
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{collector_addr}"),
+            ),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_string()),
+            ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+            ("OTEL_SERVICE_NAME", "bench-sidecar".to_string()),
+        ]
+    };
+    let modes: [(&'static str, Vec<(&str, String)>); 3] = [
+        ("tracing off", Vec::new()),
+        ("sampled 1%", traced("0.01")),
+        ("sampled 100%", traced("1.0")),
+    ];
+    let mut spans = Vec::new();
+    for (name, env) in modes {
+        let mut sidecar = Sidecar::start(agent, &env, options).await?;
+        let before = collector.spans.load(Ordering::Relaxed);
+        results.push(
+            measure(
+                name,
+                &format!("http://{}/", sidecar.outbound),
+                Some(sidecar.pid),
+                options,
+            )
+            .await?,
+        );
+        sidecar.check_alive()?;
+        sidecar.stop().await?;
+        spans.push(collector.spans.load(Ordering::Relaxed) - before);
+    }
+    print_tracing_report(options, &results, &spans);
+    Ok(())
+}
+
+fn print_tracing_report(options: &Options, results: &[Figures], spans: &[u64]) {
+    let direct = &results[0];
+    let off = &results[1];
+    println!();
+    println!(
+        "bench-sidecar --tracing: {} functions in the table, wrk -t1, latency with 1 connection, \
+         throughput with {} connections, {} s each; sidecar on CPU 1, wrk, backend and OTLP \
+         collector on CPU 0",
+        options.functions, options.connections, options.duration
+    );
+    println!();
+    println!(
+        "| sidecar | p50 | p99 | added p99 (vs direct) | p99 vs off | max req/s | CPU/request | CPU/request vs off | spans received per request |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (f, spans) in results[1..].iter().zip(spans) {
+        let cpu = f.cpu_per_request.unwrap_or_default();
+        let cpu_off = off.cpu_per_request.unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.1} µs | {:+.1} µs | {:.3} ({spans} of {}) |",
+            f.name,
+            micros(f.p50),
+            micros(f.p99),
+            added(f.p99, direct.p99),
+            added(f.p99, off.p99),
+            f.max_rps,
+            cpu.as_secs_f64() * 1e6,
+            (cpu.as_secs_f64() - cpu_off.as_secs_f64()) * 1e6,
+            *spans as f64 / f.requests.max(1) as f64,
+            f.requests,
+        );
+    }
+    for f in results.iter().filter(|f| !f.errors.is_empty()) {
+        println!("\n{} errors reported by wrk:\n{}", f.name, f.errors);
+    }
 }
 
 fn print_report(options: &Options, results: &[Figures], table_rss_kib: u64, haproxy: &str) {

@@ -14,9 +14,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 install_prerequisites() {
-    # promtool (Debian's prometheus package) checks every /metrics endpoint (tests/tests/metrics.rs).
+    # promtool (Debian's prometheus package) checks every /metrics endpoint (tests/tests/metrics.rs);
+    # docker-compose validates deploy/compose without a Docker engine (tests/tests/deploy_files.rs).
     deploy/install-packages.sh protoc=protobuf-compiler etcd=etcd-server,etcd-client \
-        promtool=prometheus
+        promtool=prometheus docker-compose=docker-compose
 }
 
 install_prerequisites

@@ -2,8 +2,9 @@
 //! `deploy/compose/compose.yaml` and `prometheus.yml` (every service has an image, dependencies
 //! and scrape targets name real services and ports, host ports are unique, every Meridian daemon
 //! exports traces and is scraped, every flag is one the real binary accepts) and `deploy/systemd/`
-//! (units complete and hardened, example env files name variables the binaries read). When
-//! `promtool` or `systemd-analyze` is on the PATH, their own checks run too.
+//! (units complete and hardened, example env files name variables the binaries read). Compose's
+//! own validation (`docker compose config`, or Debian's `docker-compose`, which needs no Docker
+//! engine) must pass; when `promtool` or `systemd-analyze` is on the PATH, their checks run too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -537,6 +538,66 @@ fn prometheus_scrapes_every_component() -> Result<()> {
         ),
         Err(e) => eprintln!("promtool not run ({e}); install Debian's prometheus package for it"),
     }
+    Ok(())
+}
+
+/// Runs Compose's own `config -q` (schema, interpolation, references) on `file` in the compose
+/// directory: `docker compose` where the plugin is installed, else Debian's `docker-compose`.
+/// `None` when neither is installed.
+fn compose_config(file: &Path) -> Option<std::process::Output> {
+    let dir = deploy_dir().join("compose");
+    let plugin = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut command = if plugin {
+        let mut command = Command::new("docker");
+        command.arg("compose");
+        command
+    } else {
+        Command::new("docker-compose")
+    };
+    command
+        .current_dir(&dir)
+        .arg("-f")
+        .arg(file)
+        .args(["config", "-q"])
+        .output()
+        .ok()
+}
+
+#[test]
+fn compose_file_passes_compose_validation() -> Result<()> {
+    let dir = deploy_dir().join("compose");
+    let Some(output) = compose_config(&dir.join("compose.yaml")) else {
+        bail!(
+            "neither `docker compose` nor `docker-compose` is installed: install Debian's \
+             docker-compose package (tests/run.sh does)"
+        );
+    };
+    ensure!(
+        output.status.success(),
+        "docker compose config rejects deploy/compose/compose.yaml: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The validator really validates: a copy with a misspelt service key is refused.
+    let broken = tempfile::Builder::new()
+        .prefix("compose-broken-")
+        .suffix(".yaml")
+        .tempfile_in(&dir)?;
+    let text = read(&dir.join("compose.yaml"))?;
+    ensure!(text.contains("\n    restart: "), "no restart key to misspell");
+    fs::write(
+        broken.path(),
+        text.replacen("\n    restart: ", "\n    restrat: ", 1),
+    )?;
+    let output = compose_config(broken.path()).context("compose validator vanished")?;
+    ensure!(
+        !output.status.success(),
+        "docker compose config accepted a service with a misspelt key"
+    );
     Ok(())
 }
 

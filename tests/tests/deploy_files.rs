@@ -588,7 +588,10 @@ fn compose_file_passes_compose_validation() -> Result<()> {
         .suffix(".yaml")
         .tempfile_in(&dir)?;
     let text = read(&dir.join("compose.yaml"))?;
-    ensure!(text.contains("\n    restart: "), "no restart key to misspell");
+    ensure!(
+        text.contains("\n    restart: "),
+        "no restart key to misspell"
+    );
     fs::write(
         broken.path(),
         text.replacen("\n    restart: ", "\n    restrat: ", 1),

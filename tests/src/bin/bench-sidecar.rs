@@ -48,15 +48,15 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use meridian_proto::v1 as pb;
+use meridian_tests::sidecar::{proc_cpu_time, proc_status_kib};
+use meridian_tests::{free_port, Process};
+use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use meridian_tests::sidecar::{proc_cpu_time, proc_status_kib};
-use meridian_tests::{free_port, Process};
-use nix::sys::signal::Signal;
 use pb::local_routing_service_server::{LocalRoutingService, LocalRoutingServiceServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -667,7 +667,9 @@ async fn bench_tracing(
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(collector_listener)),
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(
+                collector_listener,
+            )),
     );
     let traced = |ratio: &str| {
         vec![
@@ -675,7 +677,10 @@ async fn bench_tracing(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 format!("http://{collector_addr}"),
             ),
-            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_string()),
+            (
+                "OTEL_TRACES_SAMPLER",
+                "parentbased_traceidratio".to_string(),
+            ),
             ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
             ("OTEL_SERVICE_NAME", "bench-sidecar".to_string()),
         ]

@@ -1,11 +1,13 @@
 //! The agent's API on its host: `LocalRoutingService` (the served table) and `LoadService` (load
-//! reports, activations) for sidecars, `AgentApiService` (instance logs) for operators, plus gRPC
-//! health. Tables come from a `watch` channel, so it works the same with or without a control
-//! plane (static stability).
+//! reports, activations) for sidecars, `AgentApiService` (instance logs, and the sidecars'
+//! explanations of their routing) for operators, plus gRPC health. Tables come from a `watch`
+//! channel, so it works the same with or without a control plane (static stability).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
@@ -14,9 +16,11 @@ use meridian_proto::v1::load_service_server::{LoadService, LoadServiceServer};
 use meridian_proto::v1::local_routing_service_server::{
     LocalRoutingService, LocalRoutingServiceServer,
 };
+use meridian_proto::v1::sidecar_admin_service_client::SidecarAdminServiceClient;
 use meridian_proto::v1::{
-    ActivateRequest, ActivateResponse, GetRoutesRequest, LoadReport, LoadReportResponse, LogLine,
-    LogsRequest, RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
+    ActivateRequest, ActivateResponse, ExplainRequest, ExplainResponse, GetRoutesRequest,
+    LoadReport, LoadReportResponse, LogLine, LogsRequest, RoutingTable, SidecarExplanation,
+    TableReport, TableReportResponse, WatchRoutesRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +44,149 @@ pub const DEFAULT_TAIL_LINES: usize = 100;
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// How long `Activate` waits for the autoscaler's answer.
 const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Request metadata in which a sidecar's Watch names its admin address (`host:port`).
+pub const ADMIN_ADDRESS_METADATA: &str = "meridian-admin-address";
+/// How long `Explain` waits for each sidecar (connect and answer): sidecars are on this host,
+/// so a slow one is a stuck one, and the operator is waiting.
+const SIDECAR_EXPLAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A sidecar watching this agent that named its admin address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WatchingSidecar {
+    client: String,
+    admin_address: String,
+}
+
+/// The sidecars whose Watch is open now: the ones `Explain` asks. A watch registers itself
+/// when it starts and is removed when its stream is dropped, so the set is always the live one.
+#[derive(Debug, Default)]
+struct Sidecars {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, WatchingSidecar>>,
+}
+
+impl Sidecars {
+    fn register(self: &Arc<Self>, sidecar: WatchingSidecar) -> WatchRegistration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, sidecar);
+        WatchRegistration {
+            sidecars: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// One entry per admin address (a sidecar that re-watched before its old stream was
+    /// noticed gone is asked once), sorted by sidecar name.
+    fn current(&self) -> Vec<WatchingSidecar> {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut by_address: BTreeMap<&str, &WatchingSidecar> = BTreeMap::new();
+        for sidecar in open.values() {
+            // Later registrations have larger ids: the newest watch wins.
+            by_address.insert(&sidecar.admin_address, sidecar);
+        }
+        let mut sidecars: Vec<WatchingSidecar> = by_address.into_values().cloned().collect();
+        sidecars.sort_by(|a, b| (&a.client, &a.admin_address).cmp(&(&b.client, &b.admin_address)));
+        sidecars
+    }
+}
+
+/// Removes a watch from [`Sidecars`] when its stream is dropped.
+#[derive(Debug)]
+struct WatchRegistration {
+    sidecars: Arc<Sidecars>,
+    id: u64,
+}
+
+impl Drop for WatchRegistration {
+    fn drop(&mut self) {
+        self.sidecars
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// The admin address a Watch request names, if it names a usable one.
+fn admin_address<T>(request: &Request<T>) -> Option<String> {
+    let value = request
+        .metadata()
+        .get(ADMIN_ADDRESS_METADATA)?
+        .to_str()
+        .ok()?;
+    let value = value.trim();
+    // Only host:port: the agent dials it, so nothing that could become another URL.
+    let (host, port) = value.rsplit_once(':')?;
+    let valid = !host.is_empty()
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+    valid.then(|| value.to_owned())
+}
+
+/// Asks one sidecar for its explanation.
+async fn explain_sidecar(sidecar: WatchingSidecar, request: ExplainRequest) -> SidecarExplanation {
+    let mut answer = SidecarExplanation {
+        sidecar: sidecar.client.clone(),
+        admin_address: sidecar.admin_address.clone(),
+        ..Default::default()
+    };
+    let asked = async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", sidecar.admin_address))
+                .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))?
+                .connect_timeout(SIDECAR_EXPLAIN_TIMEOUT)
+                .connect()
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("unreachable: {}", crate::error_chain(&e)))
+                })?;
+        SidecarAdminServiceClient::new(channel)
+            .explain(request)
+            .await
+            .map(Response::into_inner)
+    };
+    match tokio::time::timeout(SIDECAR_EXPLAIN_TIMEOUT, asked).await {
+        Ok(Ok(explanation)) => answer.explanation = Some(explanation),
+        Ok(Err(status)) => {
+            answer.error = status.message().to_owned();
+            answer.error_code = code_name(status.code()).to_owned();
+        }
+        Err(_) => {
+            answer.error = format!("no answer within {SIDECAR_EXPLAIN_TIMEOUT:?}");
+            answer.error_code = code_name(tonic::Code::DeadlineExceeded).to_owned();
+        }
+    }
+    answer
+}
+
+/// The gRPC code as its canonical name (`NOT_FOUND`), for clients to match on.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 /// Where `Logs` reads instance output: the runtime, or a fake in tests.
 pub trait LogSource: Send + Sync + 'static {
@@ -100,6 +247,7 @@ pub struct LocalApi {
     refusals: Option<mpsc::Sender<TableReport>>,
     load: Option<LoadSink>,
     logs: Option<Logs>,
+    sidecars: Arc<Sidecars>,
 }
 
 impl LocalApi {
@@ -111,6 +259,7 @@ impl LocalApi {
             refusals: None,
             load: None,
             logs: None,
+            sidecars: Arc::default(),
         }
     }
 
@@ -150,13 +299,23 @@ impl LocalRoutingService for LocalApi {
         &self,
         request: Request<WatchRoutesRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let admin = admin_address(&request);
         let client = request.into_inner().client;
-        tracing::info!(%client, "sidecar watching routes");
+        tracing::info!(%client, admin = admin.as_deref().unwrap_or("-"), "sidecar watching routes");
+        // Kept alive by the stream: the sidecar can be asked to explain while it watches.
+        let registration = admin.map(|admin_address| {
+            self.sidecars.register(WatchingSidecar {
+                client,
+                admin_address,
+            })
+        });
         // WatchStream yields the current value first, then each new one; a slow watcher skips
         // to the newest table rather than queueing old ones. It ends when the publisher is
         // dropped (agent shutting down), which lets graceful shutdown finish.
-        let tables = WatchStream::new(self.routes.clone())
-            .filter_map(|current| current.map(|table| Ok(RoutingTable::clone(&table))));
+        let tables = WatchStream::new(self.routes.clone()).filter_map(move |current| {
+            let _registered = &registration;
+            current.map(|table| Ok(RoutingTable::clone(&table)))
+        });
         Ok(Response::new(Box::pin(tables)))
     }
 
@@ -308,6 +467,32 @@ impl AgentApiService for LocalApi {
             Ok(line)
         });
         Ok(Response::new(Box::pin(lines)))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let ExplainRequest { namespace, name } = request.into_inner();
+        let key = function_key(namespace, name)?;
+        let request = ExplainRequest {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        let asked = self
+            .sidecars
+            .current()
+            .into_iter()
+            .map(|sidecar| explain_sidecar(sidecar, request.clone()));
+        let sidecars = futures::future::join_all(asked).await;
+        Ok(Response::new(ExplainResponse {
+            region: self
+                .logs
+                .as_ref()
+                .map(|logs| logs.region.clone())
+                .unwrap_or_default(),
+            sidecars,
+        }))
     }
 }
 
@@ -663,5 +848,124 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(status.code(), Code::Unimplemented);
+    }
+
+    /// A sidecar's admin service that explains `hello` and knows no other function.
+    struct FakeSidecar;
+
+    #[tonic::async_trait]
+    impl meridian_proto::v1::sidecar_admin_service_server::SidecarAdminService for FakeSidecar {
+        async fn explain(
+            &self,
+            request: Request<ExplainRequest>,
+        ) -> Result<Response<meridian_proto::v1::Explanation>, Status> {
+            let request = request.into_inner();
+            if request.name != "hello" {
+                return Err(Status::not_found(format!("no {}", request.name)));
+            }
+            Ok(Response::new(meridian_proto::v1::Explanation {
+                namespace: request.namespace,
+                name: request.name,
+                table_version: 9,
+                ..Default::default()
+            }))
+        }
+    }
+
+    fn watch_request(client: &str, admin: &str) -> Request<WatchRoutesRequest> {
+        let mut request = Request::new(WatchRoutesRequest {
+            client: client.into(),
+        });
+        request
+            .metadata_mut()
+            .insert(ADMIN_ADDRESS_METADATA, admin.parse().unwrap());
+        request
+    }
+
+    async fn explain_hello(api: &LocalApi, name: &str) -> ExplainResponse {
+        api.explain(Request::new(ExplainRequest {
+            namespace: String::new(),
+            name: name.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    #[tokio::test]
+    async fn explain_asks_each_sidecar_while_its_watch_is_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sidecar = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    meridian_proto::v1::sidecar_admin_service_server::SidecarAdminServiceServer::new(
+                        FakeSidecar,
+                    ),
+                )
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap().to_string();
+        drop(closed);
+
+        let (_publisher, routes) = watch::channel(Some(table(1)));
+        let api = LocalApi::new(routes).with_logs(Arc::new(NoLogs), "us-east");
+        assert!(explain_hello(&api, "hello").await.sidecars.is_empty());
+
+        let a = api
+            .watch(watch_request("sidecar-a", &sidecar))
+            .await
+            .unwrap();
+        let b = api.watch(watch_request("sidecar-b", &gone)).await.unwrap();
+        // Not host:port: never dialed.
+        let _c = api
+            .watch(watch_request("sidecar-c", "http://evil/"))
+            .await
+            .unwrap();
+        let answer = explain_hello(&api, "hello").await;
+        assert_eq!(answer.region, "us-east");
+        let names: Vec<&str> = answer.sidecars.iter().map(|s| s.sidecar.as_str()).collect();
+        assert_eq!(names, ["sidecar-a", "sidecar-b"]);
+        let explained = answer.sidecars[0].explanation.as_ref().unwrap();
+        assert_eq!(
+            (explained.namespace.as_str(), explained.table_version),
+            ("default", 9)
+        );
+        assert!(answer.sidecars[1].explanation.is_none());
+        assert_eq!(answer.sidecars[1].error_code, "UNAVAILABLE");
+        assert!(answer.sidecars[1].error.starts_with("unreachable: "));
+
+        let answer = explain_hello(&api, "nope").await;
+        assert_eq!(answer.sidecars[0].error_code, "NOT_FOUND");
+        assert_eq!(answer.sidecars[0].error, "no nope");
+
+        // A watch that ends takes its sidecar off the list.
+        drop(b);
+        let answer = explain_hello(&api, "hello").await;
+        assert_eq!(answer.sidecars.len(), 1);
+        drop(a);
+        assert!(explain_hello(&api, "hello").await.sidecars.is_empty());
+
+        let status = api
+            .explain(Request::new(ExplainRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+
+    /// Logs are not what these tests are about.
+    struct NoLogs;
+
+    impl LogSource for NoLogs {
+        fn logs(
+            &self,
+            key: &FunctionKey,
+            _instance: Option<String>,
+            _tail: usize,
+            _follow: bool,
+        ) -> Result<LogStream, RuntimeError> {
+            Err(RuntimeError::UnknownFunction(key.to_string()))
+        }
     }
 }

@@ -50,6 +50,23 @@ pub enum Command {
     /// sync state per region, functions with ready/desired per region, and a one-line verdict.
     /// Exits 0 even when it shows problems; 1 only when the control plane cannot be reached.
     Status(StatusArgs),
+    /// Where the next request for a function from a region would go, and why: each tier, each
+    /// endpoint's and region's health and ejection state, as the region's sidecars see them.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The function's name.
+    pub name: String,
+
+    /// The region the request would start from (its agents' sidecars are asked).
+    #[arg(long, value_name = "REGION")]
+    pub from: String,
+
+    /// Output format (`text` is the table view).
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +220,37 @@ mod tests {
             "a name across all namespaces is refused"
         );
         assert!(Cli::try_parse_from(["meridianctl", "get", "functions", "-o", "wide"]).is_err());
+    }
+
+    #[test]
+    fn parses_explain() {
+        let cli = Cli::try_parse_from([
+            "meridianctl",
+            "explain",
+            "--from",
+            "us-east",
+            "hello",
+            "-n",
+            "prod",
+            "-o",
+            "text",
+        ])
+        .expect("parses");
+        assert_eq!(cli.namespace.as_deref(), Some("prod"));
+        match cli.command {
+            Command::Explain(args) => {
+                assert_eq!(
+                    (args.name.as_str(), args.from.as_str()),
+                    ("hello", "us-east")
+                );
+                assert_eq!(args.output, Format::Table);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["meridianctl", "explain", "hello"]).is_err(),
+            "--from is required"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tonic::Code;
 
 use crate::args::{ApplyArgs, Cli, Command, GetArgs, GetResource, NamedResource, StatusArgs};
 use crate::client::{ClientError, ControlPlane};
+use crate::explain::{self, ExplainError};
 use crate::instances::{self, ScaleSection};
 use crate::logs::{self, LogsError};
 use crate::manifest::{self, Document};
@@ -30,6 +31,8 @@ pub enum CommandError {
     NoInstances { namespace: String, name: String },
     #[error(transparent)]
     Logs(#[from] LogsError),
+    #[error(transparent)]
+    Explain(#[from] ExplainError),
     /// Messages already written to stderr (one per bad document); only the exit code is left.
     #[error("{count} error(s) reported")]
     Reported { count: usize },
@@ -71,6 +74,7 @@ pub async fn run(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<
         } => delete(cli, namespace, name, out).await,
         Command::Logs(args) => logs::run(&cli.control_plane, namespace, args, out, err).await,
         Command::Status(args) => status(cli, args, out).await,
+        Command::Explain(args) => explain::run(&cli.control_plane, namespace, args, out).await,
     }
 }
 

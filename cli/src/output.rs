@@ -34,6 +34,7 @@ pub enum OutputError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Format {
     #[default]
+    #[value(alias = "text")]
     Table,
     Json,
     Yaml,

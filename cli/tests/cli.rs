@@ -1,6 +1,6 @@
 //! The real `meridianctl` binary against in-process stand-ins for the control plane's
 //! FunctionService, MeshService and ScaleService and for agents' AgentApiService: apply's
-//! validate-everything-first rule, `get instances`, `logs`, messages, exit codes.
+//! validate-everything-first rule, `get instances`, `logs`, `explain`, messages, exit codes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -643,6 +643,61 @@ impl AgentApiService for FakeAgent {
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
+
+    /// `hello`: one sidecar explains (us-east routes locally); `quiet`: no sidecar watches.
+    async fn explain(
+        &self,
+        request: Request<wire::ExplainRequest>,
+    ) -> Result<Response<wire::ExplainResponse>, Status> {
+        let request = request.into_inner();
+        let sidecars = match request.name.as_str() {
+            "hello" => vec![wire::SidecarExplanation {
+                sidecar: "sidecar-15001".into(),
+                admin_address: "127.0.1.1:15090".into(),
+                explanation: Some(wire::Explanation {
+                    region: self.region.clone(),
+                    table_version: 7,
+                    namespace: request.namespace.clone(),
+                    name: request.name.clone(),
+                    workload: "none".into(),
+                    tiers: vec![wire::ExplainedTier {
+                        region: self.region.clone(),
+                        local: true,
+                        order: "local".into(),
+                        priority: Some(0),
+                        ready_instances: 1,
+                        health_permille: 1000,
+                        load_permille: 1000,
+                        available: 1,
+                        endpoints: vec![wire::ExplainedEndpoint {
+                            address: "127.0.1.1:9000".into(),
+                            id: "hello-aaaaaa".into(),
+                            state: "READY".into(),
+                            available: true,
+                            ewma_ms: 1.0,
+                            ..Default::default()
+                        }],
+                        note: String::new(),
+                    }],
+                    decision: Some(wire::ExplainDecision {
+                        action: "route".into(),
+                        region: self.region.clone(),
+                        local: true,
+                        candidates: vec!["127.0.1.1:9000".into()],
+                        reason: "local tier healthy: 1/1 endpoints available".into(),
+                        error: String::new(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            _ => Vec::new(),
+        };
+        Ok(Response::new(wire::ExplainResponse {
+            region: self.region.clone(),
+            sidecars,
+        }))
+    }
 }
 
 fn log_line(region: &str, instance: &str, line: &str) -> wire::LogLine {
@@ -951,5 +1006,95 @@ async fn status_reports_problems_and_exits_0() {
         text(&out.stderr).starts_with("error: cannot reach control plane at "),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_asks_the_regions_agents_and_names_what_is_missing() {
+    let (fake, addr, _us_east, _eu_west, closed) = start_mesh().await;
+    for name in ["hello", "quiet"] {
+        let spec = wire::FunctionSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        fake.state.lock().expect("lock").functions.insert(
+            ("default".into(), name.into()),
+            wire::Function {
+                spec: Some(spec),
+                version: 1,
+                ..Default::default()
+            },
+        );
+    }
+
+    let out = ctl(&addr, &["explain", "--from", "eu-west", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.ends_with(
+            "Next request → eu-west (local) because local tier healthy: 1/1 endpoints \
+             available\n  candidates: 127.0.1.1:9000\n"
+        ),
+        "{stdout}"
+    );
+
+    let out = ctl(
+        &addr,
+        &["explain", "--from", "eu-west", "hello", "-o", "json"],
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        json["agents"][0]["sidecars"][0]["explanation"]["next"]["region"],
+        "eu-west"
+    );
+
+    // us-east-2 is unreachable: shown, but us-east-1 explains, so the command succeeds.
+    let out = ctl(&addr, &["explain", "--from", "us-east", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!(
+            "agent us-east-2 at http://{closed}: unreachable: "
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = ctl(&addr, &["explain", "--from", "eu-west", "nope"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "Error from server (NotFound): function \"nope\" not found in namespace \"default\"\n"
+    );
+
+    let out = ctl(&addr, &["explain", "--from", "mars", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no agent is connected in region \"mars\" (regions with agents: ap-south, \
+         eu-west, sa-east, us-east)\n"
+    );
+
+    let out = ctl(&addr, &["explain", "--from", "ap-south", "hello"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: none of the 1 agent(s) in region ap-south advertises an API address (agent \
+         flag --api-address), so none can be asked\n"
+    );
+
+    let out = ctl(&addr, &["explain", "--from", "eu-west", "quiet"], "").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("no sidecar is watching this agent, so none can explain"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        text(&out.stderr),
+        "error: no sidecar in region eu-west could explain default/quiet\n"
     );
 }

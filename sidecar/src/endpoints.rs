@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use tokio::time::Instant;
 
@@ -164,6 +165,9 @@ pub struct EndpointState {
     ejections: AtomicU64,
     probe: AtomicU8,
     rtt_ns: AtomicU64,
+    /// Why the last probe failed; cleared by a successful one. Written by the prober and read
+    /// by `explain` only, never on the request path.
+    probe_error: ArcSwapOption<String>,
 }
 
 impl EndpointState {
@@ -180,6 +184,7 @@ impl EndpointState {
             ejections: AtomicU64::new(0),
             probe: AtomicU8::new(ProbeState::Unknown.as_u8()),
             rtt_ns: AtomicU64::new(0),
+            probe_error: ArcSwapOption::empty(),
         }
     }
 
@@ -310,6 +315,20 @@ impl EndpointState {
     pub fn probe_succeeded(&self, rtt: Duration) {
         self.rtt_ns.store(nanos(rtt).max(1), Ordering::Relaxed);
         self.probe.store(ProbeState::Up.as_u8(), Ordering::Relaxed);
+        if self.probe_error.load().is_some() {
+            self.probe_error.store(None);
+        }
+    }
+
+    /// A probe failed for `why`: marks the gateway down and keeps the reason for `explain`.
+    pub fn probe_failed(&self, why: String) {
+        self.probe_error.store(Some(Arc::new(why)));
+        self.mark_down();
+    }
+
+    /// Why the last probe failed, unless one succeeded since.
+    pub fn probe_error(&self) -> Option<Arc<String>> {
+        self.probe_error.load_full()
     }
 
     /// A failed probe or connection: no traffic until the next successful probe. The last RTT

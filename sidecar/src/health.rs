@@ -154,14 +154,11 @@ impl Prober {
                 }
             }
             Err(error) => {
-                gateway.mark_down();
+                let why = crate::error_chain(&error);
                 if before != ProbeState::Down {
-                    tracing::warn!(
-                        gateway = gateway.address(),
-                        error = %crate::error_chain(&error),
-                        "gateway is down"
-                    );
+                    tracing::warn!(gateway = gateway.address(), error = %why, "gateway is down");
                 }
+                gateway.probe_failed(why);
             }
         }
     }
@@ -336,5 +333,8 @@ mod tests {
         assert_eq!(gateways[0].probe_state(), ProbeState::Up);
         assert!(gateways[0].rtt().is_some());
         assert_eq!(gateways[1].probe_state(), ProbeState::Down);
+        let why = gateways[1].probe_error().expect("a down gateway says why");
+        assert!(why.starts_with("probe request failed"), "{why}");
+        assert!(gateways[0].probe_error().is_none());
     }
 }

@@ -13,6 +13,7 @@ pub mod body;
 pub mod budget;
 pub mod endpoints;
 pub mod errors;
+pub mod explain;
 pub mod health;
 pub mod load;
 pub mod metrics;

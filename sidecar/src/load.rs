@@ -8,6 +8,10 @@
 //! background sampler reads them every [`SAMPLE_INTERVAL`]: sampling instead of integrating
 //! exactly on every start and end keeps the request path free of shared timestamps and locks,
 //! and 100 samples a window estimate the average well for the autoscaler's purpose.
+//!
+//! A sidecar with nothing to report (a whole window without requests, nothing in flight or
+//! held, nothing owed to the agent) does not keep waking every 10 ms: the sampler sleeps until
+//! the first request of a process function ([`SamplerWake`]), a table swap, or shutdown.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -17,7 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use meridian_proto::v1 as pb;
 use meridian_proto::v1::load_service_client::LoadServiceClient;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
 
@@ -44,6 +48,52 @@ pub enum LoadError {
     Timeout(Duration),
 }
 
+/// The sampler's idle sleep, and the wake-up the request path gives it. While the sampler runs
+/// the request path pays one load of `sleeping` (false); only the first request after the
+/// sampler fell asleep notifies.
+#[derive(Debug, Default)]
+pub struct SamplerWake {
+    sleeping: AtomicBool,
+    notify: Notify,
+}
+
+impl SamplerWake {
+    /// A request of a process function arrived (called after its arrival was counted).
+    /// Sequentially consistent with [`SamplerWake::try_sleep`] (free on x86: a plain load):
+    /// either this sees the sampler asleep and wakes it, or the sampler sees the arrival.
+    pub fn request_arrived(&self) {
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Announces the sleep, then asks `quiet` once more: an arrival before the announcement is
+    /// seen there, one after it notifies. Returns whether to sleep.
+    pub fn try_sleep(&self, quiet: impl FnOnce() -> bool) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if quiet() {
+            return true;
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// Ends a sleep that something else (a swap, shutdown) interrupted.
+    pub fn awake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_sleeping(&self) -> bool {
+        self.sleeping.load(Ordering::SeqCst)
+    }
+
+    /// Resolves on the first arrival after [`SamplerWake::try_sleep`] (or at once if it came
+    /// already).
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+}
+
 /// One function's load counters; part of its [`crate::metrics::FunctionStats`], so they survive
 /// table swaps.
 #[derive(Debug, Default)]
@@ -58,12 +108,25 @@ pub struct FunctionLoad {
     /// Whether the last report named this function, so that one entry with zeros follows the
     /// end of its activity (sampler only).
     reported: AtomicBool,
+    /// The sampler this function's requests wake (shared by every function of the sidecar).
+    wake: Arc<SamplerWake>,
 }
 
 impl FunctionLoad {
-    /// A request for the function arrived. On every request's path: one relaxed add.
+    /// Counters whose arrivals wake `wake`'s sampler.
+    pub fn new(wake: Arc<SamplerWake>) -> Self {
+        Self {
+            wake,
+            ..Self::default()
+        }
+    }
+
+    /// A request for the function arrived. On every request's path: one add and one load.
     pub fn arrived(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        // SeqCst pairs with the sampler's check in `SamplerWake::try_sleep`; on x86 it costs
+        // what a relaxed add does (both are one locked instruction).
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.wake.request_arrived();
     }
 
     pub fn held(&self) -> u32 {
@@ -143,6 +206,28 @@ impl LoadTracker {
                     .fetch_add(current, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Starts a fresh window at `now` (after an idle sleep, whose time holds no samples).
+    pub fn restart(&mut self, now: Instant) {
+        self.ticks = 0;
+        self.window_start = now;
+    }
+
+    /// Nothing happens now and nothing is owed to the agent: no process function has a request
+    /// since the last report, one held or in flight, or an entry with zeros still to send.
+    pub fn quiet(&self, state: Option<&RoutingState>) -> bool {
+        if self.last_active {
+            return false;
+        }
+        let Some(state) = state else { return true };
+        state.process_functions().iter().all(|function| {
+            let load = &function.stats().load;
+            load.requests.load(Ordering::SeqCst) == 0
+                && load.samples.load(Ordering::Relaxed) == 0
+                && !load.reported.load(Ordering::Relaxed)
+                && concurrency(function) == 0
+        })
     }
 
     pub fn window_elapsed(&self, now: Instant) -> Duration {
@@ -232,11 +317,13 @@ pub struct Reporter {
     swaps: watch::Receiver<u64>,
     agent: Channel,
     global: Arc<GlobalStats>,
+    wake: Arc<SamplerWake>,
 }
 
 impl Reporter {
     /// `swaps` changes on every table swap; `agent` is the (lazily connected) channel to the
-    /// agent's LoadService.
+    /// agent's LoadService; `wake` is the compiler's (see [`crate::routes::Compiler`]), which
+    /// the requests of the functions it compiles notify.
     pub fn new(
         client: impl Into<String>,
         interval: Duration,
@@ -244,6 +331,7 @@ impl Reporter {
         swaps: watch::Receiver<u64>,
         agent: Channel,
         global: Arc<GlobalStats>,
+        wake: Arc<SamplerWake>,
     ) -> Self {
         Self {
             tracker: LoadTracker::new(client, Instant::now()),
@@ -252,6 +340,7 @@ impl Reporter {
             swaps,
             agent,
             global,
+            wake,
         }
     }
 
@@ -261,8 +350,29 @@ impl Reporter {
         let mut swaps_open = true;
         // A swap happened that the agent should hear about before the window ends.
         let mut early = false;
+        let mut asleep = false;
         tokio::pin!(shutdown);
         loop {
+            if asleep {
+                let swapped = tokio::select! {
+                    _ = self.wake.woken() => false,
+                    changed = self.swaps.changed(), if swaps_open => {
+                        swaps_open = changed.is_ok();
+                        changed.is_ok()
+                    }
+                    _ = &mut shutdown => return,
+                };
+                asleep = false;
+                self.wake.awake();
+                let now = Instant::now();
+                // The sleep held no samples: a fresh window starts now.
+                self.tracker.restart(now);
+                sampler.reset_immediately();
+                if swapped {
+                    early |= self.tracker.recently_reported(now);
+                }
+                continue;
+            }
             let swapped = tokio::select! {
                 _ = sampler.tick() => false,
                 changed = self.swaps.changed(), if swaps_open => {
@@ -284,8 +394,12 @@ impl Reporter {
             }
             let elapsed = self.tracker.window_elapsed(now);
             if elapsed >= self.interval || (early && elapsed >= MIN_EARLY_WINDOW) {
-                if let Some(report) = self.tracker.finish(state.as_deref(), now, early) {
-                    self.send(report);
+                match self.tracker.finish(state.as_deref(), now, early) {
+                    Some(report) => self.send(report),
+                    None => {
+                        let tracker = &self.tracker;
+                        asleep = self.wake.try_sleep(|| tracker.quiet(state.as_deref()));
+                    }
                 }
                 early = false;
             }
@@ -499,5 +613,78 @@ mod tests {
         let report = tracker.finish(Some(&next), Instant::now(), false).unwrap();
         assert!(report.functions.is_empty());
         assert_eq!(tracker.finish(Some(&next), Instant::now(), false), None);
+    }
+
+    /// Polls `condition` every 10 ms of (paused) time, at most `within`.
+    async fn eventually(within: Duration, condition: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        condition()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sampler_sleeps_while_idle_and_wakes_on_the_first_request() {
+        let compiler = Compiler::new("us-east");
+        let state = Arc::new(ArcSwapOption::from_pointee(
+            compiler.compile(&process_table(1)).unwrap(),
+        ));
+        let (swaps, swaps_rx) = watch::channel(0u64);
+        // Nothing listens there: reports are attempted and counted as failures.
+        let agent = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let global = Arc::new(GlobalStats::default());
+        let wake = Arc::clone(compiler.sampler_wake());
+        let reporter = Reporter::new(
+            "sc",
+            Duration::from_secs(1),
+            Arc::clone(&state),
+            swaps_rx,
+            agent,
+            Arc::clone(&global),
+            Arc::clone(&wake),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(reporter.run(async {
+            let _ = stopped.await;
+        }));
+        let attempts = || {
+            global.load_reports.load(Ordering::Relaxed)
+                + global.load_report_failures.load(Ordering::Relaxed)
+        };
+
+        // One window without anything: asleep, and it stays asleep.
+        assert!(eventually(Duration::from_secs(2), || wake.is_sleeping()).await);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(wake.is_sleeping());
+        assert_eq!(attempts(), 0);
+
+        // The first request wakes it; its load is reported.
+        let f = Arc::clone(state.load().as_ref().unwrap().lookup("f").unwrap());
+        f.stats().load.arrived();
+        let in_flight = f.tiers[0].endpoints[0].shared.start_request();
+        assert!(!wake.is_sleeping(), "the arrival itself ends the sleep");
+        assert!(eventually(Duration::from_secs(2), || attempts() >= 1).await);
+        assert!(!wake.is_sleeping(), "awake while a request is in flight");
+
+        // Once it is over (a last report with zeros), asleep again.
+        drop(in_flight);
+        assert!(eventually(Duration::from_secs(4), || wake.is_sleeping()).await);
+        let reported = attempts();
+        assert!(reported >= 2, "the drop to zero was reported: {reported}");
+
+        // A table swap wakes it too; long after the last report (the agent no longer counts
+        // this sidecar in its drains) there is nothing to say, and it falls asleep again.
+        tokio::time::sleep(REPORT_RELEVANCE).await;
+        swaps.send_replace(1);
+        assert!(eventually(Duration::from_millis(100), || !wake.is_sleeping()).await);
+        assert!(eventually(Duration::from_secs(3), || wake.is_sleeping()).await);
+        assert_eq!(attempts(), reported, "idle sidecars stay silent");
+
+        let _ = stop.send(());
+        task.await.unwrap();
     }
 }

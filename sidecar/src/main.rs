@@ -33,7 +33,8 @@ struct Args {
         default_value = "127.0.0.1:15002"
     )]
     gateway: SocketAddr,
-    /// Admin address: /ready, /metrics, /routes.
+    /// Admin address: /ready, /metrics, /routes (HTTP/1.1), and SidecarAdminService.Explain
+    /// (gRPC, h2c) for the agent; its Watch tells the agent this address.
     #[arg(long, env = "MERIDIAN_ADMIN", default_value = "127.0.0.1:15090")]
     admin: SocketAddr,
     /// Interval of the active probes of remote gateways, in milliseconds.

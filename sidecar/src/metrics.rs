@@ -16,7 +16,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::activator::HoldStats;
-use crate::load::FunctionLoad;
+use crate::load::{FunctionLoad, SamplerWake};
 use crate::routes::RoutingState;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,9 +201,16 @@ impl FunctionStats {
 #[derive(Debug, Default)]
 pub struct StatsRegistry {
     functions: Mutex<HashMap<(String, String), Weak<FunctionStats>>>,
+    /// Shared by every function's load counters: their first request wakes the idle sampler.
+    wake: Arc<SamplerWake>,
 }
 
 impl StatsRegistry {
+    /// What the load sampler sleeps on while nothing happens.
+    pub fn sampler_wake(&self) -> &Arc<SamplerWake> {
+        &self.wake
+    }
+
     pub fn get(&self, namespace: &str, name: &str, label: &str) -> Arc<FunctionStats> {
         let mut functions = self
             .functions
@@ -213,7 +220,9 @@ impl StatsRegistry {
         if let Some(existing) = functions.get(&key).and_then(Weak::upgrade) {
             return existing;
         }
-        let stats = Arc::new(FunctionStats::new(namespace, name, label.to_owned()));
+        let mut stats = FunctionStats::new(namespace, name, label.to_owned());
+        stats.load = FunctionLoad::new(Arc::clone(&self.wake));
+        let stats = Arc::new(stats);
         functions.insert(key, Arc::downgrade(&stats));
         stats
     }

@@ -638,6 +638,12 @@ impl Compiler {
         &self.endpoints
     }
 
+    /// Wakes the load sampler on the first request of any function this compiler's states
+    /// route (see [`crate::load::Reporter`]).
+    pub fn sampler_wake(&self) -> &Arc<crate::load::SamplerWake> {
+        self.stats.sampler_wake()
+    }
+
     /// Validates `table` and builds its routing state. Off the request path.
     pub fn compile(&self, table: &pb::RoutingTable) -> Result<RoutingState, TableError> {
         if table.region != self.region {

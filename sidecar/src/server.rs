@@ -1,5 +1,6 @@
-//! The listeners (outbound and gateway: HTTP/1.1 and h2c on one port; admin: HTTP/1.1) and
-//! the start-up and shutdown of the whole sidecar.
+//! The listeners (outbound and gateway: HTTP/1.1 and h2c on one port; admin: HTTP/1.1 for
+//! `/ready`, `/metrics`, `/routes`, and gRPC over h2c for `SidecarAdminService.Explain`) and the
+//! start-up and shutdown of the whole sidecar.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,15 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use meridian_proto::v1::sidecar_admin_service_server::SidecarAdminServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tower::ServiceExt;
 
 use crate::activator::{self, Activator};
 use crate::admin::Admin;
+use crate::explain::ExplainService;
 use crate::health::Prober;
 use crate::load::Reporter;
 use crate::metrics::GlobalStats;
@@ -143,6 +148,7 @@ pub async fn run(
         Arc::clone(&refused),
         Arc::clone(&global),
     ));
+    let compiler = Compiler::new(config.region.clone());
     let reporter = Reporter::new(
         config.client_id.clone(),
         config.load_report_interval,
@@ -150,17 +156,25 @@ pub async fn run(
         swaps.subscribe(),
         agent_channel.clone(),
         Arc::clone(&global),
+        Arc::clone(compiler.sampler_wake()),
     );
+    let explainer = SidecarAdminServiceServer::new(ExplainService::new(Arc::clone(&state)));
     let watcher = Watcher::new(
         config.agent.clone(),
         config.client_id.clone(),
-        Compiler::new(config.region.clone()),
+        compiler,
         Arc::clone(&state),
         refused,
         Arc::clone(&new_gateways),
         swaps,
     )
-    .with_stats(Arc::clone(&global));
+    .with_stats(Arc::clone(&global))
+    // The bound address, not the flag: a port 0 flag becomes a real port here.
+    .with_admin_address(
+        bound
+            .admin_addr()
+            .map(|addr| advertised(addr, config.outbound)),
+    );
     let prober = Prober::new(
         config.probe_interval,
         config.probe_timeout,
@@ -191,6 +205,7 @@ pub async fn run(
         tokio::spawn(serve_admin(
             bound.admin,
             admin,
+            explainer,
             until_stopped(stopped.clone()),
         )),
         tokio::spawn(watcher.run(until_stopped(stopped.clone()))),
@@ -279,7 +294,40 @@ async fn serve_proxy(
     }
 }
 
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+/// The admin address the agent is told to dial: an unspecified bind address (`0.0.0.0`)
+/// becomes the outbound listener's host when that one is specific, else loopback.
+fn advertised(admin: SocketAddr, outbound: SocketAddr) -> String {
+    let mut admin = admin;
+    if admin.ip().is_unspecified() {
+        let ip = if outbound.ip().is_unspecified() {
+            match admin {
+                SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+                SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            }
+        } else {
+            outbound.ip()
+        };
+        admin.set_ip(ip);
+    }
+    admin.to_string()
+}
+
+/// Whether a request on the admin listener is gRPC (the agent asking for an explanation).
+fn is_grpc<B>(request: &http::Request<B>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    explainer: SidecarAdminServiceServer<ExplainService>,
+    shutdown: impl Future<Output = ()>,
+) {
+    // HTTP/1.1 for people and Prometheus, h2c for the agent's gRPC calls.
+    let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -295,9 +343,22 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Fu
             _ = &mut shutdown => break,
         };
         let admin = Arc::clone(&admin);
-        let service = service_fn(move |request| Arc::clone(&admin).handle(request));
-        let connection = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let explainer = explainer.clone();
+        let service = service_fn(move |request: http::Request<Incoming>| {
+            let admin = Arc::clone(&admin);
+            let explainer = explainer.clone();
+            async move {
+                if is_grpc(&request) {
+                    explainer.oneshot(request).await
+                } else {
+                    let response = admin.handle(request).await?;
+                    Ok(response.map(tonic::body::Body::new))
+                }
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;
@@ -307,5 +368,28 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Fu
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_admin_address_is_dialable() {
+        let outbound: SocketAddr = "127.0.1.1:15001".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:15001".parse().unwrap();
+        assert_eq!(
+            advertised("127.0.2.1:15090".parse().unwrap(), outbound),
+            "127.0.2.1:15090"
+        );
+        assert_eq!(
+            advertised("0.0.0.0:15090".parse().unwrap(), outbound),
+            "127.0.1.1:15090"
+        );
+        assert_eq!(
+            advertised("0.0.0.0:15090".parse().unwrap(), any),
+            "127.0.0.1:15090"
+        );
     }
 }

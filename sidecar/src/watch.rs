@@ -57,6 +57,10 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Request metadata of the Watch call naming this sidecar's admin address (the agent's side
+/// reads the same name).
+pub const ADMIN_ADDRESS_METADATA: &str = "meridian-admin-address";
+
 /// Watches the agent and keeps `state` current.
 #[derive(Debug)]
 pub struct Watcher {
@@ -68,6 +72,8 @@ pub struct Watcher {
     new_gateways: Arc<Notify>,
     swaps: Arc<watch::Sender<u64>>,
     global: Arc<GlobalStats>,
+    /// Told to the agent with every Watch, so it can ask this sidecar to explain its routing.
+    admin_address: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// Clears the "watch connected" flag when the stream ends, whichever way `subscribe` returns
@@ -108,7 +114,16 @@ impl Watcher {
             new_gateways,
             swaps,
             global: Arc::new(GlobalStats::default()),
+            admin_address: None,
         }
+    }
+
+    /// The admin address (`host:port`) to name in the Watch request's
+    /// `meridian-admin-address` metadata; without it the agent cannot reach this sidecar's
+    /// `SidecarAdminService`.
+    pub fn with_admin_address(mut self, address: Option<String>) -> Self {
+        self.admin_address = address.and_then(|a| a.parse().ok());
+        self
     }
 
     /// Where to record whether the watch stream is open (`meridian_agent_watch_connected`);
@@ -158,9 +173,14 @@ impl Watcher {
                 source,
             })?;
         let mut client = LocalRoutingServiceClient::new(channel);
-        let request = WatchRoutesRequest {
+        let mut request = tonic::Request::new(WatchRoutesRequest {
             client: self.client_id.clone(),
-        };
+        });
+        if let Some(address) = &self.admin_address {
+            request
+                .metadata_mut()
+                .insert(ADMIN_ADDRESS_METADATA, address.clone());
+        }
         let mut tables = client
             .watch(request)
             .await

@@ -33,6 +33,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{free_port, region_ip, Relay};
 
+/// The Watch metadata in which a sidecar names its admin address (the agent's `explain` asks it).
+const ADMIN_ADDRESS_METADATA: &str = "meridian-admin-address";
+
 /// A change a test makes to every table passing through (after the relay rewrite).
 pub type Tamper = Arc<dyn Fn(&mut RoutingTable) + Send + Sync>;
 
@@ -100,12 +103,15 @@ impl LocalRoutingService for Shared {
         &self,
         request: Request<WatchRoutesRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let upstream = self
-            .client()
-            .await?
-            .watch(request.into_inner())
-            .await?
-            .into_inner();
+        // The sidecar's admin address lets the agent reach it for `explain`: pass it on.
+        let admin = request.metadata().get(ADMIN_ADDRESS_METADATA).cloned();
+        let mut forwarded = Request::new(request.into_inner());
+        if let Some(admin) = admin {
+            forwarded
+                .metadata_mut()
+                .insert(ADMIN_ADDRESS_METADATA, admin);
+        }
+        let upstream = self.client().await?.watch(forwarded).await?.into_inner();
         let shared = self.clone();
         let tables = upstream.map(move |item| item.and_then(|table| shared.rewrite(table)));
         Ok(Response::new(Box::pin(tables)))

@@ -1,5 +1,5 @@
 //! One instance's task: spawns the process in its own process group, pumps its output into the
-//! log file and the log registry, probes readiness, waits for the drain gate, stops the group
+//! (rotated) log file and the log registry, probes readiness, waits for the drain gate, stops the group
 //! (SIGTERM, grace, SIGKILL) and reports every step to the supervisor.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use meridian_proto::v1::ProcessRuntime;
 use nix::sys::signal::Signal;
-use tokio::fs::{File, OpenOptions};
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::BufReader;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 
+use super::log_files::{prune_exited, RotatingLog, EXITED_LOG_FILES_KEPT, LOG_FILE_MAX_BYTES};
 use super::logs::{split_lines, LogRegistry, OutputStream};
 use super::records::{group_alive, group_has_live_members, kill_group, process_start_time};
 use super::{readiness, DrainGate, FunctionKey, RuntimeConfig};
@@ -142,7 +142,10 @@ impl InstanceTask {
 
     /// Starts the process; `Ok(None)` when told to stop before it started. The instant is taken
     /// just before the fork, so cold starts include the exec.
-    async fn spawn(&self, work_dir: &PathBuf) -> Result<Option<(Child, File, Instant)>, String> {
+    async fn spawn(
+        &self,
+        work_dir: &PathBuf,
+    ) -> Result<Option<(Child, RotatingLog, Instant)>, String> {
         if *self.directive.borrow() != Directive::Run {
             return Ok(None);
         }
@@ -155,10 +158,19 @@ impl InstanceTask {
                 .await
                 .map_err(|e| format!("cannot start: cannot create {}: {e}", dir.display()))?;
         }
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
+        if let Some(dir) = log_path.parent() {
+            let live = self.logs.live_instances(&self.key);
+            match prune_exited(dir, &live, EXITED_LOG_FILES_KEPT).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::debug!(function = %self.key, removed, "removed old instance logs")
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot prune old instance logs")
+                }
+            }
+        }
+        let log_file = RotatingLog::open(log_path.clone(), LOG_FILE_MAX_BYTES)
             .await
             .map_err(|e| format!("cannot start: cannot open {}: {e}", log_path.display()))?;
 
@@ -245,7 +257,7 @@ impl InstanceTask {
     }
 
     /// Starts the pipe readers and the log writer.
-    fn pump_output(&self, child: &mut Child, log_file: File) -> OutputPump {
+    fn pump_output(&self, child: &mut Child, log_file: RotatingLog) -> OutputPump {
         let (lines_tx, mut lines_rx) = mpsc::channel::<(OutputStream, String)>(LINE_BUFFER);
         let mut readers = Vec::new();
         if let Some(stdout) = child.stdout.take() {
@@ -267,13 +279,12 @@ impl InstanceTask {
         let id = self.id.clone();
         let path = self.log_path();
         let writer = tokio::spawn(async move {
-            let mut file = BufWriter::new(log_file);
+            let mut file = log_file;
             let mut write_failed = false;
             while let Some((stream, line)) = lines_rx.recv().await {
                 if !write_failed {
                     let result = async {
-                        file.write_all(line.as_bytes()).await?;
-                        file.write_all(b"\n").await?;
+                        file.write_line(&line).await?;
                         // Flush when caught up: files stay current without a write per line
                         // under bursts.
                         if lines_rx.is_empty() {

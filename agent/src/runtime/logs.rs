@@ -1,7 +1,7 @@
 //! Instance output: the line splitter for the pipes, and the in-memory registry behind the Logs
 //! API (the last lines of each instance, with their stream name, and a feed of new lines).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -176,6 +176,17 @@ impl LogRegistry {
                 None => true,
             });
         }
+    }
+
+    /// The instances of `key` that have not exited (their log files must stay).
+    pub fn live_instances(&self, key: &FunctionKey) -> HashSet<String> {
+        self.lock().get(key).map_or_else(HashSet::new, |logs| {
+            logs.instances
+                .iter()
+                .filter(|(_, log)| log.exited.is_none())
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
     }
 
     /// The last `count` lines of an instance, stream names dropped (for status).

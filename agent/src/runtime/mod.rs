@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod instance;
+mod log_files;
 mod logs;
 mod readiness;
 mod records;

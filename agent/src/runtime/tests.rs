@@ -239,9 +239,19 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
         .path()
         .join("logs/default/hello")
         .join(format!("{}.log", instance.id));
-    let text = std::fs::read_to_string(&log_file).unwrap();
+    // The file is written by its own task and flushed when that task catches up: poll it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log_file).unwrap_or_default();
+        if (text.contains(&expected) && text.contains("err\n"))
+            || tokio::time::Instant::now() >= deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert!(text.contains(&expected), "{text}");
-    assert!(text.contains("err\n"));
+    assert!(text.contains("err\n"), "{text}");
 
     let records = records::read(&records_path(dir.path())).unwrap();
     assert_eq!(records.len(), 1);

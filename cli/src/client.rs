@@ -10,6 +10,8 @@ use meridian_proto::v1::function_service_client::FunctionServiceClient;
 use meridian_proto::v1::mesh_service_client::MeshServiceClient;
 use meridian_proto::v1::scale_service_client::ScaleServiceClient;
 use thiserror::Error;
+use tonic::metadata::{MetadataKey, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -123,11 +125,35 @@ pub enum DialError {
     Failed { reason: String },
 }
 
+/// Puts the current span's W3C trace context on every request (nothing when tracing is off), so
+/// that the control plane's and agents' spans join the command's trace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceContext;
+
+impl tonic::service::Interceptor for TraceContext {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        for (name, value) in meridian_common::telemetry::current_context_fields() {
+            // The propagator writes valid header names and values; anything else is dropped
+            // rather than failing the call.
+            if let (Ok(name), Ok(value)) = (
+                MetadataKey::from_bytes(name.as_bytes()),
+                MetadataValue::try_from(value.as_str()),
+            ) {
+                request.metadata_mut().insert(name, value);
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose requests carry the trace context.
+pub type TracedChannel = InterceptedService<Channel, TraceContext>;
+
 /// Opens an HTTP/2 channel to `address` (already normalized) eagerly, so that an unreachable
 /// peer is reported before anything else happens, within [`CONNECT_TIMEOUT`]. Every request on
 /// the channel may take [`REQUEST_TIMEOUT`] until its response headers arrive (a stream's body
 /// is not bounded, so `logs --follow` can run for hours).
-pub async fn dial(address: &str) -> Result<Channel, DialError> {
+pub async fn dial(address: &str) -> Result<TracedChannel, DialError> {
     let endpoint = Endpoint::from_shared(address.to_string())
         .map_err(|source| DialError::InvalidAddress {
             address: address.to_string(),
@@ -138,7 +164,7 @@ pub async fn dial(address: &str) -> Result<Channel, DialError> {
     // connect_timeout bounds the TCP connect only; this bounds name resolution and the HTTP/2
     // handshake too (a listener that never answers must not hang us).
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(channel),
+        Ok(Ok(channel)) => Ok(InterceptedService::new(channel, TraceContext)),
         Ok(Err(err)) => Err(DialError::Failed {
             reason: error_chain(&err),
         }),
@@ -152,9 +178,9 @@ pub async fn dial(address: &str) -> Result<Channel, DialError> {
 #[derive(Clone)]
 pub struct ControlPlane {
     address: String,
-    functions: FunctionServiceClient<Channel>,
-    mesh: MeshServiceClient<Channel>,
-    scale: ScaleServiceClient<Channel>,
+    functions: FunctionServiceClient<TracedChannel>,
+    mesh: MeshServiceClient<TracedChannel>,
+    scale: ScaleServiceClient<TracedChannel>,
 }
 
 impl ControlPlane {

@@ -124,6 +124,21 @@ pub fn enabled() -> bool {
     PROVIDER.get().is_some()
 }
 
+/// The W3C trace-context fields (`traceparent`, and `tracestate` when it has entries) of the
+/// current span, to put on a request leaving this process so that the callee's spans join the
+/// trace. Empty when export is off.
+pub fn current_context_fields() -> Vec<(String, String)> {
+    if !enabled() {
+        return Vec::new();
+    }
+    let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
+    let mut fields = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut fields)
+    });
+    fields.into_iter().collect()
+}
+
 /// Sends the spans still queued and stops the exporter (waits at most 5 s). Call it once, at the
 /// end of `main`; a no-op when export is off. It blocks the calling thread: on a multi-thread
 /// runtime the workers keep driving the gRPC channel meanwhile.

@@ -16,7 +16,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -136,14 +137,21 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
     serve_http(listener, handler, shutdown).await;
 }
 
-/// Serves plain HTTP/1.1 on `listener`, every request answered by `handler`, until `shutdown`
-/// resolves; open connections then get [`SHUTDOWN_GRACE`] to finish. Binaries with admin paths
-/// of their own (the sidecar's `/routes`) bring their handler and share this loop.
-pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
-where
+/// Serves HTTP/1.1 and h2c (so a gRPC service can share the port) on `listener`, every request
+/// answered by `handler`, until `shutdown` resolves; open connections then get
+/// [`SHUTDOWN_GRACE`] to finish. Binaries with admin paths of their own (the sidecar's `/routes`
+/// and its gRPC explain service) bring their handler and share this loop.
+pub async fn serve_http<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -164,8 +172,9 @@ where
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;

@@ -327,48 +327,24 @@ async fn serve_admin(
     shutdown: impl Future<Output = ()>,
 ) {
     // HTTP/1.1 for people and Prometheus, h2c for the agent's gRPC calls.
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
+    let handler = move |request: http::Request<Incoming>| {
         let admin = Arc::clone(&admin);
         let explainer = explainer.clone();
-        let service = service_fn(move |request: http::Request<Incoming>| {
-            let admin = Arc::clone(&admin);
-            let explainer = explainer.clone();
-            async move {
-                if is_grpc(&request) {
-                    explainer.oneshot(request).await
-                } else {
-                    let response = admin.handle(request).await?;
-                    Ok(response.map(tonic::body::Body::new))
+        async move {
+            if is_grpc(&request) {
+                match explainer.oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            } else {
+                match admin.handle(request).await {
+                    Ok(response) => response.map(tonic::body::Body::new),
+                    Err(never) => match never {},
                 }
             }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
-    }
+        }
+    };
+    meridian_common::admin::serve_http(listener, handler, shutdown).await;
 }
 
 #[cfg(test)]

@@ -21,41 +21,24 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
+use clap::Parser;
 use meridian_tests::{
     describe_scale, region_scale, wait_scale, ClosedLoop, ProcessFunction, Relay, SidecarOpts,
     World,
 };
 use tokio::time::Instant;
 
-#[derive(Debug)]
+/// Cold-start overhead, instances started per second, and a 10x burst.
+#[derive(Debug, Parser)]
+#[command(name = "bench-coldstart")]
 struct Options {
+    /// Cold starts measured.
+    #[arg(long, default_value_t = 40)]
     samples: usize,
+    /// Instances started at once for the rate figure.
+    #[arg(long, default_value_t = 40)]
     instances: u32,
-}
-
-fn parse_options() -> Result<Options> {
-    let mut options = Options {
-        samples: 40,
-        instances: 40,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| anyhow!("{flag} needs a value"))?
-                .parse::<u32>()
-                .with_context(|| format!("invalid {flag}"))
-        };
-        match flag.as_str() {
-            "--samples" => options.samples = usize::try_from(value()?)?,
-            "--instances" => options.instances = value()?,
-            other => anyhow::bail!(
-                "unknown flag {other}; usage: bench-coldstart [--samples N] [--instances N]"
-            ),
-        }
-    }
-    Ok(options)
 }
 
 fn unix_us() -> i64 {
@@ -83,7 +66,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let options = parse_options()?;
+    let options = Options::parse();
     let world = World::start_with(&["us-east"], Relay::new(), SidecarOpts::default()).await?;
     let cp = world.mesh.cp().url();
     let client = world.sidecar("us-east").client();

@@ -10,7 +10,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use clap::Parser;
 use meridian_proto::v1 as pb;
 use meridian_tests::{ControlPlane, ControlPlaneOpts, Etcd};
 use pb::agent_service_client::AgentServiceClient;
@@ -21,49 +22,30 @@ use tonic::transport::{Channel, Endpoint};
 
 const REGION_NAMES: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
-#[derive(Debug)]
-struct Options {
-    agents: usize,
-    functions: usize,
-    changes: usize,
-    regions: usize,
-    streams_per_connection: usize,
+/// A count of at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
-fn parse_options() -> Result<Options> {
-    let mut options = Options {
-        agents: 1000,
-        functions: 100,
-        changes: 200,
-        regions: 3,
-        streams_per_connection: 100,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || -> Result<usize> {
-            let raw = args
-                .next()
-                .with_context(|| format!("{flag} needs a value"))?;
-            raw.parse()
-                .with_context(|| format!("{flag}: {raw:?} is not a number"))
-        };
-        match flag.as_str() {
-            "--agents" => options.agents = value()?,
-            "--functions" => options.functions = value()?,
-            "--changes" => options.changes = value()?,
-            "--regions" => options.regions = value()?,
-            "--streams-per-conn" => options.streams_per_connection = value()?.max(1),
-            "-h" | "--help" => {
-                println!("usage: bench-push [--agents N] [--functions F] [--changes C] [--regions R] [--streams-per-conn S]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other:?} (try --help)"),
-        }
-    }
-    if options.agents == 0 || options.functions == 0 || options.regions == 0 {
-        bail!("--agents, --functions and --regions must be at least 1");
-    }
-    Ok(options)
+/// Push latency and cost of one control plane with many agents.
+#[derive(Debug, Parser)]
+#[command(name = "bench-push")]
+struct Options {
+    /// Agents connected to the control plane.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one())]
+    agents: usize,
+    /// Functions in the mesh.
+    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
+    functions: usize,
+    /// Changes applied and timed.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Regions the agents are spread over.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one())]
+    regions: usize,
+    /// Agent streams sharing one HTTP/2 connection.
+    #[arg(long = "streams-per-conn", default_value_t = 100, value_parser = at_least_one())]
+    streams_per_connection: usize,
 }
 
 fn region(index: usize) -> String {
@@ -294,7 +276,7 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let options = parse_options()?;
+    let options = Options::parse();
     println!("bench-push: {options:?}");
 
     let etcd = Etcd::start().await?;

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
+use clap::Parser;
 use futures::Stream;
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -63,53 +64,35 @@ use tonic::{Request, Response, Status};
 
 const REGION: &str = "us-east";
 
-#[derive(Debug)]
+/// A count of at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// What one hop through the sidecar costs, next to HAProxy (or, with --tracing, with tracing off,
+/// at 1% and at 100% sampling).
+#[derive(Debug, Parser)]
+#[command(name = "bench-sidecar")]
 struct Options {
+    /// Seconds of each latency and throughput run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
+    /// wrk connections of the throughput runs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     connections: u32,
+    /// Functions in the sidecar's table.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one())]
     functions: usize,
+    /// Leave HAProxy out.
+    #[arg(long)]
     skip_haproxy: bool,
+    /// Measure tracing's cost instead of HAProxy's figures.
+    #[arg(long)]
     tracing: bool,
 }
 
-fn parse_options() -> Result<Options> {
-    let mut options = Options {
-        duration: 10,
-        connections: 64,
-        functions: 1000,
-        skip_haproxy: false,
-        tracing: false,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || -> Result<u64> {
-            let raw = args
-                .next()
-                .with_context(|| format!("{flag} needs a value"))?;
-            raw.parse()
-                .with_context(|| format!("{flag}: {raw:?} is not a number"))
-        };
-        match flag.as_str() {
-            "--duration" => options.duration = value()?.max(1),
-            "--connections" => options.connections = u32::try_from(value()?.max(1))?,
-            "--functions" => options.functions = usize::try_from(value()?.max(1))?,
-            "--skip-haproxy" => options.skip_haproxy = true,
-            "--tracing" => options.tracing = true,
-            "-h" | "--help" => {
-                println!(
-                    "usage: bench-sidecar [--duration SECS] [--connections N] [--functions N] \
-                     [--skip-haproxy] [--tracing]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other:?} (try --help)"),
-        }
-    }
-    Ok(options)
-}
-
 fn main() -> Result<()> {
-    let options = parse_options()?;
+    let options = Options::parse();
     ensure!(
         std::thread::available_parallelism().map_or(1, usize::from) >= 2,
         "needs 2 CPUs: the proxy gets CPU 1, wrk and the backend CPU 0"

@@ -2,6 +2,11 @@
 //! it and publish it (or Nack it and keep the old table), report endpoints (external URLs and
 //! process instances, again whenever instances change) and the scale state of process
 //! functions, and exchange heartbeats until the stream fails or falls silent.
+//!
+//! When span export is on and an update carries the trace context of the control plane's push
+//! (`RoutingUpdate.trace_context`), applying it is a `meridian.agent.apply` span and sending the
+//! answer a `meridian.agent.ack` span, both children of that push: the change's trace then
+//! reaches every agent. Off, or for untraced updates, there is no span work at all.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -190,6 +195,8 @@ pub struct AgentState {
     scale: Option<watch::Receiver<ScaleStatus>>,
     /// Set while a stream to a control plane is open (the `meridian_agent_connected` gauge).
     connected: Arc<AtomicBool>,
+    /// Spans of traced updates; `None` when export is off (decided once, at start).
+    spans: Option<spans::UpdateSpans>,
 }
 
 impl AgentState {
@@ -213,6 +220,7 @@ impl AgentState {
             instances: None,
             scale: None,
             connected: Arc::new(AtomicBool::new(false)),
+            spans: spans::UpdateSpans::when_enabled(),
         }
     }
 
@@ -545,16 +553,25 @@ impl OpenStream<'_> {
     async fn handle_update(&mut self, update: RoutingUpdate) -> Result<(), SessionError> {
         let version = update.version;
         let state = &mut *self.state;
+        let trace = state
+            .spans
+            .as_ref()
+            .and_then(|spans| spans.start(&update, &state.identity));
         let table = match table::apply(state.held.as_ref(), &state.identity.region, &update) {
             Ok(table) => table,
-            Err(error) => return self.nack(version, error.reason()).await,
+            Err(error) => return self.refuse(trace, version, error.reason()).await,
         };
         let wire = Arc::new(table.to_wire());
         if let Err(reason) = persist(&state.store, &wire).await {
             tracing::error!(version, %reason, "cannot persist routing table; refusing it");
-            return self.nack(version, reason).await;
+            return self.refuse(trace, version, reason).await;
         }
-        self.send(agent_message::Kind::Ack(Ack { version })).await?;
+        let ack = trace.map(|trace| trace.applied(table.functions().len()));
+        let sent = self.send(agent_message::Kind::Ack(Ack { version })).await;
+        if let Some(ack) = ack {
+            ack.sent(sent.as_ref().err());
+        }
+        sent?;
         tracing::info!(
             version,
             full = update.full,
@@ -597,6 +614,22 @@ impl OpenStream<'_> {
         let report = scale_report(&status);
         self.scale_reported = Some(status);
         self.send(agent_message::Kind::Scale(report)).await
+    }
+
+    /// Nacks an update, ending its spans (if traced) with the reason.
+    async fn refuse(
+        &mut self,
+        trace: Option<spans::ApplySpan>,
+        version: i64,
+        reason: String,
+    ) -> Result<(), SessionError> {
+        let Some(trace) = trace else {
+            return self.nack(version, reason).await;
+        };
+        let nack = trace.refused(&reason);
+        let sent = self.nack(version, reason).await;
+        nack.sent(sent.as_ref().err());
+        sent
     }
 
     async fn nack(&mut self, version: i64, reason: String) -> Result<(), SessionError> {
@@ -644,6 +677,138 @@ fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The spans of traced updates: `meridian.agent.apply` (validate and persist) and
+/// `meridian.agent.ack` (send the Ack or Nack), both children of the control plane's
+/// `meridian.push` span whose W3C context the update carries.
+mod spans {
+    use std::sync::Arc;
+
+    use opentelemetry::global::{self, BoxedTracer};
+    use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+    use opentelemetry::{Context, KeyValue};
+
+    use super::{Identity, RoutingUpdate, SessionError};
+
+    pub const APPLY_SPAN: &str = "meridian.agent.apply";
+    pub const ACK_SPAN: &str = "meridian.agent.ack";
+    pub const REGION: &str = "meridian.region";
+    pub const AGENT: &str = "meridian.agent";
+    pub const TABLE_VERSION: &str = "meridian.table.version";
+    pub const FULL: &str = "meridian.push.full";
+    pub const FUNCTIONS: &str = "meridian.table.functions";
+    /// `ack` or `nack`.
+    pub const RESULT: &str = "meridian.agent.result";
+    pub const ERROR: &str = "meridian.error";
+
+    /// Makes the spans; exists only while export is on.
+    #[derive(Debug)]
+    pub struct UpdateSpans {
+        tracer: Arc<BoxedTracer>,
+    }
+
+    impl UpdateSpans {
+        pub fn when_enabled() -> Option<Self> {
+            meridian_common::telemetry::enabled().then(|| Self {
+                tracer: Arc::new(global::tracer("meridian-agent")),
+            })
+        }
+
+        /// Starts the apply span of `update`; `None` when the update carries no trace context
+        /// (the change was not traced).
+        pub fn start(&self, update: &RoutingUpdate, identity: &Identity) -> Option<ApplySpan> {
+            if update.trace_context.is_empty() {
+                return None;
+            }
+            let push = global::get_text_map_propagator(|p| p.extract(&update.trace_context));
+            let attributes = vec![
+                KeyValue::new(REGION, identity.region.clone()),
+                KeyValue::new(AGENT, identity.agent_id.clone()),
+                KeyValue::new(TABLE_VERSION, update.version),
+            ];
+            let mut apply_attributes = attributes.clone();
+            apply_attributes.push(KeyValue::new(FULL, update.full));
+            let span = self
+                .tracer
+                .span_builder(APPLY_SPAN)
+                .with_kind(SpanKind::Consumer)
+                .with_attributes(apply_attributes)
+                .start_with_context(&*self.tracer, &push);
+            Some(ApplySpan {
+                tracer: Arc::clone(&self.tracer),
+                apply: push.with_span(span),
+                push,
+                attributes,
+            })
+        }
+    }
+
+    /// The apply span of one update, open while it is validated and persisted.
+    #[derive(Debug)]
+    pub struct ApplySpan {
+        tracer: Arc<BoxedTracer>,
+        /// The push's context: the parent of both spans.
+        push: Context,
+        apply: Context,
+        /// Region, agent and version, shared by both spans.
+        attributes: Vec<KeyValue>,
+    }
+
+    impl ApplySpan {
+        /// The table was applied and persisted; starts the span of sending the Ack.
+        pub fn applied(self, functions: usize) -> AckSpan {
+            let span = self.apply.span();
+            span.set_attribute(KeyValue::new(
+                FUNCTIONS,
+                i64::try_from(functions).unwrap_or(i64::MAX),
+            ));
+            span.end();
+            self.answer("ack")
+        }
+
+        /// The table was refused; starts the span of sending the Nack.
+        pub fn refused(self, reason: &str) -> AckSpan {
+            let span = self.apply.span();
+            span.set_attribute(KeyValue::new(ERROR, reason.to_owned()));
+            span.set_status(Status::error(reason.to_owned()));
+            span.end();
+            self.answer("nack")
+        }
+
+        fn answer(self, result: &'static str) -> AckSpan {
+            let mut attributes = self.attributes;
+            attributes.push(KeyValue::new(RESULT, result));
+            let span = self
+                .tracer
+                .span_builder(ACK_SPAN)
+                .with_kind(SpanKind::Producer)
+                .with_attributes(attributes)
+                .start_with_context(&*self.tracer, &self.push);
+            AckSpan {
+                cx: self.push.with_span(span),
+            }
+        }
+    }
+
+    /// The span of sending one Ack or Nack.
+    #[derive(Debug)]
+    pub struct AckSpan {
+        cx: Context,
+    }
+
+    impl AckSpan {
+        /// Ends the span: sent, or the error that kept it from the control plane.
+        pub fn sent(self, error: Option<&SessionError>) {
+            let span = self.cx.span();
+            if let Some(error) = error {
+                let message = crate::error_chain(error);
+                span.set_attribute(KeyValue::new(ERROR, message.clone()));
+                span.set_status(Status::error(message));
+            }
+            span.end();
+        }
+    }
 }
 
 /// A scripted control plane for session and connector tests.

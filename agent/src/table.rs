@@ -266,6 +266,7 @@ mod tests {
                     name: (*n).into(),
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -1,6 +1,7 @@
 //! The operator-facing gRPC services: `FunctionService` (validate, then store in etcd),
-//! `MeshService` (agents and the routing tables they are sent) and `ScaleService` (placements,
-//! the scale state agents report, and the scheduler leader).
+//! `MeshService` (agents and the routing tables they are sent), `ScaleService` (placements,
+//! the scale state agents report, and the scheduler leader) and `ControlPlaneService` (the
+//! replicas registered in etcd, with the leader marked).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::spec::{FunctionKey, FunctionSpec, SpecError, DEFAULT_NAMESPACE};
 use crate::store::{PutOutcome, Record, RecordKey, Store, StoreError};
 use crate::table::Tables;
+use crate::trace::{ChangeSpan, Tracing, APPLY_SPAN, DELETE_SPAN};
 
 fn store_status(error: StoreError) -> Status {
     match error {
@@ -113,21 +115,48 @@ fn namespace_filter(namespace: &str, all: bool) -> Result<Option<String>, Status
 #[derive(Debug, Clone)]
 pub struct FunctionApi {
     store: Store,
+    /// Spans of changes, and their trace written with them; `None` when export is off.
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl FunctionApi {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            tracing: None,
+        }
     }
-}
 
-#[tonic::async_trait]
-impl pb::function_service_server::FunctionService for FunctionApi {
-    async fn apply(
+    /// Traces every Apply and Delete (see [`crate::trace`]).
+    pub fn with_tracing(mut self, tracing: Option<Arc<Tracing>>) -> Self {
+        self.tracing = tracing;
+        self
+    }
+
+    /// Starts the span of a change when tracing is on.
+    fn change_span(
         &self,
-        request: Request<pb::ApplyFunctionRequest>,
-    ) -> Result<Response<pb::ApplyFunctionResponse>, Status> {
-        let request = request.into_inner();
+        name: &'static str,
+        metadata: &tonic::metadata::MetadataMap,
+        namespace: &str,
+        function: &str,
+    ) -> Option<ChangeSpan> {
+        let tracing = self.tracing.as_deref()?;
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        Some(tracing.change(name, metadata, namespace, function))
+    }
+
+    /// Validates and stores a function; returns the answer, the outcome's name and the
+    /// revision it was committed at (0 when nothing was written).
+    async fn apply_function(
+        &self,
+        request: pb::ApplyFunctionRequest,
+        span: Option<&ChangeSpan>,
+    ) -> Result<(pb::ApplyFunctionResponse, &'static str, i64), Status> {
         let spec = request
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: required"))?;
@@ -139,23 +168,98 @@ impl pb::function_service_server::FunctionService for FunctionApi {
         }
         let expected = (request.expected_version > 0).then_some(request.expected_version);
         let normalized = pb::FunctionSpec::from(&spec);
+        // A dry run writes nothing, so there is no change to trace through etcd.
+        let trace = span
+            .filter(|_| !request.dry_run)
+            .and_then(ChangeSpan::record);
         let (stored, outcome) = self
             .store
-            .put_function(&spec.key, &normalized, expected, request.dry_run)
+            .put_function_traced(
+                &spec.key,
+                &normalized,
+                expected,
+                request.dry_run,
+                trace.as_ref(),
+            )
             .await
             .map_err(store_status)?;
-        let outcome = match outcome {
-            PutOutcome::Created => pb::ApplyOutcome::Created,
-            PutOutcome::Configured => pb::ApplyOutcome::Configured,
-            PutOutcome::Unchanged => pb::ApplyOutcome::Unchanged,
+        let (outcome, name, revision) = match outcome {
+            _ if request.dry_run => (outcome_of(outcome), "dry-run", 0),
+            PutOutcome::Unchanged => (pb::ApplyOutcome::Unchanged, "unchanged", 0),
+            PutOutcome::Created => (pb::ApplyOutcome::Created, "created", stored.version),
+            PutOutcome::Configured => (pb::ApplyOutcome::Configured, "configured", stored.version),
         };
         if !request.dry_run && outcome != pb::ApplyOutcome::Unchanged {
             tracing::info!(function = %spec.key, version = stored.version, ?outcome, "function applied");
         }
-        Ok(Response::new(pb::ApplyFunctionResponse {
+        let response = pb::ApplyFunctionResponse {
             function: Some((&stored).into()),
             outcome: outcome as i32,
-        }))
+        };
+        Ok((response, name, revision))
+    }
+
+    /// Deletes a function; returns the answer, `deleted` and the revision of the delete.
+    async fn delete_function(
+        &self,
+        request: pb::DeleteFunctionRequest,
+        span: Option<&ChangeSpan>,
+    ) -> Result<(pb::DeleteFunctionResponse, &'static str, i64), Status> {
+        let key = FunctionKey::parse(&request.namespace, &request.name).map_err(invalid)?;
+        let expected = (request.expected_version > 0).then_some(request.expected_version);
+        let trace = span.and_then(ChangeSpan::record);
+        match self
+            .store
+            .delete_function_traced(&key, expected, trace.as_ref())
+            .await
+        {
+            Ok(deleted) => {
+                tracing::info!(function = %key, version = deleted.version, "function deleted");
+                let response = pb::DeleteFunctionResponse {
+                    version: deleted.version,
+                };
+                Ok((response, "deleted", deleted.revision))
+            }
+            Err(StoreError::NotFound) => Err(Status::not_found(format!(
+                "function {:?} not found in namespace {:?}",
+                key.name, key.namespace
+            ))),
+            Err(error) => Err(store_status(error)),
+        }
+    }
+}
+
+fn outcome_of(outcome: PutOutcome) -> pb::ApplyOutcome {
+    match outcome {
+        PutOutcome::Created => pb::ApplyOutcome::Created,
+        PutOutcome::Configured => pb::ApplyOutcome::Configured,
+        PutOutcome::Unchanged => pb::ApplyOutcome::Unchanged,
+    }
+}
+
+/// Ends a change's span (if any) with the result of the change.
+fn end_change<T>(span: Option<ChangeSpan>, result: &Result<(T, &'static str, i64), Status>) {
+    let Some(span) = span else { return };
+    match result {
+        Ok((_, outcome, revision)) => span.committed(outcome, *revision),
+        Err(status) => span.failed(status),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::function_service_server::FunctionService for FunctionApi {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyFunctionRequest>,
+    ) -> Result<Response<pb::ApplyFunctionResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let span = request
+            .spec
+            .as_ref()
+            .and_then(|spec| self.change_span(APPLY_SPAN, &metadata, &spec.namespace, &spec.name));
+        let result = self.apply_function(request, span.as_ref()).await;
+        end_change(span, &result);
+        result.map(|(response, _, _)| Response::new(response))
     }
 
     async fn get(
@@ -201,20 +305,11 @@ impl pb::function_service_server::FunctionService for FunctionApi {
         &self,
         request: Request<pb::DeleteFunctionRequest>,
     ) -> Result<Response<pb::DeleteFunctionResponse>, Status> {
-        let request = request.into_inner();
-        let key = FunctionKey::parse(&request.namespace, &request.name).map_err(invalid)?;
-        let expected = (request.expected_version > 0).then_some(request.expected_version);
-        match self.store.delete_function(&key, expected).await {
-            Ok(version) => {
-                tracing::info!(function = %key, version, "function deleted");
-                Ok(Response::new(pb::DeleteFunctionResponse { version }))
-            }
-            Err(StoreError::NotFound) => Err(Status::not_found(format!(
-                "function {:?} not found in namespace {:?}",
-                key.name, key.namespace
-            ))),
-            Err(error) => Err(store_status(error)),
-        }
+        let (metadata, _, request) = request.into_parts();
+        let span = self.change_span(DELETE_SPAN, &metadata, &request.namespace, &request.name);
+        let result = self.delete_function(request, span.as_ref()).await;
+        end_change(span, &result);
+        result.map(|(response, _, _)| Response::new(response))
     }
 
     type WatchStream = ReceiverStream<Result<pb::FunctionEvent, Status>>;
@@ -535,6 +630,48 @@ impl pb::scale_service_server::ScaleService for ScaleApi {
             },
             None => pb::GetLeaderResponse::default(),
         }))
+    }
+}
+
+/// `ControlPlaneService`: the replicas themselves, as registered in etcd.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneApi {
+    store: Store,
+}
+
+impl ControlPlaneApi {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+/// Marks the leader among `replicas` (sorted by id, as etcd lists them).
+pub fn mark_leader(
+    mut replicas: Vec<pb::ReplicaInfo>,
+    leader: Option<crate::store::LeaderRecord>,
+) -> pb::ListReplicasResponse {
+    let (leader, elected_version) = leader
+        .map(|l| (l.replica, l.elected_version))
+        .unwrap_or_default();
+    for replica in &mut replicas {
+        replica.leader = !leader.is_empty() && replica.replica_id == leader;
+    }
+    pb::ListReplicasResponse {
+        replicas,
+        leader,
+        elected_version,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_plane_service_server::ControlPlaneService for ControlPlaneApi {
+    async fn list_replicas(
+        &self,
+        _request: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let (replicas, leader) = tokio::try_join!(self.store.list_replicas(), self.store.leader())
+            .map_err(store_status)?;
+        Ok(Response::new(mark_leader(replicas, leader)))
     }
 }
 

@@ -118,17 +118,28 @@ impl MeshState {
                 }
                 dirty.functions.insert(function);
             }
-            // Acknowledgements, scale reports and the election never change a routing table.
-            (RecordKey::AgentStatus { .. } | RecordKey::Scale { .. } | RecordKey::Leader, _) => {}
+            // Acknowledgements, scale reports, the election and replica registrations never
+            // change a routing table; a change trace is read by `follow` for the tables of its
+            // batch.
+            (
+                RecordKey::AgentStatus { .. }
+                | RecordKey::Scale { .. }
+                | RecordKey::Leader
+                | RecordKey::ChangeTrace
+                | RecordKey::Replica { .. },
+                _,
+            ) => {}
             (key, record) => {
                 tracing::warn!(?key, ?record, "record does not match its key; ignored");
             }
         }
     }
 
-    /// What the scheduler reads, at this state's revision.
-    fn scheduler_view(&self) -> SchedulerView {
+    /// What the scheduler reads, at this state's revision; `trace` is the traced change of the
+    /// batch that brought the state there, if any.
+    fn scheduler_view(&self, trace: Option<Arc<pb::ChangeTrace>>) -> SchedulerView {
         SchedulerView {
+            trace,
             loaded: true,
             revision: self.revision,
             functions: self.functions.clone(),
@@ -166,13 +177,15 @@ impl MeshState {
 }
 
 /// Builds the next [`Tables`] from the state, reusing every route of `previous` that did not
-/// change. Returns `None` when no table changed.
+/// change. Returns `None` when no table changed. Tables that changed carry `trace`, the traced
+/// change of this batch, if any.
 fn compile(
     state: &MeshState,
     previous: &Tables,
     previous_topology: &Topology,
     dirty: &Dirty,
     force_all: bool,
+    trace: Option<&Arc<pb::ChangeTrace>>,
 ) -> (Option<Tables>, Topology) {
     let topology = state.topology();
     let rebuild_all = force_all || topology != *previous_topology;
@@ -225,7 +238,9 @@ fn compile(
         changed = true;
         tables.insert(
             region.clone(),
-            Arc::new(RegionTable::new(state.revision, region.clone(), routes)),
+            Arc::new(
+                RegionTable::new(state.revision, region.clone(), routes).with_trace(trace.cloned()),
+            ),
         );
     }
     changed |= previous.regions.keys().any(|r| !regions.contains(r));
@@ -253,8 +268,13 @@ pub struct CacheConfig {
 
 /// Publishes the scheduler's view if it differs from the last one in what the scheduler reads.
 /// Agents re-registering (a record rewrite) change nothing it reads.
-fn publish_view(state: &MeshState, views: &watch::Sender<Arc<SchedulerView>>, dirty: &Dirty) {
-    let view = state.scheduler_view();
+fn publish_view(
+    state: &MeshState,
+    views: &watch::Sender<Arc<SchedulerView>>,
+    dirty: &Dirty,
+    trace: Option<Arc<pb::ChangeTrace>>,
+) {
+    let view = state.scheduler_view(trace);
     let previous = views.borrow().clone();
     let changed =
         dirty.scheduler || !previous.loaded || previous.agent_regions != view.agent_regions;
@@ -305,9 +325,10 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
             state.apply(key, Some(record), &mut dirty);
         }
         // A reload replaces the view whole (a compaction may have hidden deletions).
-        views.send_replace(Arc::new(state.scheduler_view()));
+        views.send_replace(Arc::new(state.scheduler_view(None)));
         let previous = publish.borrow().clone();
-        let (tables, new_topology) = compile(&state, &previous, &topology, &dirty, true);
+        // A reload is no traced change: whatever trace key it finds belongs to the past.
+        let (tables, new_topology) = compile(&state, &previous, &topology, &dirty, true, None);
         topology = new_topology;
         if let Some(tables) = tables {
             publish.send_replace(Arc::new(tables));
@@ -409,7 +430,15 @@ async fn follow(
                 }
             }
             let relevant = changes.iter().any(|c| c.key.affects_routing());
+            // The trace written with a change of this batch (the last one if several were
+            // coalesced): it has the change's revision, so it belongs to these tables.
+            let mut trace = None;
             for change in changes {
+                if let (RecordKey::ChangeTrace, Some(Record::ChangeTrace(record))) =
+                    (&change.key, &change.record)
+                {
+                    trace = Some(Arc::new(record.clone()));
+                }
                 state.apply(change.key, change.record, &mut dirty);
             }
             if last_revision > 0 {
@@ -418,7 +447,8 @@ async fn follow(
             if relevant && !dirty.is_empty() {
                 state.revision = last_revision;
                 let previous = publish.borrow().clone();
-                let (tables, new_topology) = compile(state, &previous, topology, &dirty, false);
+                let (tables, new_topology) =
+                    compile(state, &previous, topology, &dirty, false, trace.as_ref());
                 *topology = new_topology;
                 if let Some(mut tables) = tables {
                     tracing::debug!(version = tables.version, "publishing routing tables");
@@ -428,7 +458,7 @@ async fn follow(
                     }
                     publish.send_replace(Arc::new(tables));
                 }
-                publish_view(state, views, &dirty);
+                publish_view(state, views, &dirty, trace);
             }
             match broken {
                 None => {}
@@ -519,8 +549,14 @@ mod tests {
 
     /// The first compile from nothing, which must publish tables.
     fn first_compile(state: &MeshState, dirty: &Dirty) -> (Tables, Topology) {
-        let (first, topology) =
-            compile(state, &Tables::default(), &Topology::default(), dirty, true);
+        let (first, topology) = compile(
+            state,
+            &Tables::default(),
+            &Topology::default(),
+            dirty,
+            true,
+            None,
+        );
         (first.expect("first compile publishes"), topology)
     }
 
@@ -544,20 +580,71 @@ mod tests {
         assert_eq!(us.routes[&key("a")].tiers.len(), 2);
 
         // Nothing relevant changed: no new tables.
-        let (none, topology) = compile(&state, &first, &topology, &Dirty::default(), false);
+        let (none, topology) = compile(&state, &first, &topology, &Dirty::default(), false, None);
         assert!(none.is_none());
 
         // Delete b: a's route is shared, b removed.
         let mut dirty = Dirty::default();
         state.revision = 11;
         state.apply(RecordKey::Function(key("b")), None, &mut dirty);
-        let (second, _) = compile(&state, &first, &topology, &dirty, false);
+        let (second, _) = compile(&state, &first, &topology, &dirty, false, None);
         let second = second.expect("changed");
         let us2 = &second.regions["us-east"];
         assert!(Arc::ptr_eq(&us.routes[&key("a")], &us2.routes[&key("a")]));
         let delta = us2.delta_from(us);
         assert!(delta[0].functions.is_empty());
         assert_eq!(delta[0].removed.len(), 1);
+    }
+
+    #[test]
+    fn a_traced_change_is_carried_by_the_tables_it_changed_only() {
+        let (mut state, mut dirty) = state_with_agents(10, &["us-east", "eu-west"]);
+        state.apply(RecordKey::Function(key("a")), Some(stored("a")), &mut dirty);
+        state.apply(
+            RecordKey::Placement(key("a")),
+            Some(placement(&["us-east", "eu-west"])),
+            &mut dirty,
+        );
+        let (first, topology) = first_compile(&state, &dirty);
+        assert!(first.regions.values().all(|t| t.trace.is_none()));
+
+        // A starting instance of a in us-east changes us-east's local tier only: eu-west
+        // reaches us-east through its gateways and counts only its ready instances, so its
+        // table does not change and keeps no trace.
+        let mut dirty = Dirty::default();
+        state.revision = 11;
+        state.apply(
+            RecordKey::Endpoint {
+                function: key("a"),
+                region: "us-east".into(),
+                id: "a-1".into(),
+            },
+            Some(Record::Endpoint(pb::Endpoint {
+                address: "127.0.1.1:9000".into(),
+                id: "a-1".into(),
+                state: pb::EndpointState::Starting as i32,
+                ..Default::default()
+            })),
+            &mut dirty,
+        );
+        // The trace record itself dirties nothing.
+        state.apply(
+            RecordKey::ChangeTrace,
+            Some(Record::ChangeTrace(pb::ChangeTrace::default())),
+            &mut dirty,
+        );
+        let trace = Arc::new(pb::ChangeTrace {
+            change: "apply default/b".into(),
+            ..Default::default()
+        });
+        let (second, _) = compile(&state, &first, &topology, &dirty, false, Some(&trace));
+        let second = second.expect("the instance changed us-east");
+        let us = &second.regions["us-east"];
+        assert_eq!(us.version, 11);
+        assert!(us.trace.as_ref().is_some_and(|t| Arc::ptr_eq(t, &trace)));
+        let eu = &second.regions["eu-west"];
+        assert_eq!(eu.version, 10);
+        assert!(eu.trace.is_none());
     }
 
     #[test]
@@ -607,7 +694,7 @@ mod tests {
         );
         assert!(dirty.is_empty() && !dirty.scheduler);
         assert!(!RecordKey::Leader.affects_routing());
-        let (none, _) = compile(&state, &first, &topology, &dirty, false);
+        let (none, _) = compile(&state, &first, &topology, &dirty, false, None);
         assert!(none.is_none());
     }
 
@@ -619,7 +706,7 @@ mod tests {
         assert!(first.regions["us-east"].routes[&key("a")].tiers.is_empty());
 
         let (views, _keep) = watch::channel(Arc::new(SchedulerView::default()));
-        publish_view(&state, &views, &dirty);
+        publish_view(&state, &views, &dirty, None);
         let view = views.borrow().clone();
         assert!(view.loaded);
         assert_eq!(view.functions.len(), 1);
@@ -639,7 +726,7 @@ mod tests {
             &mut dirty,
         );
         assert!(dirty.scheduler);
-        let (second, _) = compile(&state, &first, &topology, &dirty, false);
+        let (second, _) = compile(&state, &first, &topology, &dirty, false, None);
         let second = second.expect("the placement changed the route");
         let route = &second.regions["us-east"].routes[&key("a")];
         assert_eq!(route.tiers.len(), 1);
@@ -653,7 +740,7 @@ mod tests {
         assert!(second.regions["eu-west"].routes[&key("a")]
             .workload
             .is_none());
-        publish_view(&state, &views, &dirty);
+        publish_view(&state, &views, &dirty, None);
         assert_eq!(views.borrow().placements.len(), 1);
 
         // An agent record rewritten (re-registration) changes nothing the scheduler reads.
@@ -661,7 +748,7 @@ mod tests {
         let mut dirty = Dirty::default();
         let (k, r) = agent("us-east");
         state.apply(k, Some(r), &mut dirty);
-        publish_view(&state, &views, &dirty);
+        publish_view(&state, &views, &dirty, None);
         assert!(Arc::ptr_eq(&before, &views.borrow()));
     }
 }

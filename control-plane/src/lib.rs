@@ -1,6 +1,7 @@
 //! Meridian's control plane: the gRPC API over etcd, the watch → cache → table loop, the push
 //! of routing tables to agents, and the leader-elected scheduler that places process functions.
-//! `main.rs` wires these into one server; `admin` serves `metrics` over plain HTTP.
+//! `main.rs` wires these into one server; `admin` serves `metrics` over plain HTTP; `trace` makes
+//! the spans that turn a configuration change into one trace, from the API to every agent's ack.
 
 pub mod admin;
 pub mod api;
@@ -12,3 +13,4 @@ pub mod scheduler;
 pub mod spec;
 pub mod store;
 pub mod table;
+pub mod trace;

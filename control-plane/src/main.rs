@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use meridian_control_plane::admin;
-use meridian_control_plane::api::{FunctionApi, MeshApi, ScaleApi};
+use meridian_control_plane::api::{ControlPlaneApi, FunctionApi, MeshApi, ScaleApi};
 use meridian_control_plane::cache::{self, CacheConfig};
 use meridian_control_plane::election::{self, ElectionConfig, ElectionState};
 use meridian_control_plane::metrics::{self, Metrics};
@@ -16,7 +16,9 @@ use meridian_control_plane::push::{self, AgentPush, PushConfig};
 use meridian_control_plane::scheduler::{SchedulerConfig, SchedulerView};
 use meridian_control_plane::store::Store;
 use meridian_control_plane::table::Tables;
+use meridian_control_plane::trace::Tracing;
 use meridian_proto::v1::agent_service_server::AgentServiceServer;
+use meridian_proto::v1::control_plane_service_server::ControlPlaneServiceServer;
 use meridian_proto::v1::function_service_server::FunctionServiceServer;
 use meridian_proto::v1::mesh_service_server::MeshServiceServer;
 use meridian_proto::v1::scale_service_server::ScaleServiceServer;
@@ -124,13 +126,26 @@ async fn run() -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (status_tx, status_rx) = mpsc::channel(65_536);
     let (lease_tx, lease_rx) = watch::channel(None);
-    tokio::spawn(push::run_replica_lease(
+    // The registration lives on the replica lease: `replicas/<id>` is there while this
+    // replica holds agents' records, and goes with it.
+    let registration = meridian_proto::v1::ReplicaInfo {
+        replica_id: replica_id.clone(),
+        address: args.listen.to_string(),
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        leader: false,
+    };
+    tokio::spawn(push::run_registered_replica_lease(
         store.clone(),
         Duration::from_secs(args.agent_lease_ttl),
         lease_tx,
+        Some(registration),
     ));
 
     let metrics = Metrics::new();
+    // Decided once: with export off no span is made and no change trace is written to etcd.
+    let tracing = Tracing::when_enabled(&replica_id).map(Arc::new);
     let (views_tx, views_rx) = watch::channel(Arc::new(SchedulerView::default()));
     tokio::spawn(cache::run(
         store.clone(),
@@ -156,7 +171,7 @@ async fn run() -> anyhow::Result<()> {
         ElectionConfig {
             replica_id: replica_id.clone(),
             lease_ttl: Duration::from_secs(args.leader_lease_ttl),
-            scheduler: SchedulerConfig::new(replica_id.clone()),
+            scheduler: SchedulerConfig::new(replica_id.clone()).with_tracing(tracing.clone()),
         },
         views_rx,
         shutdown_rx.clone(),
@@ -195,6 +210,9 @@ async fn run() -> anyhow::Result<()> {
                 health.set_serving::<MeshServiceServer<MeshApi>>().await;
                 health.set_serving::<ScaleServiceServer<ScaleApi>>().await;
                 health.set_serving::<AgentServiceServer<AgentPush>>().await;
+                health
+                    .set_serving::<ControlPlaneServiceServer<ControlPlaneApi>>()
+                    .await;
             }
         });
     }
@@ -210,6 +228,7 @@ async fn run() -> anyhow::Result<()> {
             "meridian.v1.MeshService",
             "meridian.v1.ScaleService",
             "meridian.v1.AgentService",
+            "meridian.v1.ControlPlaneService",
             "grpc.health.v1.Health",
         ] {
             builder = builder.with_service_name(service);
@@ -233,7 +252,8 @@ async fn run() -> anyhow::Result<()> {
         lease_rx,
         shutdown_rx,
     )
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .with_tracing(tracing.clone());
 
     tracing::info!(replica = %replica_id, "listening on {}", args.listen);
     tonic::transport::Server::builder()
@@ -242,12 +262,17 @@ async fn run() -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FunctionServiceServer::new(FunctionApi::new(store.clone())))
+        .add_service(FunctionServiceServer::new(
+            FunctionApi::new(store.clone()).with_tracing(tracing),
+        ))
         .add_service(MeshServiceServer::new(MeshApi::new(
             store.clone(),
             tables_rx,
         )))
         .add_service(ScaleServiceServer::new(ScaleApi::new(store.clone())))
+        .add_service(ControlPlaneServiceServer::new(ControlPlaneApi::new(
+            store.clone(),
+        )))
         .add_service(AgentServiceServer::new(push))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY a small push can wait ~40 ms on the agent's delayed ACK.
@@ -266,6 +291,20 @@ async fn run() -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("gave up resigning from the scheduler election; the lease will expire");
+    }
+    // Leave the replica list at once rather than a lease TTL later (the agents' records stay:
+    // they re-register elsewhere within the TTL).
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        store.deregister_replica(&replica_id),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot deregister this replica; its lease will expire")
+        }
+        Err(_) => tracing::warn!("gave up deregistering this replica; its lease will expire"),
     }
     tracing::info!("stopped");
     Ok(())

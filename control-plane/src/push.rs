@@ -24,6 +24,7 @@ use crate::metrics::{AgentGuard, Metrics};
 use crate::spec::{FunctionKey, MAX_INSTANCES_LIMIT};
 use crate::store::{LeasedWrite, StatusOp, Store};
 use crate::table::{RegionTable, Tables};
+use crate::trace::{PushSpan, Tracing};
 
 /// Settings of agent sessions.
 #[derive(Debug, Clone)]
@@ -134,6 +135,17 @@ impl TryFrom<&pb::Hello> for AgentIdentity {
 /// Holds this replica's lease: grants one, keeps it alive, and grants a new one when it is lost
 /// (etcd unreachable for longer than the TTL). `current` is `None` while there is none.
 pub async fn run_replica_lease(store: Store, ttl: Duration, current: watch::Sender<Option<i64>>) {
+    run_registered_replica_lease(store, ttl, current, None).await;
+}
+
+/// [`run_replica_lease`], also registering `replica` (`replicas/<id>`) under every lease it
+/// holds, so that the registration lives exactly as long as the replica's lease.
+pub async fn run_registered_replica_lease(
+    store: Store,
+    ttl: Duration,
+    current: watch::Sender<Option<i64>>,
+    replica: Option<pb::ReplicaInfo>,
+) {
     let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(10);
     let mut backoff =
         meridian_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
@@ -151,9 +163,34 @@ pub async fn run_replica_lease(store: Store, ttl: Duration, current: watch::Send
         let mut lost = guard.lost.clone();
         current.send_replace(Some(lease));
         tracing::info!(lease, "holding replica lease");
+        if let Some(replica) = &replica {
+            register(&store, lease, replica, &mut lost).await;
+        }
         let _ = lost.wait_for(|lost| *lost).await;
         current.send_replace(None);
         tracing::warn!(lease, "replica lease lost; agents must register again");
+    }
+}
+
+/// Writes the replica's registration under `lease`, retrying (capped backoff) until it lands
+/// or the lease is lost: the registration is advisory, the agents' records are not.
+async fn register(
+    store: &Store,
+    lease: i64,
+    replica: &pb::ReplicaInfo,
+    lost: &mut watch::Receiver<bool>,
+) {
+    let mut backoff =
+        meridian_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match store.register_replica(lease, replica).await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(%error, "cannot register this replica; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = lost.wait_for(|lost| *lost) => return,
+        }
     }
 }
 
@@ -304,6 +341,8 @@ pub struct AgentPush {
     full_syncs: Arc<Semaphore>,
     writer: Writer,
     metrics: Arc<Metrics>,
+    /// Push spans of traced changes; `None` when export is off.
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl AgentPush {
@@ -329,7 +368,15 @@ impl AgentPush {
             full_syncs,
             writer,
             metrics: Metrics::new(),
+            tracing: None,
         }
+    }
+
+    /// Each push of a table compiled from a traced change gets a `meridian.push` span in that
+    /// change's trace (see [`crate::trace`]).
+    pub fn with_tracing(mut self, tracing: Option<Arc<Tracing>>) -> Self {
+        self.tracing = tracing;
+        self
     }
 
     /// Counts pushes, nacks, connected agents and propagation in `metrics` (by default in a
@@ -432,6 +479,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             scale_queued: BTreeMap::new(),
             outbound,
             metrics,
+            tracing: self.tracing.clone(),
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -444,6 +492,17 @@ struct InFlight {
     sent_at: Instant,
     /// Held from sending a full table until it is acknowledged.
     _full_sync: Option<OwnedSemaphorePermit>,
+    /// Open until the agent answers, when the table came from a traced change.
+    span: Option<PushSpan>,
+}
+
+impl InFlight {
+    /// Ends the push span (if any) without an ack: `result` says how, `reason` why.
+    fn failed(self, result: &'static str, reason: &str) {
+        if let Some(span) = self.span {
+            span.failed(result, reason);
+        }
+    }
 }
 
 struct Session {
@@ -477,6 +536,7 @@ struct Session {
     outbound: mpsc::Sender<Result<pb::ControlMessage, Status>>,
     /// Counts this agent as connected until the session ends.
     metrics: AgentGuard,
+    tracing: Option<Arc<Tracing>>,
 }
 
 enum Flow {
@@ -559,6 +619,9 @@ impl Session {
             reason,
             "agent session ended"
         );
+        if let Some(sent) = self.in_flight.take() {
+            sent.failed("session-ended", reason);
+        }
         if !LEAVE_RECORDS.contains(&reason) {
             self.remove_records_later();
         }
@@ -607,7 +670,10 @@ impl Session {
                 return Ok(());
             }
             tracing::warn!(agent = %self.identity.agent_id, version = in_flight.table.version, "push not acknowledged in time; resending a full table");
-            self.in_flight = None;
+            if let Some(sent) = self.in_flight.take() {
+                let reason = format!("no ack within {:?}", self.config.ack_timeout);
+                sent.failed("timeout", &reason);
+            }
             self.acked = None;
         }
         let Some(current) = self.current_table() else {
@@ -641,9 +707,26 @@ impl Session {
         } else {
             None
         };
+        // Only tables compiled from a traced change are traced: with tracing off, or for
+        // changes that did not come through the API, this is `None` and costs nothing.
+        let span = match (&self.tracing, &current.trace) {
+            (Some(tracing), Some(trace)) => Some(tracing.push(
+                trace,
+                &self.identity.region,
+                &self.identity.agent_id,
+                current.version,
+                full,
+                update.len(),
+            )),
+            _ => None,
+        };
         for part in update.iter() {
+            let mut part = part.clone();
+            if let Some(span) = &span {
+                part.trace_context = span.context().clone();
+            }
             let message = pb::ControlMessage {
-                kind: Some(pb::control_message::Kind::Update(part.clone())),
+                kind: Some(pb::control_message::Kind::Update(part)),
             };
             self.outbound
                 .send(Ok(message))
@@ -656,6 +739,7 @@ impl Session {
             full,
             sent_at: Instant::now(),
             _full_sync: permit,
+            span,
         });
         Ok(())
     }
@@ -665,7 +749,10 @@ impl Session {
         match message.kind {
             Some(Kind::Ack(ack)) => {
                 match self.in_flight.take() {
-                    Some(sent) if sent.table.version == ack.version => {
+                    Some(mut sent) if sent.table.version == ack.version => {
+                        if let Some(span) = sent.span.take() {
+                            span.acked();
+                        }
                         self.acked = Some(sent.table);
                         self.held_version = ack.version;
                         self.status.acked_version = ack.version;
@@ -690,6 +777,7 @@ impl Session {
                     // After a refused delta the agent's table is unknown: send it a full one.
                     self.acked = None;
                     self.held_version = 0;
+                    sent.failed("nack", &nack.reason);
                 }
                 self.status.last_nack = format!("version {}: {}", nack.version, nack.reason);
                 self.report_status();

@@ -7,6 +7,10 @@
 //! its content changes (the `leader` field alone does not count, so a failover rewrites
 //! nothing). A fenced write means another replica leads: the loop ends and the caller campaigns
 //! again.
+//!
+//! When tracing is on and the view comes from a traced change (an Apply), the placements it
+//! causes are written under a `meridian.schedule` span in that change's trace, with the span's
+//! context in the same fenced transaction, so the pushes of the placed tables join the trace too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +27,7 @@ use crate::store::{
     FencedWrite, PlacementWrite, Store, StoreError, StoredPlacement, MAX_FENCED_WRITES,
 };
 use crate::table::CachedFunction;
+use crate::trace::{ChangeSpan, Tracing};
 
 /// What the scheduler reads from the cache: functions, the regions with agents, and the stored
 /// placements, all at `revision`.
@@ -36,6 +41,8 @@ pub struct SchedulerView {
     /// Regions with at least one registered agent.
     pub agent_regions: BTreeSet<String>,
     pub placements: BTreeMap<FunctionKey, Arc<StoredPlacement>>,
+    /// The traced change of the batch that produced this view, if any.
+    pub trace: Option<Arc<pb::ChangeTrace>>,
 }
 
 /// Settings of the scheduler.
@@ -47,6 +54,8 @@ pub struct SchedulerConfig {
     pub resync: Duration,
     /// After a conflict (our view was behind etcd), reconcile again this soon.
     pub conflict_retry: Duration,
+    /// Spans of placements caused by traced changes; `None` when export is off.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 impl SchedulerConfig {
@@ -55,7 +64,14 @@ impl SchedulerConfig {
             replica_id: replica_id.into(),
             resync: Duration::from_secs(10),
             conflict_retry: Duration::from_millis(200),
+            tracing: None,
         }
+    }
+
+    /// Traces the placements caused by traced changes (see [`crate::trace`]).
+    pub fn with_tracing(mut self, tracing: Option<Arc<Tracing>>) -> Self {
+        self.tracing = tracing;
+        self
     }
 }
 
@@ -209,6 +225,16 @@ enum Pass {
     Conflict,
 }
 
+impl Pass {
+    /// The outcome named on a `meridian.schedule` span.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Done => "written",
+            Self::Conflict => "conflict",
+        }
+    }
+}
+
 /// Runs the scheduler for one term (the election key created at `elected_version`). Returns
 /// only when a write is fenced: another replica leads.
 pub async fn run(
@@ -223,6 +249,9 @@ pub async fn run(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut retry_at: Option<Instant> = None;
+    // The newest view revision whose trace was used: a resync or a retry of the same view must
+    // not put later writes into an old change's trace.
+    let mut traced_revision = 0;
     views.mark_changed();
     loop {
         tokio::select! {
@@ -243,7 +272,18 @@ pub async fn run(
         // Every pass looks at everything, so a pending retry is covered by this one; it is
         // armed again below only if this pass needs it.
         retry_at = None;
-        match reconcile(store, config, &view, &mut own, elected_version, counters).await {
+        let trace = view
+            .trace
+            .as_deref()
+            .filter(|_| view.revision > traced_revision);
+        traced_revision = traced_revision.max(view.revision);
+        let pass = Reconcile {
+            store,
+            config,
+            elected_version,
+            counters,
+        };
+        match pass.run(&view, trace, &mut own).await {
             Ok(Ok(Pass::Done)) => backoff.reset(),
             Ok(Ok(Pass::Conflict)) => retry_at = Some(Instant::now() + config.conflict_retry),
             Ok(Err(Fenced)) => {
@@ -271,43 +311,90 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// One pass: plan, then write in fenced transactions of up to [`MAX_FENCED_WRITES`]. A batch
-/// that conflicts is retried one write at a time, so one stale placement does not hold back
-/// the others.
-async fn reconcile(
-    store: &Store,
-    config: &SchedulerConfig,
-    view: &SchedulerView,
-    own: &mut BTreeMap<FunctionKey, OwnWrite>,
+/// What a reconcile pass works with.
+struct Reconcile<'a> {
+    store: &'a Store,
+    config: &'a SchedulerConfig,
     elected_version: i64,
-    counters: &SchedulerCounters,
-) -> Result<Result<Pass, Fenced>, StoreError> {
-    own.retain(|_, write| write.revision > view.revision);
-    let writes = plan(view, own, &config.replica_id);
-    let mut pass = Pass::Done;
-    for batch in writes.chunks(MAX_FENCED_WRITES) {
-        match store.write_placements(elected_version, batch).await? {
-            FencedWrite::Written { revision } => record(batch, revision, own, counters),
-            FencedWrite::Fenced => return Ok(Err(Fenced)),
-            FencedWrite::Conflict => {
-                for write in batch {
-                    let single = std::slice::from_ref(write);
-                    match store.write_placements(elected_version, single).await? {
-                        FencedWrite::Written { revision } => {
-                            record(single, revision, own, counters)
-                        }
-                        FencedWrite::Fenced => return Ok(Err(Fenced)),
-                        FencedWrite::Conflict => {
-                            counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(function = %write.function, "placement changed since it was read; retrying soon");
-                            pass = Pass::Conflict;
+    counters: &'a SchedulerCounters,
+}
+
+impl Reconcile<'_> {
+    /// One pass: plan, then write in fenced transactions of up to [`MAX_FENCED_WRITES`]. A
+    /// batch that conflicts is retried one write at a time, so one stale placement does not
+    /// hold back the others. With `trace` (the view's traced change, tracing on), the writes
+    /// are a `meridian.schedule` span of that trace.
+    async fn run(
+        &self,
+        view: &SchedulerView,
+        trace: Option<&pb::ChangeTrace>,
+        own: &mut BTreeMap<FunctionKey, OwnWrite>,
+    ) -> Result<Result<Pass, Fenced>, StoreError> {
+        own.retain(|_, write| write.revision > view.revision);
+        let writes = plan(view, own, &self.config.replica_id);
+        let span = match (&self.config.tracing, trace) {
+            (Some(tracing), Some(trace)) if !writes.is_empty() => {
+                Some(tracing.schedule(trace, writes.len()))
+            }
+            _ => None,
+        };
+        let record = span.as_ref().and_then(ChangeSpan::record);
+        let result = self.write(&writes, record.as_ref(), own).await;
+        if let Some(span) = span {
+            match &result {
+                Ok(Ok((pass, revision))) => span.committed(pass.name(), *revision),
+                Ok(Err(Fenced)) => span.committed("fenced", 0),
+                Err(error) => span.failed(&tonic::Status::unavailable(error.to_string())),
+            }
+        }
+        result.map(|fenced| fenced.map(|(pass, _)| pass))
+    }
+
+    /// Writes `writes`; returns how the pass ended and the revision of its last write (0 if
+    /// none landed).
+    async fn write(
+        &self,
+        writes: &[PlacementWrite],
+        trace: Option<&pb::ChangeTrace>,
+        own: &mut BTreeMap<FunctionKey, OwnWrite>,
+    ) -> Result<Result<(Pass, i64), Fenced>, StoreError> {
+        let (store, elected_version, counters) = (self.store, self.elected_version, self.counters);
+        let mut pass = Pass::Done;
+        let mut last_revision = 0;
+        for batch in writes.chunks(MAX_FENCED_WRITES) {
+            match store
+                .write_placements_traced(elected_version, batch, trace)
+                .await?
+            {
+                FencedWrite::Written { revision } => {
+                    last_revision = revision;
+                    record(batch, revision, own, counters);
+                }
+                FencedWrite::Fenced => return Ok(Err(Fenced)),
+                FencedWrite::Conflict => {
+                    for write in batch {
+                        let single = std::slice::from_ref(write);
+                        match store
+                            .write_placements_traced(elected_version, single, trace)
+                            .await?
+                        {
+                            FencedWrite::Written { revision } => {
+                                last_revision = revision;
+                                record(single, revision, own, counters);
+                            }
+                            FencedWrite::Fenced => return Ok(Err(Fenced)),
+                            FencedWrite::Conflict => {
+                                counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(function = %write.function, "placement changed since it was read; retrying soon");
+                                pass = Pass::Conflict;
+                            }
                         }
                     }
                 }
             }
         }
+        Ok(Ok((pass, last_revision)))
     }
-    Ok(Ok(pass))
 }
 
 fn record(
@@ -518,6 +605,7 @@ mod tests {
                 .collect(),
             agent_regions: regions(agents),
             placements: BTreeMap::new(),
+            trace: None,
         }
     }
 

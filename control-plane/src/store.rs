@@ -91,15 +91,25 @@ pub enum RecordKey {
     },
     /// `election/scheduler`: the scheduler leader's key.
     Leader,
+    /// `propagation/trace`: the trace of the last traced change (tracing on only).
+    ChangeTrace,
+    /// `replicas/<replica-id>`: a running control-plane replica, on its lease.
+    Replica {
+        replica_id: String,
+    },
 }
 
 impl RecordKey {
     /// Whether a change of this key can change a routing table. Acknowledgements, scale
-    /// reports and elections never do.
+    /// reports, elections and change traces never do.
     pub fn affects_routing(&self) -> bool {
         !matches!(
             self,
-            Self::AgentStatus { .. } | Self::Scale { .. } | Self::Leader
+            Self::AgentStatus { .. }
+                | Self::Scale { .. }
+                | Self::Leader
+                | Self::ChangeTrace
+                | Self::Replica { .. }
         )
     }
 }
@@ -114,6 +124,8 @@ pub enum Record {
     Placement(StoredPlacement),
     Scale(pb::RegionScale),
     Leader(LeaderRecord),
+    ChangeTrace(pb::ChangeTrace),
+    Replica(pb::ReplicaInfo),
 }
 
 /// A placement as stored, with its mod revision (what a fenced write compares against).
@@ -179,6 +191,13 @@ pub struct Change {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub records: Vec<(RecordKey, Record)>,
+    pub revision: i64,
+}
+
+/// A function deleted: the version it had, and the revision of the delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    pub version: i64,
     pub revision: i64,
 }
 
@@ -279,6 +298,22 @@ impl Keys {
         format!("{}election/scheduler", self.prefix)
     }
 
+    /// The trace of the last traced change. It sorts inside the routing range (before
+    /// `status/`), so every replica's cache watch sees it at the revision of the change it was
+    /// written with. One key, overwritten: it never grows.
+    pub fn change_trace(&self) -> String {
+        format!("{}propagation/trace", self.prefix)
+    }
+
+    /// A replica's registration. It sorts inside the routing range; the cache ignores it.
+    pub fn replica(&self, replica_id: &str) -> String {
+        format!("{}replicas/{replica_id}", self.prefix)
+    }
+
+    pub fn replicas(&self) -> String {
+        format!("{}replicas/", self.prefix)
+    }
+
     /// Parses a full key back into what it names; `None` for keys of no known kind.
     pub fn parse(&self, key: &[u8]) -> Option<RecordKey> {
         let key = std::str::from_utf8(key).ok()?;
@@ -319,6 +354,10 @@ impl Keys {
                 agent_id: owned(id),
             }),
             ["election", "scheduler"] => Some(RecordKey::Leader),
+            ["propagation", "trace"] => Some(RecordKey::ChangeTrace),
+            ["replicas", id] => Some(RecordKey::Replica {
+                replica_id: owned(id),
+            }),
             _ => None,
         }
     }
@@ -346,6 +385,8 @@ fn decode(key: &RecordKey, kv: &etcd_client::KeyValue) -> Result<Record, prost::
             elected_version: kv.create_revision(),
             lease: kv.lease(),
         }),
+        RecordKey::ChangeTrace => Record::ChangeTrace(pb::ChangeTrace::decode(value)?),
+        RecordKey::Replica { .. } => Record::Replica(pb::ReplicaInfo::decode(value)?),
     })
 }
 
@@ -460,7 +501,23 @@ impl Store {
         expected_version: Option<i64>,
         dry_run: bool,
     ) -> Result<(StoredFunction, PutOutcome), StoreError> {
+        self.put_function_traced(key, spec, expected_version, dry_run, None)
+            .await
+    }
+
+    /// [`Store::put_function`], writing `trace` (when given) to [`Keys::change_trace`] in the
+    /// same transaction as the function, so that both have the change's revision.
+    pub async fn put_function_traced(
+        &self,
+        key: &FunctionKey,
+        spec: &pb::FunctionSpec,
+        expected_version: Option<i64>,
+        dry_run: bool,
+        trace: Option<&pb::ChangeTrace>,
+    ) -> Result<(StoredFunction, PutOutcome), StoreError> {
         let etcd_key = self.keys.function(key);
+        let trace_put =
+            trace.map(|trace| TxnOp::put(self.keys.change_trace(), trace.encode_to_vec(), None));
         let value = spec.encode_to_vec();
         let mut kv = self.client.kv_client();
         for _ in 0..5 {
@@ -510,7 +567,11 @@ impl Store {
                     CompareOp::Equal,
                     current_version,
                 )])
-                .and_then([TxnOp::put(etcd_key.clone(), value.clone(), None)]);
+                .and_then(
+                    std::iter::once(TxnOp::put(etcd_key.clone(), value.clone(), None))
+                        .chain(trace_put.clone())
+                        .collect::<Vec<_>>(),
+                );
             let response = kv.txn(txn).await?;
             if response.succeeded() {
                 let revision = response.header().map(|h| h.revision()).unwrap_or_default();
@@ -550,6 +611,58 @@ impl Store {
         key: &FunctionKey,
         expected_version: Option<i64>,
     ) -> Result<i64, StoreError> {
+        self.delete_function_traced(key, expected_version, None)
+            .await
+            .map(|deleted| deleted.version)
+    }
+
+    /// [`Store::delete_function`], writing `trace` (when given) to [`Keys::change_trace`] in
+    /// the same transaction as the delete.
+    pub async fn delete_function_traced(
+        &self,
+        key: &FunctionKey,
+        expected_version: Option<i64>,
+        trace: Option<&pb::ChangeTrace>,
+    ) -> Result<Deleted, StoreError> {
+        let etcd_key = self.keys.function(key);
+        let mut kv = self.client.kv_client();
+        let Some(trace) = trace else {
+            return self.delete_untraced(key, expected_version).await;
+        };
+        let trace_put = TxnOp::put(self.keys.change_trace(), trace.encode_to_vec(), None);
+        // Without an expected version: whatever version exists (a missing key has version 0).
+        let compare = match expected_version {
+            Some(expected) => Compare::mod_revision(etcd_key.clone(), CompareOp::Equal, expected),
+            None => Compare::version(etcd_key.clone(), CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([
+                TxnOp::delete(etcd_key.clone(), Some(DeleteOptions::new().with_prev_key())),
+                trace_put,
+            ])
+            .or_else([TxnOp::get(etcd_key, None)]);
+        let response = kv.txn(txn).await?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        let found = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Delete(delete) => delete.prev_kvs().first().map(|kv| kv.mod_revision()),
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision()),
+            _ => None,
+        });
+        match (response.succeeded(), found, expected_version) {
+            (true, Some(version), _) => Ok(Deleted { version, revision }),
+            (false, Some(current), Some(expected)) => {
+                Err(StoreError::Conflict { expected, current })
+            }
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn delete_untraced(
+        &self,
+        key: &FunctionKey,
+        expected_version: Option<i64>,
+    ) -> Result<Deleted, StoreError> {
         let etcd_key = self.keys.function(key);
         let mut kv = self.client.kv_client();
         match expected_version {
@@ -557,10 +670,14 @@ impl Store {
                 let response = kv
                     .delete(etcd_key, Some(DeleteOptions::new().with_prev_key()))
                     .await?;
+                let revision = response.header().map(|h| h.revision()).unwrap_or_default();
                 response
                     .prev_kvs()
                     .first()
-                    .map(|kv| kv.mod_revision())
+                    .map(|kv| Deleted {
+                        version: kv.mod_revision(),
+                        revision,
+                    })
                     .ok_or(StoreError::NotFound)
             }
             Some(expected) => {
@@ -574,7 +691,11 @@ impl Store {
                     .or_else([TxnOp::get(etcd_key, None)]);
                 let response = kv.txn(txn).await?;
                 if response.succeeded() {
-                    return Ok(expected);
+                    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+                    return Ok(Deleted {
+                        version: expected,
+                        revision,
+                    });
                 }
                 let current = response
                     .op_responses()
@@ -587,6 +708,45 @@ impl Store {
                 Err(StoreError::Conflict { expected, current })
             }
         }
+    }
+
+    /// Registers a replica under `lease` (its registration goes when the lease does).
+    pub async fn register_replica(
+        &self,
+        lease: i64,
+        replica: &pb::ReplicaInfo,
+    ) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .put(
+                self.keys.replica(&replica.replica_id),
+                replica.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a replica's registration (a clean shutdown).
+    pub async fn deregister_replica(&self, replica_id: &str) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .delete(self.keys.replica(replica_id), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Every registered replica, sorted by replica id.
+    pub async fn list_replicas(&self) -> Result<Vec<pb::ReplicaInfo>, StoreError> {
+        let snapshot = self.load(&self.keys.replicas()).await?;
+        Ok(snapshot
+            .records
+            .into_iter()
+            .filter_map(|(_, record)| match record {
+                Record::Replica(replica) => Some(replica),
+                _ => None,
+            })
+            .collect())
     }
 
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
@@ -832,6 +992,18 @@ impl Store {
         elected_version: i64,
         writes: &[PlacementWrite],
     ) -> Result<FencedWrite, StoreError> {
+        self.write_placements_traced(elected_version, writes, None)
+            .await
+    }
+
+    /// [`Store::write_placements`], writing `trace` (when given) to [`Keys::change_trace`] in
+    /// the same fenced transaction (it counts as one more operation).
+    pub async fn write_placements_traced(
+        &self,
+        elected_version: i64,
+        writes: &[PlacementWrite],
+        trace: Option<&pb::ChangeTrace>,
+    ) -> Result<FencedWrite, StoreError> {
         let leader_key = self.keys.leader();
         let mut compares = vec![Compare::create_revision(
             leader_key.clone(),
@@ -851,6 +1023,13 @@ impl Store {
                 Some(placement) => TxnOp::put(key, placement.encode_to_vec(), None),
                 None => TxnOp::delete(key, None),
             });
+        }
+        if let Some(trace) = trace {
+            ops.push(TxnOp::put(
+                self.keys.change_trace(),
+                trace.encode_to_vec(),
+                None,
+            ));
         }
         let txn = Txn::new()
             .when(compares)
@@ -1090,6 +1269,24 @@ mod tests {
                 agent_id: "a1".into()
             })
         );
+        assert_eq!(
+            keys.parse(keys.change_trace().as_bytes()),
+            Some(RecordKey::ChangeTrace)
+        );
+        assert!(!RecordKey::ChangeTrace.affects_routing());
+        assert_eq!(
+            keys.parse(keys.replica("cp-0").as_bytes()),
+            Some(RecordKey::Replica {
+                replica_id: "cp-0".into()
+            })
+        );
+        assert!(!RecordKey::Replica {
+            replica_id: "cp-0".into()
+        }
+        .affects_routing());
+        // Inside the range the cache watches, so that it sees the trace with its change.
+        let (start, end) = keys.routing_range();
+        assert!(start <= keys.change_trace() && keys.change_trace() < end);
         assert_eq!(keys.parse(b"/meridian/v1/unknown/x"), None);
         assert_eq!(keys.parse(b"/other/functions/a/b"), None);
     }

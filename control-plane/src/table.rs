@@ -37,6 +37,7 @@ pub fn split_update(update: pb::RoutingUpdate, per_part: usize) -> Vec<pb::Routi
             functions: functions.by_ref().take(per_part).collect(),
             removed: Vec::new(),
             more: true,
+            trace_context: HashMap::new(),
         });
     }
     if let Some(last) = parts.last_mut() {
@@ -72,6 +73,9 @@ pub struct RegionTable {
     pub version: i64,
     pub region: String,
     pub routes: BTreeMap<FunctionKey, Arc<pb::FunctionRoute>>,
+    /// The traced change this table was compiled from (tracing on, and the change came through
+    /// the API): pushes of this table join that change's trace.
+    pub trace: Option<Arc<pb::ChangeTrace>>,
     full: OnceLock<UpdateParts>,
     deltas: Mutex<HashMap<i64, UpdateParts>>,
 }
@@ -86,9 +90,16 @@ impl RegionTable {
             version,
             region,
             routes,
+            trace: None,
             full: OnceLock::new(),
             deltas: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same table, compiled from the traced change `trace`.
+    pub fn with_trace(mut self, trace: Option<Arc<pb::ChangeTrace>>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The table as the API shows it.
@@ -114,6 +125,7 @@ impl RegionTable {
                         functions: self.routes.values().map(|r| (**r).clone()).collect(),
                         removed: Vec::new(),
                         more: false,
+                        trace_context: HashMap::new(),
                     },
                     FUNCTIONS_PER_PART,
                 ))
@@ -157,6 +169,7 @@ impl RegionTable {
                         functions,
                         removed,
                         more: false,
+                        trace_context: HashMap::new(),
                     },
                     FUNCTIONS_PER_PART,
                 ))

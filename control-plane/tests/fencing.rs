@@ -220,6 +220,7 @@ async fn a_fenced_scheduler_steps_down_and_counts_it() -> Result<()> {
         .into(),
         agent_regions: ["us-east".to_string()].into(),
         placements: Default::default(),
+        trace: None,
     };
     let (_views_tx, views) = watch::channel(Arc::new(view));
 

@@ -36,6 +36,8 @@ pub struct AgentOpts {
     pub gateway: Option<SocketAddr>,
     /// Appended to the command line.
     pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 /// One agent.
@@ -140,7 +142,17 @@ impl Agent {
             Some(admin)
         };
         args.extend(opts.extra_args.iter().map(OsString::from));
-        let process = Process::spawn(&format!("agent-{agent_id}"), &bin("meridian-agent")?, args)?;
+        let env: Vec<(&str, String)> = opts
+            .env
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone()))
+            .collect();
+        let process = Process::spawn_with_env(
+            &format!("agent-{agent_id}"),
+            &bin("meridian-agent")?,
+            args,
+            &env,
+        )?;
         Ok(Agent {
             process,
             region: region.to_string(),

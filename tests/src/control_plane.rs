@@ -32,6 +32,8 @@ pub struct ControlPlaneOpts {
     pub key_prefix: Option<String>,
     /// Appended to the command line.
     pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ControlPlaneOpts {
@@ -41,6 +43,7 @@ impl Default for ControlPlaneOpts {
             agent_lease_ttl_secs: LEASE_TTL_SECS,
             key_prefix: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -105,7 +108,17 @@ impl ControlPlane {
                 Some(admin)
             };
             args.extend(opts.extra_args.iter().map(OsString::from));
-            let process = Process::spawn(&format!("control-plane-{replica_id}"), &program, args)?;
+            let env: Vec<(&str, String)> = opts
+                .env
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.clone()))
+                .collect();
+            let process = Process::spawn_with_env(
+                &format!("control-plane-{replica_id}"),
+                &program,
+                args,
+                &env,
+            )?;
             let mut cp = ControlPlane {
                 process,
                 addr,

@@ -26,6 +26,13 @@ use crate::poll_until;
 /// OTLP span kinds (opentelemetry.proto.trace.v1.Span.SpanKind).
 pub const KIND_SERVER: i32 = 2;
 pub const KIND_CLIENT: i32 = 3;
+pub const KIND_PRODUCER: i32 = 4;
+pub const KIND_CONSUMER: i32 = 5;
+
+/// OTLP status codes (opentelemetry.proto.trace.v1.Status.StatusCode).
+pub const STATUS_UNSET: i32 = 0;
+pub const STATUS_OK: i32 = 1;
+pub const STATUS_ERROR: i32 = 2;
 
 /// One received span, flattened: ids in lower-case hex (empty parent for a root), attribute
 /// values as text.
@@ -39,6 +46,10 @@ pub struct ReceivedSpan {
     pub parent_span_id: String,
     pub kind: i32,
     pub attributes: BTreeMap<String, String>,
+    /// The span's status code ([`STATUS_UNSET`], [`STATUS_OK`] or [`STATUS_ERROR`]).
+    pub status_code: i32,
+    /// The status message (set with an error).
+    pub status_message: String,
 }
 
 impl ReceivedSpan {
@@ -81,6 +92,12 @@ impl TraceService for Collector {
                             .iter()
                             .map(|kv| (kv.key.clone(), value_text(kv)))
                             .collect(),
+                        status_code: span.status.as_ref().map_or(STATUS_UNSET, |s| s.code),
+                        status_message: span
+                            .status
+                            .as_ref()
+                            .map(|s| s.message.clone())
+                            .unwrap_or_default(),
                     });
                 }
             }
@@ -198,6 +215,18 @@ pub fn new_traceparent() -> (String, String, String) {
     let span_id = format!("{:016x}", random_u64() | 1);
     let header = format!("00-{trace_id}-{span_id}-01");
     (trace_id, span_id, header)
+}
+
+/// The (trace id, span id) of a W3C `traceparent` value (`00-<trace>-<span>-<flags>`).
+pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let mut fields = value.split('-');
+    let (_version, trace_id, span_id, _flags) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    (trace_id.len() == 32 && span_id.len() == 16).then(|| (trace_id.to_owned(), span_id.to_owned()))
 }
 
 fn random_u64() -> u64 {

@@ -6,6 +6,7 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use meridian_proto::v1 as wire;
+use meridian_proto::v1::control_plane_service_client::ControlPlaneServiceClient;
 use meridian_proto::v1::function_service_client::FunctionServiceClient;
 use meridian_proto::v1::mesh_service_client::MeshServiceClient;
 use meridian_proto::v1::scale_service_client::ScaleServiceClient;
@@ -174,13 +175,14 @@ pub async fn dial(address: &str) -> Result<TracedChannel, DialError> {
     }
 }
 
-/// A connected client of FunctionService, MeshService and ScaleService.
+/// A connected client of FunctionService, MeshService, ScaleService and ControlPlaneService.
 #[derive(Clone)]
 pub struct ControlPlane {
     address: String,
     functions: FunctionServiceClient<TracedChannel>,
     mesh: MeshServiceClient<TracedChannel>,
     scale: ScaleServiceClient<TracedChannel>,
+    replicas: ControlPlaneServiceClient<TracedChannel>,
 }
 
 impl ControlPlane {
@@ -200,7 +202,8 @@ impl ControlPlane {
             address,
             functions: FunctionServiceClient::new(channel.clone()),
             mesh: MeshServiceClient::new(channel.clone()),
-            scale: ScaleServiceClient::new(channel),
+            scale: ScaleServiceClient::new(channel.clone()),
+            replicas: ControlPlaneServiceClient::new(channel),
         })
     }
 
@@ -312,6 +315,15 @@ impl ControlPlane {
         let mut client = self.scale.clone();
         client
             .get_leader(wire::GetLeaderRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.map_status(s))
+    }
+
+    pub async fn list_replicas(&self) -> Result<wire::ListReplicasResponse, ClientError> {
+        let mut client = self.replicas.clone();
+        client
+            .list_replicas(wire::ListReplicasRequest {})
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.map_status(s))

@@ -95,6 +95,7 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
     let all_namespaces = cli.namespace.is_none();
     let namespace = cli.namespace.clone().unwrap_or_default();
     let leader = answered(control_plane.get_leader().await)?;
+    let replicas = answered(control_plane.list_replicas().await)?.map(|r| r.replicas);
     let agents = answered(control_plane.list_agents("").await)?.map(|r| r.agents);
     let instances = answered(
         control_plane
@@ -119,6 +120,7 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
     let model = status::status(&StatusInput {
         address: control_plane.address().to_string(),
         leader,
+        replicas,
         agents,
         instances,
         functions,

@@ -15,6 +15,8 @@ pub struct StatusInput {
     /// The (normalized) address of the replica asked.
     pub address: String,
     pub leader: Result<wire::GetLeaderResponse, String>,
+    /// The registered control-plane replicas (`ControlPlaneService.ListReplicas`).
+    pub replicas: Result<Vec<wire::ReplicaInfo>, String>,
     pub agents: Result<Vec<wire::AgentStatus>, String>,
     pub instances: Result<Vec<wire::FunctionInstances>, String>,
     pub functions: Result<Vec<wire::Function>, String>,
@@ -39,8 +41,12 @@ pub struct ControlPlaneStatus {
     /// Empty when there is no leader (or GetLeader failed).
     pub leader: String,
     pub elected_version: i64,
-    /// Replicas holding agent streams, with how many agents each.
+    /// Every registered replica and every replica holding agent streams, with how many agents
+    /// each.
     pub replicas: Vec<ReplicaStreams>,
+    /// Why the registered replicas are unknown (ListReplicas failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -49,6 +55,9 @@ pub struct ControlPlaneStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStreams {
     pub replica: String,
+    /// Its gRPC address; empty when it holds streams but is not registered.
+    pub address: String,
+    pub leader: bool,
     pub agents: usize,
 }
 
@@ -146,23 +155,42 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 }
 
 fn control_plane_status(input: &StatusInput, problems: &mut Vec<String>) -> ControlPlaneStatus {
-    let mut replicas: BTreeMap<&str, usize> = BTreeMap::new();
-    if let Ok(agents) = &input.agents {
-        for agent in agents {
-            *replicas.entry(agent.replica.as_str()).or_default() += 1;
-        }
-    }
-    let replicas = replicas
-        .into_iter()
-        .map(|(replica, agents)| ReplicaStreams {
-            replica: replica.to_string(),
-            agents,
-        })
-        .collect();
     let (leader, elected_version, error) = match &input.leader {
         Ok(r) => (r.leader.clone(), r.elected_version, None),
         Err(e) => (String::new(), 0, Some(e.clone())),
     };
+    let mut replicas: BTreeMap<&str, ReplicaStreams> = BTreeMap::new();
+    match &input.replicas {
+        Ok(registered) => {
+            for replica in registered {
+                replicas.insert(
+                    replica.replica_id.as_str(),
+                    ReplicaStreams {
+                        replica: replica.replica_id.clone(),
+                        address: replica.address.clone(),
+                        leader: replica.leader,
+                        agents: 0,
+                    },
+                );
+            }
+        }
+        Err(e) => problems.push(format!("control-plane replicas unknown ({e})")),
+    }
+    let replicas_error = input.replicas.as_ref().err().cloned();
+    if let Ok(agents) = &input.agents {
+        for agent in agents {
+            let entry = replicas
+                .entry(agent.replica.as_str())
+                .or_insert_with(|| ReplicaStreams {
+                    replica: agent.replica.clone(),
+                    address: String::new(),
+                    leader: agent.replica == leader,
+                    agents: 0,
+                });
+            entry.agents += 1;
+        }
+    }
+    let replicas = replicas.into_values().collect();
     match &error {
         Some(e) => problems.push(format!("scheduler leader unknown ({e})")),
         None if leader.is_empty() => problems.push("no scheduler leader".to_string()),
@@ -173,6 +201,7 @@ fn control_plane_status(input: &StatusInput, problems: &mut Vec<String>) -> Cont
         leader,
         elected_version,
         replicas,
+        replicas_error,
         error,
     }
 }
@@ -460,22 +489,29 @@ pub fn status_text(status: &Status) -> String {
         (None, false) => format!("{} (since version {})", cp.leader, cp.elected_version),
     };
     out.push_str(&format!("  Scheduler leader: {leader}\n"));
-    let replicas = if cp.replicas.is_empty() {
-        "-".to_string()
-    } else {
-        cp.replicas
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} ({})",
-                    or_dash(&r.replica),
-                    plural(r.agents, "agent", "agents")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    out.push_str(&format!("  Agent streams:    {replicas}\n"));
+    if let Some(e) = &cp.replicas_error {
+        out.push_str(&format!("  Registered:       unknown ({})\n", or_dash(e)));
+    }
+    if cp.replicas.is_empty() {
+        out.push_str("  Replicas:         -\n");
+    }
+    for (index, replica) in cp.replicas.iter().enumerate() {
+        let label = if index == 0 { "Replicas:" } else { "" };
+        let mut notes = vec![plural(replica.agents, "agent", "agents")];
+        if replica.leader {
+            notes.insert(0, "leader".to_string());
+        }
+        let address = if replica.address.is_empty() {
+            "(not registered)"
+        } else {
+            replica.address.as_str()
+        };
+        out.push_str(&format!(
+            "  {label:<17} {} {address} ({})\n",
+            or_dash(&replica.replica),
+            notes.join(", ")
+        ));
+    }
 
     out.push_str("\nAgents:\n");
     if let Some(e) = &status.agents.error {

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use meridian_proto::v1 as wire;
 use meridian_proto::v1::agent_api_service_server::{AgentApiService, AgentApiServiceServer};
+use meridian_proto::v1::control_plane_service_server::{
+    ControlPlaneService, ControlPlaneServiceServer,
+};
 use meridian_proto::v1::function_service_server::{FunctionService, FunctionServiceServer};
 use meridian_proto::v1::mesh_service_server::{MeshService, MeshServiceServer};
 use meridian_proto::v1::scale_service_server::{ScaleService, ScaleServiceServer};
@@ -215,6 +218,33 @@ impl ScaleService for Fake {
     }
 }
 
+#[tonic::async_trait]
+impl ControlPlaneService for Fake {
+    async fn list_replicas(
+        &self,
+        _request: Request<wire::ListReplicasRequest>,
+    ) -> Result<Response<wire::ListReplicasResponse>, Status> {
+        Ok(Response::new(wire::ListReplicasResponse {
+            replicas: vec![
+                wire::ReplicaInfo {
+                    replica_id: "cp-test".into(),
+                    address: "127.0.0.1:7000".into(),
+                    started_unix_ms: 1,
+                    leader: true,
+                },
+                wire::ReplicaInfo {
+                    replica_id: "cp-spare".into(),
+                    address: "127.0.0.1:7001".into(),
+                    started_unix_ms: 2,
+                    leader: false,
+                },
+            ],
+            leader: "cp-test".into(),
+            elected_version: 1,
+        }))
+    }
+}
+
 async fn start() -> (Fake, SocketAddr) {
     let fake = Fake::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -225,6 +255,7 @@ async fn start() -> (Fake, SocketAddr) {
         .add_service(FunctionServiceServer::new(fake.clone()))
         .add_service(MeshServiceServer::new(fake.clone()))
         .add_service(ScaleServiceServer::new(fake.clone()))
+        .add_service(ControlPlaneServiceServer::new(fake.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);
     (fake, addr)
@@ -976,7 +1007,8 @@ async fn status_reports_problems_and_exits_0() {
         "ap-south not placed: minInstances 2 but region ap-south has no agent",
         "default/hello   external   us-east",
         "\n3 problems: agent us-east-2 (us-east) lagging by 2 versions; ",
-        "Agent streams:    cp-test (2 agents)",
+        "Replicas:         cp-spare 127.0.0.1:7001 (0 agents)",
+        "                   cp-test 127.0.0.1:7000 (leader, 2 agents)",
     ] {
         assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
     }

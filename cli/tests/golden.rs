@@ -823,6 +823,20 @@ fn status_input() -> StatusInput {
             leader: "cp-7000".into(),
             elected_version: 180,
         }),
+        replicas: Ok(vec![
+            wire::ReplicaInfo {
+                replica_id: "cp-7000".into(),
+                address: "127.0.0.1:7000".into(),
+                started_unix_ms: 1_795_600_000_000,
+                leader: true,
+            },
+            wire::ReplicaInfo {
+                replica_id: "cp-7001".into(),
+                address: "127.0.0.1:7001".into(),
+                started_unix_ms: 1_795_600_000_500,
+                leader: false,
+            },
+        ]),
         agents: Ok(agents().agents),
         instances: Ok(instances().functions),
         functions: Ok(functions()),
@@ -869,6 +883,7 @@ fn status_healthy() {
 fn status_without_leader_and_scale_view() {
     let model = status::status(&StatusInput {
         leader: Ok(wire::GetLeaderResponse::default()),
+        replicas: Err("Error from server (Unimplemented): unknown service".into()),
         agents: Ok(Vec::new()),
         instances: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),
         functions: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),

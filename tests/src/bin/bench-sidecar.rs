@@ -89,6 +89,11 @@ struct Options {
     /// Measure tracing's cost instead of HAProxy's figures.
     #[arg(long)]
     tracing: bool,
+    /// With --tracing, also count the sidecar's instructions per request in each mode under
+    /// valgrind (callgrind): exact and repeatable whatever else the machine does, where CPU time
+    /// on a shared machine is not.
+    #[arg(long, requires = "tracing")]
+    instructions: bool,
 }
 
 fn main() -> Result<()> {
@@ -420,8 +425,8 @@ backend bench
     )
 }
 
-async fn wait_http(addr: SocketAddr, host: &str, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
+async fn wait_http(addr: SocketAddr, host: &str, what: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
     loop {
         let client = meridian_tests::http::MeshClient::http1(addr);
         match client.get(host, "/").await {
@@ -470,7 +475,7 @@ async fn bench(options: Options) -> Result<()> {
     if options.tracing {
         return bench_tracing(&options, agent_addr, results).await;
     }
-    let mut sidecar = Sidecar::start(agent_addr, &[], &options).await?;
+    let mut sidecar = Sidecar::start(agent_addr, &[], &options, Launch::Pinned).await?;
     let sidecar_table_rss = proc_status_kib(sidecar.pid, "VmRSS")?;
     results.push(
         measure(
@@ -506,7 +511,7 @@ async fn bench(options: Options) -> Result<()> {
                 config.into_os_string(),
             ],
         )?;
-        wait_http(listen, "bench", "haproxy (Host: bench)").await?;
+        wait_http(listen, "bench", "haproxy (Host: bench)", STARTUP).await?;
         let pid = haproxy.pid().context("haproxy exited")?;
         results.push(measure("haproxy", &format!("http://{listen}/"), Some(pid), &options).await?);
         drop(haproxy);
@@ -524,11 +529,25 @@ struct Sidecar {
     outbound: SocketAddr,
 }
 
+/// How the sidecar process is started.
+#[derive(Debug, Clone)]
+enum Launch {
+    /// On CPU 1 (`taskset`), for wall-clock figures.
+    Pinned,
+    /// Under `valgrind --tool=callgrind` writing to this file, for instruction counts.
+    Callgrind(PathBuf),
+}
+
+/// How long a sidecar may take to serve its table; valgrind runs it about 50 times slower.
+const STARTUP: Duration = Duration::from_secs(15);
+const STARTUP_UNDER_VALGRIND: Duration = Duration::from_secs(180);
+
 impl Sidecar {
     async fn start(
         agent: SocketAddr,
         env: &[(&str, String)],
         options: &Options,
+        launch: Launch,
     ) -> Result<Sidecar> {
         let ip = Ipv4Addr::LOCALHOST;
         let outbound = SocketAddr::from((ip, free_port(ip)?));
@@ -547,27 +566,34 @@ impl Sidecar {
         // Per-request logging would measure the terminal, not the proxy.
         let mut env_all = vec![("RUST_LOG", "warn".to_string())];
         env_all.extend(env.iter().cloned());
-        let process = Process::spawn_with_env(
-            "sidecar",
-            &PathBuf::from("taskset"),
-            vec![
-                "-c".into(),
-                "1".into(),
-                sidecar_bin.into_os_string(),
-                "--region".into(),
-                REGION.into(),
-                "--agent".into(),
-                format!("http://{agent}").into(),
-                "--outbound".into(),
-                outbound.to_string().into(),
-                "--gateway".into(),
-                gateway.to_string().into(),
-                "--admin".into(),
-                admin.to_string().into(),
-            ],
-            &env_all,
-        )?;
-        wait_http(outbound, "bench", "the sidecar (Host: bench)").await?;
+        let (launcher, mut args, startup): (&str, Vec<std::ffi::OsString>, Duration) = match &launch
+        {
+            Launch::Pinned => ("taskset", vec!["-c".into(), "1".into()], STARTUP),
+            Launch::Callgrind(out) => {
+                let mut out_flag = std::ffi::OsString::from("--callgrind-out-file=");
+                out_flag.push(out);
+                (
+                    "valgrind",
+                    vec!["--tool=callgrind".into(), out_flag],
+                    STARTUP_UNDER_VALGRIND,
+                )
+            }
+        };
+        args.extend([
+            sidecar_bin.into_os_string(),
+            "--region".into(),
+            REGION.into(),
+            "--agent".into(),
+            format!("http://{agent}").into(),
+            "--outbound".into(),
+            outbound.to_string().into(),
+            "--gateway".into(),
+            gateway.to_string().into(),
+            "--admin".into(),
+            admin.to_string().into(),
+        ]);
+        let process = Process::spawn_with_env("sidecar", &PathBuf::from(launcher), args, &env_all)?;
+        wait_http(outbound, "bench", "the sidecar (Host: bench)", startup).await?;
         let pid = process.pid().context("the sidecar exited")?;
         let routes = meridian_tests::http::MeshClient::http1(admin)
             .get(&admin.to_string(), "/routes")
@@ -589,12 +615,16 @@ impl Sidecar {
     /// SIGTERM, then waits for the exit: a graceful stop flushes the batch span exporter, so
     /// the spans counted afterwards are all that arrived.
     async fn stop(&mut self) -> Result<()> {
+        self.stop_within(Duration::from_secs(15)).await
+    }
+
+    async fn stop_within(&mut self, within: Duration) -> Result<()> {
         self.process.signal(Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + within;
         while self.process.try_exit().is_none() {
             ensure!(
                 Instant::now() < deadline,
-                "the sidecar did not exit within 15 s of SIGTERM"
+                "the sidecar did not exit within {within:?} of SIGTERM"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -637,6 +667,28 @@ impl TraceService for CountingCollector {
     }
 }
 
+/// The three tracing settings measured, with the environment each sidecar gets.
+type Mode = (&'static str, Vec<(&'static str, String)>);
+
+fn modes(collector: SocketAddr) -> [Mode; 3] {
+    let traced = |ratio: &str| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+            (
+                "OTEL_TRACES_SAMPLER",
+                "parentbased_traceidratio".to_string(),
+            ),
+            ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+            ("OTEL_SERVICE_NAME", "bench-sidecar".to_string()),
+        ]
+    };
+    [
+        ("tracing off", Vec::new()),
+        ("sampled 1%", traced("0.01")),
+        ("sampled 100%", traced("1.0")),
+    ]
+}
+
 /// The sidecar with tracing off, at 1% and at 100% sampling, each a fresh process.
 async fn bench_tracing(
     options: &Options,
@@ -654,28 +706,9 @@ async fn bench_tracing(
                 collector_listener,
             )),
     );
-    let traced = |ratio: &str| {
-        vec![
-            (
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("http://{collector_addr}"),
-            ),
-            (
-                "OTEL_TRACES_SAMPLER",
-                "parentbased_traceidratio".to_string(),
-            ),
-            ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
-            ("OTEL_SERVICE_NAME", "bench-sidecar".to_string()),
-        ]
-    };
-    let modes: [(&'static str, Vec<(&str, String)>); 3] = [
-        ("tracing off", Vec::new()),
-        ("sampled 1%", traced("0.01")),
-        ("sampled 100%", traced("1.0")),
-    ];
     let mut spans = Vec::new();
-    for (name, env) in modes {
-        let mut sidecar = Sidecar::start(agent, &env, options).await?;
+    for (name, env) in modes(collector_addr) {
+        let mut sidecar = Sidecar::start(agent, &env, options, Launch::Pinned).await?;
         let before = collector.spans.load(Ordering::Relaxed);
         results.push(
             measure(
@@ -691,7 +724,74 @@ async fn bench_tracing(
         spans.push(collector.spans.load(Ordering::Relaxed) - before);
     }
     print_tracing_report(options, &results, &spans);
+    if options.instructions {
+        println!();
+        println!(
+            "instructions per request (callgrind, the whole sidecar process: the difference of the \
+             totals after {} and {} requests, one in flight, divided by the difference):",
+            INSTRUCTION_RUNS[0], INSTRUCTION_RUNS[1]
+        );
+        println!();
+        println!("| sidecar | instructions per request | vs off |");
+        println!("|---|---|---|");
+        let mut off = None;
+        for (name, env) in modes(collector_addr) {
+            let per_request = instructions_per_request(options, agent, &env).await?;
+            let base = *off.get_or_insert(per_request);
+            println!(
+                "| {name} | {per_request:.0} | {:+.0} ({:+.1}%) |",
+                per_request - base,
+                (per_request / base - 1.0) * 100.0
+            );
+        }
+    }
     Ok(())
+}
+
+/// Requests sent in the two runs whose difference gives instructions per request (start-up,
+/// table load and shutdown cancel out).
+const INSTRUCTION_RUNS: [u64; 2] = [1000, 4000];
+
+/// The sidecar's instructions per request with `env`, from two callgrind runs.
+async fn instructions_per_request(
+    options: &Options,
+    agent: SocketAddr,
+    env: &[(&'static str, String)],
+) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut totals = Vec::new();
+    for (index, requests) in INSTRUCTION_RUNS.iter().enumerate() {
+        let out = dir.path().join(format!("callgrind.{index}"));
+        let mut sidecar =
+            Sidecar::start(agent, env, options, Launch::Callgrind(out.clone())).await?;
+        let client = meridian_tests::http::MeshClient::http1(sidecar.outbound);
+        for _ in 0..*requests {
+            let reply = client.get("bench", "/").await?;
+            ensure!(
+                reply.status.is_success(),
+                "bench answered {}",
+                reply.describe()
+            );
+        }
+        sidecar.stop_within(STARTUP_UNDER_VALGRIND).await?;
+        totals.push(callgrind_total(&out)?);
+    }
+    let extra = INSTRUCTION_RUNS[1] - INSTRUCTION_RUNS[0];
+    Ok(totals[1].saturating_sub(totals[0]) as f64 / extra as f64)
+}
+
+/// The total instruction count (`summary:` or `totals:` line) of a callgrind output file.
+fn callgrind_total(path: &std::path::Path) -> Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("summary:")
+                .or_else(|| line.strip_prefix("totals:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .with_context(|| format!("no instruction total in {}", path.display()))
 }
 
 fn print_tracing_report(options: &Options, results: &[Figures], spans: &[u64]) {

@@ -235,11 +235,21 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    meridianctl_with_env(args, &[]).await
+}
+
+/// [`meridianctl`] with `env` set after the hermetic clean-up (e.g. `OTEL_*` to export its span).
+pub async fn meridianctl_with_env<I, S>(args: I, env: &[(String, String)]) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut cmd = tokio::process::Command::new(bin("meridianctl")?);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     process::hermetic_env(cmd.as_std_mut());
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let output = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
         .context("meridianctl did not finish within 30 s")?

@@ -9,7 +9,8 @@
 //! trace of its own rooted at its `meridian.delete` span. The placements a traced Apply of a
 //! process function causes are written under a `meridian.schedule` span (the apply span's
 //! child), and their pushes are its children. With the `OTEL_*` variables unset, no trace key is
-//! written to etcd and updates carry no trace context.
+//! written to etcd and updates carry no trace context. `meridianctl apply` with the `OTEL_*`
+//! variables set starts the trace: the API's apply span is the child of the CLI's span.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,8 +27,8 @@ use meridian_tests::otlp::{
     KIND_PRODUCER, KIND_SERVER, STATUS_ERROR,
 };
 use meridian_tests::{
-    external_spec, poll_until, probe_hello, region_index, Agent, AgentOpts, ControlPlane,
-    ControlPlaneOpts, Etcd, RawAgent,
+    external_spec, meridianctl_with_env, output_text, poll_until, probe_hello, region_index, Agent,
+    AgentOpts, ControlPlane, ControlPlaneOpts, Etcd, RawAgent,
 };
 
 const KEY_PREFIX: &str = "/meridian/v1/";
@@ -750,5 +751,62 @@ async fn every_replica_is_registered_with_the_leader_marked() -> Result<()> {
         }
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meridianctl_apply_starts_the_propagation_trace() -> Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let etcd = Etcd::start().await?;
+    let cp = start_cp(&etcd, "cp-0", Some(&receiver)).await?;
+    let dir = tempfile::tempdir()?;
+    let manifest = dir.path().join("hello.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: meridian.dev/v1\nkind: Function\nmetadata: {name: hello}\nspec:\n  \
+         runtime: {external: {regions: [{region: us-east, urls: [\"http://127.0.1.1:9000\"]}]}}\n",
+    )?;
+    let output = meridianctl_with_env(
+        [
+            "--control-plane",
+            &cp.url(),
+            "apply",
+            "-f",
+            &manifest.to_string_lossy(),
+        ],
+        &otel_env(&receiver, "meridianctl"),
+    )
+    .await?;
+    ensure!(output.status.success(), "{}", output_text(&output));
+
+    let (cli, apply) = receiver
+        .wait_for(
+            Duration::from_secs(20),
+            "the CLI's span and the control plane's apply span",
+            |spans| {
+                let cli = find(spans, "meridianctl", "meridianctl apply", |_| true)
+                    .ok_or_else(|| anyhow!("no `meridianctl apply` span yet"))?
+                    .clone();
+                let apply = find(spans, &cp_service("cp-0"), "meridian.apply", |s| {
+                    s.trace_id == cli.trace_id
+                })
+                .ok_or_else(|| anyhow!("no apply span in the CLI's trace yet"))?
+                .clone();
+                Ok((cli, apply))
+            },
+        )
+        .await?;
+    ensure!(
+        cli.parent_span_id.is_empty(),
+        "the CLI's span is the root: {cli:#?}"
+    );
+    ensure!(
+        apply.parent_span_id == cli.span_id,
+        "the apply span's parent is the CLI's span: {apply:#?} {cli:#?}"
+    );
+    ensure!(
+        apply.attr("meridian.function") == Some("hello"),
+        "{apply:#?}"
+    );
     Ok(())
 }

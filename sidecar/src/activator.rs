@@ -278,7 +278,7 @@ pub async fn send_activations(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::routes::tests::{route, table, tier};
     use crate::routes::Compiler;

@@ -449,6 +449,7 @@ impl SidecarAdminService for ExplainService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::activator::tests::process;
     use crate::routes::tests::{route, table, tier};
     use crate::routes::Compiler;
     use std::sync::atomic::Ordering;
@@ -601,22 +602,6 @@ mod tests {
         );
     }
 
-    fn process(mut f: pb::FunctionRoute, cold_start_ms: u32) -> pb::FunctionRoute {
-        f.workload = Some(pb::LocalWorkload {
-            kind: Some(pb::local_workload::Kind::Process(
-                pb::ProcessRuntime::default(),
-            )),
-            scale: Some(pb::ScaleBounds {
-                min_instances: 0,
-                max_instances: 2,
-                target_concurrency: 1,
-                idle_seconds: 30,
-            }),
-        });
-        f.cold_start_ms = cold_start_ms;
-        f
-    }
-
     #[tokio::test(start_paused = true)]
     async fn scaled_to_zero_holds_unless_a_warm_region_is_nearer() {
         let slow = |cold_start_ms| {
@@ -668,33 +653,24 @@ mod tests {
     async fn explaining_changes_nothing_and_unknown_functions_are_named() {
         let state = compile(vec![hello(&["127.0.1.1:9000"])]);
         let f = state.lookup("hello").unwrap();
-        let before: Vec<(usize, u32, u64)> = f
-            .tiers
-            .iter()
-            .flat_map(|t| &t.endpoints)
-            .map(|e| {
-                (
-                    e.shared.in_flight(),
-                    e.shared.consecutive_failures(),
-                    e.shared.ejections(),
-                )
-            })
-            .collect();
+        let counters = || -> Vec<(usize, u32, u64)> {
+            f.tiers
+                .iter()
+                .flat_map(|t| &t.endpoints)
+                .map(|e| {
+                    (
+                        e.shared.in_flight(),
+                        e.shared.consecutive_failures(),
+                        e.shared.ejections(),
+                    )
+                })
+                .collect()
+        };
+        let before = counters();
         for _ in 0..3 {
             explain(&state, "default", "hello").unwrap();
         }
-        let after: Vec<(usize, u32, u64)> = f
-            .tiers
-            .iter()
-            .flat_map(|t| &t.endpoints)
-            .map(|e| {
-                (
-                    e.shared.in_flight(),
-                    e.shared.consecutive_failures(),
-                    e.shared.ejections(),
-                )
-            })
-            .collect();
+        let after = counters();
         assert_eq!(before, after);
         assert_eq!(f.stats().retries.load(Ordering::Relaxed), 0);
 

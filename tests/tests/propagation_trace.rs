@@ -88,6 +88,40 @@ async fn etcd_keys(etcd: &Etcd, prefix: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Starts one agent per (region, replica) in `plan`, each knowing only that replica and
+/// exporting its spans to `receiver`.
+async fn start_traced_agents(
+    receiver: &OtlpReceiver,
+    plan: &[(&str, &ControlPlane)],
+) -> Result<Vec<Agent>> {
+    try_join_all(plan.iter().map(|(region, cp)| {
+        let index = region_index(region).unwrap_or_default();
+        let env = otel_env(receiver, &format!("meridian-agent-{region}"));
+        let urls = vec![cp.url()];
+        async move {
+            Agent::start(
+                index,
+                region,
+                &urls,
+                AgentOpts {
+                    env,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    }))
+    .await
+}
+
+/// (region, agent id) of each agent.
+fn agent_ids(agents: &[Agent]) -> Vec<(String, String)> {
+    agents
+        .iter()
+        .map(|a| (a.region().to_owned(), a.agent_id().to_owned()))
+        .collect()
+}
+
 /// Whether every agent in `ids` (region, agent id) holds its region's newest table, as the
 /// replica holding its stream sees it (says which does not otherwise). Only that replica can
 /// tell: two replicas may label the same table with different versions.
@@ -270,30 +304,10 @@ async fn an_apply_is_one_trace_with_a_push_and_an_ack_span_from_every_agent() ->
     // Each agent knows one replica only, so that the replica taking the Apply (cp-0) is not
     // the one pushing to us-east and ap-south: their pushes join the trace through etcd.
     let plan = [("us-east", &cp1), ("eu-west", &cp0), ("ap-south", &cp1)];
-    let agents: Vec<Agent> = try_join_all(plan.iter().map(|(region, cp)| {
-        let index = region_index(region).unwrap_or_default();
-        let env = otel_env(&receiver, &format!("meridian-agent-{region}"));
-        let urls = vec![cp.url()];
-        async move {
-            Agent::start(
-                index,
-                region,
-                &urls,
-                AgentOpts {
-                    env,
-                    ..Default::default()
-                },
-            )
-            .await
-        }
-    }))
-    .await?;
+    let agents = start_traced_agents(&receiver, &plan).await?;
     // A hand-driven agent on cp-1 shows what goes over the wire, and refuses the traced table.
     let mut probe = connect_probe(&cp1, "eu-west").await?;
-    let mut ids: Vec<(String, String)> = agents
-        .iter()
-        .map(|a| (a.region().to_owned(), a.agent_id().to_owned()))
-        .collect();
+    let mut ids = agent_ids(&agents);
     ids.push(("eu-west".into(), "probe".into()));
     wait_synced(&cp0, &ids).await?;
     settle(&[&cp0, &cp1], &ids, &mut probe).await?;
@@ -570,28 +584,8 @@ async fn the_placements_a_traced_apply_causes_join_its_trace() -> Result<()> {
         start_cp(&etcd, "cp-1", Some(&receiver))
     )?;
     let plan = [("us-east", &cp0), ("eu-west", &cp1)];
-    let agents: Vec<Agent> = try_join_all(plan.iter().map(|(region, cp)| {
-        let index = region_index(region).unwrap_or_default();
-        let env = otel_env(&receiver, &format!("meridian-agent-{region}"));
-        let urls = vec![cp.url()];
-        async move {
-            Agent::start(
-                index,
-                region,
-                &urls,
-                AgentOpts {
-                    env,
-                    ..Default::default()
-                },
-            )
-            .await
-        }
-    }))
-    .await?;
-    let ids: Vec<(String, String)> = agents
-        .iter()
-        .map(|a| (a.region().to_owned(), a.agent_id().to_owned()))
-        .collect();
+    let agents = start_traced_agents(&receiver, &plan).await?;
+    let ids = agent_ids(&agents);
     wait_synced(&cp0, &ids).await?;
     wait_in_sync(&[&cp0, &cp1], &ids).await?;
 

@@ -338,6 +338,7 @@ calls keep working meanwhile (the sidecar retries elsewhere):
 Partition: cut us-east off from eu-west; within a second ap-south answers. Then heal it:
   curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/blackhole
   $CALL
+  meridianctl explain --from us-east hello   # eu-west down; where the next call goes, and why
   curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/heal
   curl http://$RELAY_CONTROL/links
 
@@ -360,6 +361,7 @@ $TRACES
 
 The control plane:
   export PATH="$BIN_DIR:\$PATH"
+  meridianctl status
   meridianctl get functions
   meridianctl get instances
   meridianctl get agents

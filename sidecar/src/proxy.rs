@@ -571,14 +571,13 @@ impl Proxy {
             };
             let attempt_span = match (trace, &self.spans) {
                 (Some(request_span), Some(spans)) => {
-                    let reason = attempt_reason(last.as_ref(), pick, function, local_only, now);
                     let span = spans.attempt(
                         request_span,
                         attempt.saturating_add(1),
                         &pick.tier.region,
                         pick.tier.local,
                         endpoint.address(),
-                        reason,
+                        || attempt_reason(last.as_ref(), pick, function, local_only, now),
                     );
                     span.inject(&mut attempt_headers);
                     Some(span)

@@ -8,7 +8,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 /// Server span name.
@@ -44,7 +44,8 @@ impl SpanFactory {
     }
 
     /// Starts the server span of a request, as a child of the trace context its headers carry
-    /// (a new trace without one).
+    /// (a new trace without one). Attributes are built only for a span the sampler keeps: an
+    /// unsampled request pays for the context and ids it must propagate, not for attributes.
     pub fn request(
         &self,
         headers: &HeaderMap,
@@ -56,17 +57,21 @@ impl SpanFactory {
             .tracer
             .span_builder(REQUEST_SPAN)
             .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new(METHOD, method.as_str().to_owned()),
-                KeyValue::new(SOURCE_REGION, source_region.to_owned()),
-            ])
             .start_with_context(&self.tracer, &parent);
-        RequestSpan {
+        let recording = span.is_recording();
+        let request = RequestSpan {
             cx: parent.with_span(span),
+            recording,
+        };
+        if recording {
+            request.set(KeyValue::new(METHOD, method.as_str().to_owned()));
+            request.set(KeyValue::new(SOURCE_REGION, source_region.to_owned()));
         }
+        request
     }
 
-    /// Starts the client span of attempt `number` (from 1), a child of `request`.
+    /// Starts the client span of attempt `number` (from 1), a child of `request`. `reason` is
+    /// asked only when the span is recorded.
     pub fn attempt(
         &self,
         request: &RequestSpan,
@@ -74,26 +79,37 @@ impl SpanFactory {
         region: &str,
         local: bool,
         endpoint: &str,
-        reason: Option<String>,
+        reason: impl FnOnce() -> Option<String>,
     ) -> AttemptSpan {
-        let mut attributes = vec![
-            KeyValue::new(ATTEMPT, i64::from(number)),
-            KeyValue::new(TIER, if local { "local" } else { "remote" }),
-            KeyValue::new(ENDPOINT, endpoint.to_owned()),
-            KeyValue::new(CHOSEN_REGION, region.to_owned()),
-        ];
-        if let Some(reason) = reason {
-            attributes.push(KeyValue::new(REASON, reason));
+        if !request.recording {
+            // Unsampled: the upstream needs the trace id and the "not sampled" flag, which the
+            // request's own context carries; a span of its own would only cost.
+            return AttemptSpan {
+                cx: request.cx.clone(),
+                recording: false,
+            };
         }
-        let span = self
+        let mut span = self
             .tracer
             .span_builder(ATTEMPT_SPAN)
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, &request.cx);
-        request.set(KeyValue::new(CHOSEN_REGION, region.to_owned()));
+        if span.is_recording() {
+            let mut attributes = vec![
+                KeyValue::new(ATTEMPT, i64::from(number)),
+                KeyValue::new(TIER, if local { "local" } else { "remote" }),
+                KeyValue::new(ENDPOINT, endpoint.to_owned()),
+                KeyValue::new(CHOSEN_REGION, region.to_owned()),
+            ];
+            if let Some(reason) = reason() {
+                attributes.push(KeyValue::new(REASON, reason));
+            }
+            span.set_attributes(attributes);
+            request.set(KeyValue::new(CHOSEN_REGION, region.to_owned()));
+        }
         AttemptSpan {
             cx: request.cx.with_span(span),
+            recording: true,
         }
     }
 }
@@ -102,6 +118,8 @@ impl SpanFactory {
 #[derive(Debug)]
 pub struct RequestSpan {
     cx: Context,
+    /// Whether the sampler kept it: nothing is built for attributes otherwise.
+    recording: bool,
 }
 
 impl RequestSpan {
@@ -111,29 +129,37 @@ impl RequestSpan {
 
     /// Why the request was held or refused (`cold-start`, `budget-exhausted`).
     pub fn reason(&self, reason: &'static str) {
-        self.set(KeyValue::new(REASON, reason));
+        if self.recording {
+            self.set(KeyValue::new(REASON, reason));
+        }
     }
 
     /// How long the request waited for a local instance.
     pub fn held(&self, millis: u64) {
-        self.set(KeyValue::new(
-            HELD_MS,
-            i64::try_from(millis).unwrap_or(i64::MAX),
-        ));
-        self.reason("cold-start");
+        if self.recording {
+            self.set(KeyValue::new(
+                HELD_MS,
+                i64::try_from(millis).unwrap_or(i64::MAX),
+            ));
+            self.reason("cold-start");
+        }
     }
 
     pub fn function(&self, namespace: &str, name: &str) {
-        self.set(KeyValue::new(FUNCTION, name.to_owned()));
-        self.set(KeyValue::new(NAMESPACE, namespace.to_owned()));
+        if self.recording {
+            self.set(KeyValue::new(FUNCTION, name.to_owned()));
+            self.set(KeyValue::new(NAMESPACE, namespace.to_owned()));
+        }
     }
 
     /// Ends the span with the status answered.
     pub fn finish(self, status: u16) {
         let span = self.cx.span();
-        span.set_attribute(KeyValue::new(STATUS, i64::from(status)));
-        if status >= 500 {
-            span.set_status(Status::error(format!("answered {status}")));
+        if self.recording {
+            span.set_attribute(KeyValue::new(STATUS, i64::from(status)));
+            if status >= 500 {
+                span.set_status(Status::error(format!("answered {status}")));
+            }
         }
         span.end();
     }
@@ -142,7 +168,9 @@ impl RequestSpan {
 /// The client span of one attempt.
 #[derive(Debug)]
 pub struct AttemptSpan {
+    /// The attempt's own span when recorded, else the (unsampled) request's context.
     cx: Context,
+    recording: bool,
 }
 
 impl AttemptSpan {
@@ -154,6 +182,9 @@ impl AttemptSpan {
 
     /// Ends the span with the upstream's status.
     pub fn answered(self, status: u16) {
+        if !self.recording {
+            return;
+        }
         let span = self.cx.span();
         span.set_attribute(KeyValue::new(STATUS, i64::from(status)));
         if status >= 500 {
@@ -164,6 +195,9 @@ impl AttemptSpan {
 
     /// Ends the span with the error that ended the attempt.
     pub fn failed(self, error: String) {
+        if !self.recording {
+            return;
+        }
         let span = self.cx.span();
         span.set_attribute(KeyValue::new(ERROR, error.clone()));
         span.set_status(Status::error(error));
@@ -187,6 +221,12 @@ struct Inject<'h>(&'h mut HeaderMap);
 
 impl Injector for Inject<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // The W3C propagator writes `tracestate` even when it is empty: send none (and drop the
+        // caller's, which this context would have carried were it not empty).
+        if value.is_empty() {
+            self.0.remove(key);
+            return;
+        }
         // The propagator only produces valid names and values; anything else is dropped rather
         // than failing the request.
         if let (Ok(name), Ok(value)) = (

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod overlay;
 pub mod runtime;
 pub mod session;
+pub mod sidecars;
 pub mod state;
 pub mod table;
 

@@ -3,14 +3,13 @@
 //! explanations of their routing) for operators, plus gRPC health. Tables come from a `watch`
 //! channel, so it works the same with or without a control plane (static stability).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use meridian_proto::updates;
 use meridian_proto::v1::agent_api_service_server::{AgentApiService, AgentApiServiceServer};
 use meridian_proto::v1::load_service_server::{LoadService, LoadServiceServer};
 use meridian_proto::v1::local_routing_service_server::{
@@ -18,9 +17,10 @@ use meridian_proto::v1::local_routing_service_server::{
 };
 use meridian_proto::v1::sidecar_admin_service_client::SidecarAdminServiceClient;
 use meridian_proto::v1::{
-    ActivateRequest, ActivateResponse, ExplainRequest, ExplainResponse, GetRoutesRequest,
-    LoadReport, LoadReportResponse, LogLine, LogsRequest, RoutingTable, SidecarExplanation,
-    TableReport, TableReportResponse, WatchRoutesRequest,
+    ActivateRequest, ActivateResponse, ExplainRequest, ExplainResponse, FunctionRoute,
+    GetRoutesRequest, LoadReport, LoadReportResponse, LogLine, LogsRequest, RoutingTable,
+    RoutingTablePage, RoutingUpdate, SidecarExplanation, TableReport, TableReportResponse,
+    WatchRoutesRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 use crate::autoscaler::Activation;
 use crate::load::LoadBook;
 use crate::runtime::{FunctionKey, LogStream, Runtime, RuntimeError};
+use crate::sidecars::{SidecarBook, WatchingSidecar};
 
 /// The latest table (accepted, or served with its overlay); `None` until the agent has one.
 pub type CurrentTable = Option<Arc<RoutingTable>>;
@@ -49,66 +50,6 @@ pub const ADMIN_ADDRESS_METADATA: &str = "meridian-admin-address";
 /// How long `Explain` waits for each sidecar (connect and answer): sidecars are on this host,
 /// so a slow one is a stuck one, and the operator is waiting.
 const SIDECAR_EXPLAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A sidecar watching this agent that named its admin address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct WatchingSidecar {
-    client: String,
-    admin_address: String,
-}
-
-/// The sidecars whose Watch is open now: the ones `Explain` asks. A watch registers itself
-/// when it starts and is removed when its stream is dropped, so the set is always the live one.
-#[derive(Debug, Default)]
-struct Sidecars {
-    next: AtomicU64,
-    open: Mutex<BTreeMap<u64, WatchingSidecar>>,
-}
-
-impl Sidecars {
-    fn register(self: &Arc<Self>, sidecar: WatchingSidecar) -> WatchRegistration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, sidecar);
-        WatchRegistration {
-            sidecars: Arc::clone(self),
-            id,
-        }
-    }
-
-    /// One entry per admin address (a sidecar that re-watched before its old stream was
-    /// noticed gone is asked once), sorted by sidecar name.
-    fn current(&self) -> Vec<WatchingSidecar> {
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut by_address: BTreeMap<&str, &WatchingSidecar> = BTreeMap::new();
-        for sidecar in open.values() {
-            // Later registrations have larger ids: the newest watch wins.
-            by_address.insert(&sidecar.admin_address, sidecar);
-        }
-        let mut sidecars: Vec<WatchingSidecar> = by_address.into_values().cloned().collect();
-        sidecars.sort_by(|a, b| (&a.client, &a.admin_address).cmp(&(&b.client, &b.admin_address)));
-        sidecars
-    }
-}
-
-/// Removes a watch from [`Sidecars`] when its stream is dropped.
-#[derive(Debug)]
-struct WatchRegistration {
-    sidecars: Arc<Sidecars>,
-    id: u64,
-}
-
-impl Drop for WatchRegistration {
-    fn drop(&mut self) {
-        self.sidecars
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-    }
-}
 
 /// The admin address a Watch request names, if it names a usable one.
 fn admin_address<T>(request: &Request<T>) -> Option<String> {
@@ -247,7 +188,7 @@ pub struct LocalApi {
     refusals: Option<mpsc::Sender<TableReport>>,
     load: Option<LoadSink>,
     logs: Option<Logs>,
-    sidecars: Arc<Sidecars>,
+    sidecars: Arc<SidecarBook>,
 }
 
 impl LocalApi {
@@ -289,11 +230,120 @@ impl LocalApi {
         self.refusals = Some(refusals);
         self
     }
+
+    /// The sidecars watching this API and what each has loaded, for the session to report.
+    pub fn sidecars(&self) -> &Arc<SidecarBook> {
+        &self.sidecars
+    }
+}
+
+/// The next part of a `Get` listing: the table version and local generation it reads, and the
+/// last function of the previous page. Written `<version>.<generation>:<namespace>/<name>`.
+fn page_token(table: &RoutingTable, last: &FunctionRoute) -> String {
+    format!(
+        "{}.{}:{}/{}",
+        table.version, table.local_generation, last.namespace, last.name
+    )
+}
+
+/// Parses a `Get` page token into (version, generation, namespace, name).
+fn parse_page_token(token: &str) -> Result<(i64, u64, &str, &str), Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "pageToken: {token:?} is not a token this agent handed out"
+        ))
+    };
+    let (versions, key) = token.split_once(':').ok_or_else(bad)?;
+    let (version, generation) = versions.split_once('.').ok_or_else(bad)?;
+    let (namespace, name) = key.split_once('/').ok_or_else(bad)?;
+    Ok((
+        version.parse().map_err(|_| bad())?,
+        generation.parse().map_err(|_| bad())?,
+        namespace,
+        name,
+    ))
+}
+
+/// Functions per `Get` page when the request does not say, and at most.
+const DEFAULT_PAGE_SIZE: usize = 500;
+const MAX_PAGE_SIZE: usize = 5000;
+
+/// One page of `table` for `Get`.
+fn table_page(
+    table: &RoutingTable,
+    request: &GetRoutesRequest,
+) -> Result<RoutingTablePage, Status> {
+    let size = match usize::try_from(request.page_size).unwrap_or(usize::MAX) {
+        0 => DEFAULT_PAGE_SIZE,
+        size if size <= MAX_PAGE_SIZE => size,
+        size => {
+            return Err(Status::invalid_argument(format!(
+                "pageSize: {size} is more than the limit of {MAX_PAGE_SIZE}"
+            )))
+        }
+    };
+    let start = if request.page_token.is_empty() {
+        0
+    } else {
+        let (version, generation, namespace, name) = parse_page_token(&request.page_token)?;
+        if (version, generation) != (table.version, table.local_generation) {
+            return Err(Status::aborted(format!(
+                "the table changed from {version}.{generation} to {}.{} while it was read; read again from the first page",
+                table.version, table.local_generation
+            )));
+        }
+        // Functions are sorted by (namespace, name): the page starts after the last one read.
+        table
+            .functions
+            .partition_point(|f| (f.namespace.as_str(), f.name.as_str()) <= (namespace, name))
+    };
+    let mut functions = Vec::new();
+    let mut bytes = 0;
+    for function in table.functions.iter().skip(start) {
+        let size_of = prost::Message::encoded_len(function);
+        if !functions.is_empty()
+            && (functions.len() >= size || bytes + size_of > meridian_proto::updates::PART_BYTES)
+        {
+            break;
+        }
+        bytes += size_of;
+        functions.push(function.clone());
+    }
+    let next_page_token = match functions.last() {
+        Some(last) if start + functions.len() < table.functions.len() => page_token(table, last),
+        _ => String::new(),
+    };
+    Ok(RoutingTablePage {
+        table: Some(RoutingTable {
+            version: table.version,
+            region: table.region.clone(),
+            functions,
+            local_generation: table.local_generation,
+        }),
+        next_page_token,
+    })
+}
+
+/// The first update of a watch (the whole table) or the next one (the delta from the table
+/// sent before), cut into parts; nothing when the table did not change.
+fn next_updates(
+    last: &mut Option<Arc<RoutingTable>>,
+    table: Arc<RoutingTable>,
+) -> Vec<RoutingUpdate> {
+    let update = match last {
+        Some(previous) if Arc::ptr_eq(previous, &table) || **previous == *table => {
+            return Vec::new()
+        }
+        Some(previous) => updates::delta(previous, &table),
+        None => updates::full(&table),
+    };
+    *last = Some(table);
+    updates::split(update, updates::LOCAL_PART_LIMITS)
 }
 
 #[tonic::async_trait]
 impl LocalRoutingService for LocalApi {
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<RoutingTable, Status>> + Send>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<RoutingUpdate, Status>> + Send>>;
 
     async fn watch(
         &self,
@@ -302,30 +352,34 @@ impl LocalRoutingService for LocalApi {
         let admin = admin_address(&request);
         let client = request.into_inner().client;
         tracing::info!(%client, admin = admin.as_deref().unwrap_or("-"), "sidecar watching routes");
-        // Kept alive by the stream: the sidecar can be asked to explain while it watches.
-        let registration = admin.map(|admin_address| {
-            self.sidecars.register(WatchingSidecar {
-                client,
-                admin_address,
-            })
-        });
+        // Kept alive by the stream: the sidecar counts as connected (and can be asked to
+        // explain) while it watches.
+        let registration = self.sidecars.register(&client, admin);
         // WatchStream yields the current value first, then each new one; a slow watcher skips
-        // to the newest table rather than queueing old ones. It ends when the publisher is
-        // dropped (agent shutting down), which lets graceful shutdown finish.
-        let tables = WatchStream::new(self.routes.clone()).filter_map(move |current| {
+        // to the newest table rather than queueing old ones, and its next delta is taken from
+        // the last table it was sent. It ends when the publisher is dropped (agent shutting
+        // down), which lets graceful shutdown finish.
+        let mut last: Option<Arc<RoutingTable>> = None;
+        let updates = WatchStream::new(self.routes.clone()).map(move |current| {
             let _registered = &registration;
-            current.map(|table| Ok(RoutingTable::clone(&table)))
+            match current {
+                Some(table) => next_updates(&mut last, table),
+                None => Vec::new(),
+            }
         });
-        Ok(Response::new(Box::pin(tables)))
+        let parts = futures::StreamExt::flat_map(updates, |parts| {
+            futures::stream::iter(parts.into_iter().map(Ok))
+        });
+        Ok(Response::new(Box::pin(parts)))
     }
 
     async fn get(
         &self,
-        _request: Request<GetRoutesRequest>,
-    ) -> Result<Response<RoutingTable>, Status> {
+        request: Request<GetRoutesRequest>,
+    ) -> Result<Response<RoutingTablePage>, Status> {
         let current = self.routes.borrow().clone();
         match current {
-            Some(table) => Ok(Response::new(RoutingTable::clone(&table))),
+            Some(table) => Ok(Response::new(table_page(&table, request.get_ref())?)),
             None => Err(Status::not_found(NO_TABLE_YET)),
         }
     }
@@ -334,7 +388,15 @@ impl LocalRoutingService for LocalApi {
         &self,
         request: Request<TableReport>,
     ) -> Result<Response<TableReportResponse>, Status> {
-        let report = request.into_inner();
+        let mut report = request.into_inner();
+        if report.reason.len() > crate::sidecars::MAX_REASON_BYTES {
+            let mut end = crate::sidecars::MAX_REASON_BYTES;
+            while !report.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            report.reason.truncate(end);
+        }
+        self.sidecars.reported(&report);
         if report.accepted {
             tracing::debug!(client = %report.client, version = report.version, "sidecar accepted table");
             return Ok(Response::new(TableReportResponse {}));
@@ -481,7 +543,7 @@ impl AgentApiService for LocalApi {
         };
         let asked = self
             .sidecars
-            .current()
+            .explainable()
             .into_iter()
             .map(|sidecar| explain_sidecar(sidecar, request.clone()));
         let sidecars = futures::future::join_all(asked).await;
@@ -495,6 +557,16 @@ impl AgentApiService for LocalApi {
         }))
     }
 }
+
+/// The largest request the local API decodes: load reports of a sidecar routing thousands of
+/// functions, and table reports, are far smaller.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Streams per connection: a sidecar holds a watch and a few calls.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+const CONCURRENCY_PER_CONNECTION: usize = 128;
+/// Pings that find a sidecar gone (its watch would otherwise hold a registration for ever).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `LocalRoutingService`, `LoadService`, `AgentApiService` and `grpc.health.v1.Health` on
 /// `listener` until `shutdown` resolves and the open streams have ended.
@@ -516,10 +588,26 @@ pub async fn serve(
             .await;
     }
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .add_service(health_service)
-        .add_service(LocalRoutingServiceServer::new(api.clone()))
-        .add_service(LoadServiceServer::new(api.clone()))
-        .add_service(AgentApiServiceServer::new(api))
+        .add_service(
+            LocalRoutingServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(updates::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            LoadServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AgentApiServiceServer::new(api)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(updates::MAX_MESSAGE_BYTES),
+        )
         // A listener passed in keeps Nagle on unless told otherwise: a table sent right after
         // another (an instance READY just after STARTING) would wait for the delayed ACK.
         .serve_with_incoming_shutdown(
@@ -550,15 +638,123 @@ mod tests {
         let (publisher, routes) = watch::channel(None);
         let api = LocalApi::new(routes);
         let status = api
-            .get(Request::new(GetRoutesRequest {}))
+            .get(Request::new(GetRoutesRequest::default()))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(status.message(), NO_TABLE_YET);
 
         publisher.send_replace(Some(table(3)));
-        let got = api.get(Request::new(GetRoutesRequest {})).await.unwrap();
-        assert_eq!(got.into_inner().version, 3);
+        let got = api
+            .get(Request::new(GetRoutesRequest::default()))
+            .await
+            .unwrap();
+        assert_eq!(got.into_inner().table.unwrap().version, 3);
+    }
+
+    fn big_table(version: i64, functions: usize) -> Arc<RoutingTable> {
+        Arc::new(RoutingTable {
+            version,
+            region: "us-east".into(),
+            local_generation: 1,
+            functions: (0..functions)
+                .map(|i| FunctionRoute {
+                    namespace: "default".into(),
+                    name: format!("f{i:05}"),
+                    function_version: 1,
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn get_pages_through_a_table_and_refuses_a_changed_one() {
+        let (publisher, routes) = watch::channel(Some(big_table(5, 1200)));
+        let api = LocalApi::new(routes);
+        let mut token = String::new();
+        let mut names = Vec::new();
+        loop {
+            let page = api
+                .get(Request::new(GetRoutesRequest {
+                    page_size: 500,
+                    page_token: token.clone(),
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            let table = page.table.unwrap();
+            assert!(table.functions.len() <= 500);
+            names.extend(table.functions.into_iter().map(|f| f.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(names.len(), 1200);
+        assert!(
+            names.windows(2).all(|w| w[0] < w[1]),
+            "in order, no repeats"
+        );
+
+        let first = api
+            .get(Request::new(GetRoutesRequest {
+                page_size: 10,
+                page_token: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        publisher.send_replace(Some(big_table(6, 1200)));
+        let status = api
+            .get(Request::new(GetRoutesRequest {
+                page_size: 10,
+                page_token: first.next_page_token,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Aborted);
+        let status = api
+            .get(Request::new(GetRoutesRequest {
+                page_size: 10,
+                page_token: "nonsense".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert!(status.message().starts_with("pageToken:"), "{status}");
+    }
+
+    #[tokio::test]
+    async fn watch_sends_a_large_table_in_parts_then_deltas() {
+        let (publisher, routes) = watch::channel(Some(big_table(1, 2000)));
+        let api = LocalApi::new(routes);
+        let mut stream = api
+            .watch(Request::new(WatchRoutesRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut receiver = updates::TableReceiver::default();
+        let mut parts = 0;
+        let table = loop {
+            let part = stream.next().await.unwrap().unwrap();
+            assert!(part.full && part.functions.len() <= updates::LOCAL_PART_LIMITS.items);
+            parts += 1;
+            if let Some(table) = receiver.push(part).unwrap() {
+                break table.clone();
+            }
+        };
+        assert!(parts >= 2000 / updates::LOCAL_PART_LIMITS.items);
+        assert_eq!(table, *big_table(1, 2000));
+
+        // One function changes, one goes: a delta of one part.
+        let mut next = RoutingTable::clone(&big_table(2, 2000));
+        next.functions[7].function_version = 2;
+        next.functions.pop();
+        publisher.send_replace(Some(Arc::new(next.clone())));
+        let delta = stream.next().await.unwrap().unwrap();
+        assert!(!delta.full && !delta.more);
+        assert_eq!((delta.functions.len(), delta.removed.len()), (1, 1));
+        assert_eq!(receiver.push(delta).unwrap().unwrap(), &next);
     }
 
     #[tokio::test]
@@ -630,8 +826,12 @@ mod tests {
         let running = Running::start(LocalApi::new(routes)).await;
         let channel = running.channel.clone();
         let mut client = LocalRoutingServiceClient::new(channel.clone());
-        let got = client.get(GetRoutesRequest {}).await.unwrap().into_inner();
-        assert_eq!(got.version, 4);
+        let got = client
+            .get(GetRoutesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.table.unwrap().version, 4);
 
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let request = tonic_health::pb::HealthCheckRequest {

@@ -482,7 +482,7 @@ async fn serve(
     });
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let (refusals, refused) = mpsc::channel(64);
-    let mut state = state
+    let state = state
         .with_sidecar_refusals(refused)
         .with_api_address(api_address.clone())
         .with_instances(runtime.subscribe())
@@ -491,6 +491,7 @@ async fn serve(
         .with_refusals(refusals)
         .with_load(book, activations)
         .with_logs(Arc::new(runtime.clone()), identity.region.clone());
+    let mut state = state.with_sidecar_statuses(api.sidecars().statuses());
     let mut server = tokio::spawn(local_api::serve(listener, api, async {
         let _ = server_stopped.await;
     }));

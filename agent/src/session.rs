@@ -15,10 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use meridian_proto::updates::Assembler;
 use meridian_proto::v1::agent_service_client::AgentServiceClient;
 use meridian_proto::v1::{
-    agent_message, control_message, Ack, AgentMessage, ControlMessage, FunctionEndpoints,
-    Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate, ScaleReport, TableReport,
+    agent_message, control_message, Ack, AgentMessage, CommandPolicy, ControlMessage,
+    FunctionEndpoints, Heartbeat, Hello, Nack, RoutingTable, RoutingUpdate, ScaleReport,
+    SidecarReport, SidecarStatus, TableReport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{self, Instant, MissedTickBehavior};
@@ -143,6 +145,7 @@ impl Dialer for GrpcDialer {
                 .await
                 .map_err(|source| SessionError::Connect { address, source })?;
             let response = AgentServiceClient::new(channel)
+                .max_decoding_message_size(meridian_proto::updates::MAX_MESSAGE_BYTES)
                 .connect(outbound)
                 .await
                 .map_err(SessionError::from_status)?;
@@ -197,6 +200,10 @@ pub struct AgentState {
     connected: Arc<AtomicBool>,
     /// Spans of traced updates; `None` when export is off (decided once, at start).
     spans: Option<spans::UpdateSpans>,
+    /// What instances may run, told in the Hello so the API can refuse what never starts.
+    command_policy: Option<CommandPolicy>,
+    /// The sidecars watching the local API and what each loaded (see `LocalApi`).
+    sidecars: Option<watch::Receiver<Arc<Vec<SidecarStatus>>>>,
 }
 
 impl AgentState {
@@ -221,7 +228,24 @@ impl AgentState {
             scale: None,
             connected: Arc::new(AtomicBool::new(false)),
             spans: spans::UpdateSpans::when_enabled(),
+            command_policy: None,
+            sidecars: None,
         }
+    }
+
+    /// The command policy announced in every Hello.
+    pub fn with_command_policy(mut self, policy: CommandPolicy) -> Self {
+        self.command_policy = Some(policy);
+        self
+    }
+
+    /// The sidecars' statuses are reported upstream as they change.
+    pub fn with_sidecar_statuses(
+        mut self,
+        sidecars: watch::Receiver<Arc<Vec<SidecarStatus>>>,
+    ) -> Self {
+        self.sidecars = Some(sidecars);
+        self
     }
 
     /// Kept true while a stream to a control plane is open.
@@ -277,7 +301,15 @@ impl AgentState {
             gateway: id.gateway.clone(),
             last_version: self.held.as_ref().map_or(0, Table::version),
             api_address: self.api_address.clone(),
+            command_policy: self.command_policy.clone(),
         }))
+    }
+
+    /// The sidecar statuses now; `None` without a local API tracking them.
+    fn sidecar_statuses(&self) -> Option<Arc<Vec<SidecarStatus>>> {
+        self.sidecars
+            .as_ref()
+            .map(|sidecars| Arc::clone(&sidecars.borrow()))
     }
 
     /// The endpoints the held table and the runtime's instances imply now.
@@ -324,6 +356,14 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
         first.push(message(agent_message::Kind::Scale(scale_report(status))));
     }
     let scale_sent_at = scale_reported.as_ref().map(|_| Instant::now());
+    // And which sidecars load which table: the control plane counts the agent in sync only
+    // once they have the newest one too.
+    let sidecars_reported = state.sidecar_statuses();
+    if let Some(statuses) = &sidecars_reported {
+        first.push(message(agent_message::Kind::Sidecars(SidecarReport {
+            sidecars: statuses.to_vec(),
+        })));
+    }
     for msg in first {
         // The buffer is empty and larger than `first`: this cannot fail.
         let _ = tx.try_send(msg);
@@ -349,7 +389,9 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
         scale_reported,
         scale_sent_at,
         scale_due: None,
-        parts: Vec::new(),
+        parts: Assembler::default(),
+        sidecars_reported,
+        sidecars_due: None,
     };
     let error = stream.run(inbound).await;
     outcome(stream.received_update, error)
@@ -420,11 +462,11 @@ struct OpenStream<'a> {
     /// A changed scale state waits until then (at most one report per interval).
     scale_due: Option<Instant>,
     /// Parts of an update received so far (`more` was set); applied when the last arrives.
-    parts: Vec<RoutingUpdate>,
+    parts: Assembler,
+    /// The sidecar statuses last reported on this stream, and when to look again.
+    sidecars_reported: Option<Arc<Vec<SidecarStatus>>>,
+    sidecars_due: Option<Instant>,
 }
-
-/// More parts than any table needs (64 functions each): a stream that never ends an update.
-const MAX_PARTS: usize = 4096;
 
 impl OpenStream<'_> {
     async fn run(&mut self, mut inbound: ControlStream) -> SessionError {
@@ -434,8 +476,21 @@ impl OpenStream<'_> {
         let mut deadline = Instant::now() + timing.silence;
         let mut watch_instances = self.state.instances.is_some();
         let mut watch_scale = self.state.scale.is_some();
+        let mut watch_sidecars = self.state.sidecars.is_some();
         loop {
             tokio::select! {
+                changed = next_change(&mut self.state.sidecars), if watch_sidecars => {
+                    watch_sidecars = changed;
+                    if changed && self.sidecars_due.is_none() {
+                        self.sidecars_due = Some(Instant::now() + ENDPOINT_DEBOUNCE);
+                    }
+                }
+                () = sleep_until_some(self.sidecars_due) => {
+                    self.sidecars_due = None;
+                    if let Err(error) = self.report_sidecars().await {
+                        return error;
+                    }
+                }
                 changed = next_change(&mut self.state.instances), if watch_instances => {
                     watch_instances = changed;
                     if changed && self.endpoints_due.is_none() {
@@ -513,40 +568,9 @@ impl OpenStream<'_> {
 
     /// Collects the parts of a large update; returns the whole update once its last part is in.
     fn assemble(&mut self, part: RoutingUpdate) -> Result<Option<RoutingUpdate>, (i64, String)> {
-        if let Some(first) = self.parts.first() {
-            if first.version != part.version {
-                let reason = format!(
-                    "part of update {} arrived before update {} was complete",
-                    part.version, first.version
-                );
-                self.parts.clear();
-                return Err((part.version, reason));
-            }
-        }
-        if part.more {
-            if self.parts.len() >= MAX_PARTS {
-                self.parts.clear();
-                return Err((
-                    part.version,
-                    format!("update has more than {MAX_PARTS} parts"),
-                ));
-            }
-            self.parts.push(part);
-            return Ok(None);
-        }
-        if self.parts.is_empty() {
-            return Ok(Some(part));
-        }
-        let mut parts = std::mem::take(&mut self.parts).into_iter();
-        let Some(mut whole) = parts.next() else {
-            return Ok(Some(part));
-        };
-        for next in parts.chain(std::iter::once(part)) {
-            whole.functions.extend(next.functions);
-            whole.removed.extend(next.removed);
-        }
-        whole.more = false;
-        Ok(Some(whole))
+        self.parts
+            .push(part)
+            .map_err(|error| (error.version(), error.to_string()))
     }
 
     /// Apply, persist, Ack, publish, report; or Nack and keep the old table.
@@ -595,6 +619,21 @@ impl OpenStream<'_> {
             self.send(agent_message::Kind::Endpoints(report)).await?;
         }
         Ok(())
+    }
+
+    /// Sends the sidecars' statuses if they differ from the last ones sent on this stream.
+    async fn report_sidecars(&mut self) -> Result<(), SessionError> {
+        let Some(statuses) = self.state.sidecar_statuses() else {
+            return Ok(());
+        };
+        if self.sidecars_reported.as_deref() == Some(&*statuses) {
+            return Ok(());
+        }
+        let report = SidecarReport {
+            sidecars: statuses.to_vec(),
+        };
+        self.sidecars_reported = Some(statuses);
+        self.send(agent_message::Kind::Sidecars(report)).await
     }
 
     /// Sends the scale state if it differs from the last one sent on this stream.

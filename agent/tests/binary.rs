@@ -51,7 +51,13 @@ async fn serves_persisted_table_without_control_plane_and_stops_on_sigterm() {
     let mut agent = Agent::start(&agent_args(state_dir, &cp));
     let channel = agent.connect().await;
     let mut client = LocalRoutingServiceClient::new(channel);
-    let table = client.get(GetRoutesRequest {}).await.unwrap().into_inner();
+    let page = client
+        .get(GetRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.next_page_token.is_empty());
+    let table = page.table.unwrap();
     assert_eq!(table.version, 42);
     assert_eq!(table.functions[0].name, "hello");
     let request = WatchRoutesRequest {

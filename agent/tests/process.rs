@@ -12,6 +12,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use meridian_agent::state::StateStore;
+use meridian_proto::updates::TableReceiver;
 use meridian_proto::v1::agent_api_service_client::AgentApiServiceClient;
 use meridian_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use meridian_proto::v1::load_service_client::LoadServiceClient;
@@ -125,7 +126,8 @@ fn count(tier: &Tier, state: EndpointState) -> usize {
 
 /// Served tables, checked to grow in generation, until one satisfies `done`.
 struct Tables {
-    stream: Streaming<RoutingTable>,
+    stream: Streaming<RoutingUpdate>,
+    receiver: TableReceiver,
     last_generation: u64,
 }
 
@@ -138,6 +140,7 @@ impl Tables {
         let stream = client.watch(request).await.unwrap().into_inner();
         Self {
             stream,
+            receiver: TableReceiver::default(),
             last_generation: 0,
         }
     }
@@ -146,10 +149,13 @@ impl Tables {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let next = tokio::time::timeout_at(deadline, self.stream.message()).await;
-            let table = next
+            let part = next
                 .unwrap_or_else(|_| panic!("no served table with {what} within 20 s"))
                 .unwrap()
                 .unwrap();
+            let Some(table) = self.receiver.push(part).unwrap().cloned() else {
+                continue;
+            };
             assert!(
                 table.local_generation > self.last_generation,
                 "generation went from {} to {}",

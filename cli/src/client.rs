@@ -41,7 +41,13 @@ pub enum ClientError {
         #[source]
         status: Status,
     },
+    /// A paged listing was aborted by the server every time it was tried.
+    #[error("the {0} kept changing while they were listed; try again")]
+    Listing(&'static str),
 }
+
+/// How many times a paged listing the server aborts (its version went away) is started again.
+const LISTING_ATTEMPTS: u32 = 3;
 
 impl ClientError {
     /// The gRPC code the server answered with, if it answered.
@@ -259,16 +265,45 @@ impl ControlPlane {
             .map_err(|s| self.map_status(s))
     }
 
+    /// Every function the request selects, following the server's pages (all read at the
+    /// first page's revision; a listing the server aborts, because etcd compacted that
+    /// revision meanwhile, starts again, a few times at most).
     pub async fn list_functions(
         &self,
         request: wire::ListFunctionsRequest,
     ) -> Result<wire::ListFunctionsResponse, ClientError> {
         let mut client = self.functions.clone();
-        client
-            .list(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.map_status(s))
+        for attempt in 1..=LISTING_ATTEMPTS {
+            let mut all = wire::ListFunctionsResponse::default();
+            let mut page_token = String::new();
+            let aborted = loop {
+                let page = client
+                    .list(wire::ListFunctionsRequest {
+                        page_token: page_token.clone(),
+                        ..request.clone()
+                    })
+                    .await;
+                let page = match page {
+                    Ok(page) => page.into_inner(),
+                    Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
+                        break true
+                    }
+                    Err(status) => return Err(self.map_status(status)),
+                };
+                if all.version == 0 {
+                    all.version = page.version;
+                }
+                all.functions.extend(page.functions);
+                if page.next_page_token.is_empty() {
+                    break false;
+                }
+                page_token = page.next_page_token;
+            };
+            if !aborted {
+                return Ok(all);
+            }
+        }
+        Err(ClientError::Listing("functions"))
     }
 
     pub async fn delete_function(
@@ -299,16 +334,40 @@ impl ControlPlane {
             .map_err(|s| self.map_status(s))
     }
 
+    /// Every function's instances the request selects, following the server's pages.
     pub async fn list_instances(
         &self,
         request: wire::ListInstancesRequest,
     ) -> Result<wire::ListInstancesResponse, ClientError> {
         let mut client = self.scale.clone();
-        client
-            .list_instances(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.map_status(s))
+        for attempt in 1..=LISTING_ATTEMPTS {
+            let mut all = wire::ListInstancesResponse::default();
+            let mut page_token = String::new();
+            let aborted = loop {
+                let page = client
+                    .list_instances(wire::ListInstancesRequest {
+                        page_token: page_token.clone(),
+                        ..request.clone()
+                    })
+                    .await;
+                let page = match page {
+                    Ok(page) => page.into_inner(),
+                    Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
+                        break true
+                    }
+                    Err(status) => return Err(self.map_status(status)),
+                };
+                all.functions.extend(page.functions);
+                if page.next_page_token.is_empty() {
+                    break false;
+                }
+                page_token = page.next_page_token;
+            };
+            if !aborted {
+                return Ok(all);
+            }
+        }
+        Err(ClientError::Listing("instances"))
     }
 
     pub async fn get_leader(&self) -> Result<wire::GetLeaderResponse, ClientError> {
@@ -329,15 +388,43 @@ impl ControlPlane {
             .map_err(|s| self.map_status(s))
     }
 
+    /// A region's whole routing table, following the server's pages (all cut from one table
+    /// version; a listing the server aborts because that version is gone starts again).
     pub async fn routing_table(&self, region: &str) -> Result<wire::RoutingTable, ClientError> {
         let mut client = self.mesh.clone();
-        client
-            .get_routing_table(wire::GetRoutingTableRequest {
-                region: region.to_string(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.map_status(s))
+        for attempt in 1..=LISTING_ATTEMPTS {
+            let mut table: Option<wire::RoutingTable> = None;
+            let mut page_token = String::new();
+            let aborted = loop {
+                let page = client
+                    .get_routing_table(wire::GetRoutingTableRequest {
+                        region: region.to_string(),
+                        page_size: 0,
+                        page_token: page_token.clone(),
+                    })
+                    .await;
+                let page = match page {
+                    Ok(page) => page.into_inner(),
+                    Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
+                        break true
+                    }
+                    Err(status) => return Err(self.map_status(status)),
+                };
+                let part = page.table.unwrap_or_default();
+                match &mut table {
+                    Some(table) => table.functions.extend(part.functions),
+                    None => table = Some(part),
+                }
+                if page.next_page_token.is_empty() {
+                    break false;
+                }
+                page_token = page.next_page_token;
+            };
+            if let (false, Some(table)) = (aborted, table) {
+                return Ok(table);
+            }
+        }
+        Err(ClientError::Listing("routes"))
     }
 }
 

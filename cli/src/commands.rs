@@ -103,6 +103,7 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
                 namespace: namespace.clone(),
                 all_namespaces,
                 name: String::new(),
+                ..Default::default()
             })
             .await,
     )?
@@ -113,6 +114,7 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
                 namespace,
                 all_namespaces,
                 label_selector: String::new(),
+                ..Default::default()
             })
             .await,
     )?
@@ -319,6 +321,7 @@ async fn get(
                     namespace: namespace.to_string(),
                     all_namespaces: *all_namespaces,
                     label_selector: selector.clone().unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await?;
             let functions = &response.functions;
@@ -345,6 +348,7 @@ async fn get(
                     namespace: namespace.to_string(),
                     all_namespaces: *all_namespaces,
                     name: name.clone().unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await;
             let response = match (response, name) {
@@ -443,6 +447,7 @@ async fn scale_of(
             namespace: namespace.to_string(),
             all_namespaces: false,
             name: spec.name.clone(),
+            ..Default::default()
         })
         .await;
     match response {

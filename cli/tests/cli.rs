@@ -111,7 +111,9 @@ impl FunctionService for Fake {
     ) -> Result<Response<wire::ListFunctionsResponse>, Status> {
         let request = request.into_inner();
         let state = self.state.lock().expect("lock");
-        let functions = state
+        // Pages of two, so that every listing the CLI makes follows page tokens.
+        let start: usize = request.page_token.parse().unwrap_or(0);
+        let selected: Vec<wire::Function> = state
             .functions
             .iter()
             .filter(|((namespace, _), _)| {
@@ -119,9 +121,16 @@ impl FunctionService for Fake {
             })
             .map(|(_, f)| f.clone())
             .collect();
+        let functions: Vec<wire::Function> = selected.iter().skip(start).take(2).cloned().collect();
+        let next = start + functions.len();
         Ok(Response::new(wire::ListFunctionsResponse {
             functions,
             version: state.revision,
+            next_page_token: if next < selected.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -172,14 +181,17 @@ impl MeshService for Fake {
     async fn get_routing_table(
         &self,
         request: Request<wire::GetRoutingTableRequest>,
-    ) -> Result<Response<wire::RoutingTable>, Status> {
+    ) -> Result<Response<wire::RoutingTablePage>, Status> {
         let region = request.into_inner().region;
         if region == "us-east" {
-            Ok(Response::new(wire::RoutingTable {
-                version: 7,
-                region,
-                functions: Vec::new(),
-                local_generation: 0,
+            Ok(Response::new(wire::RoutingTablePage {
+                table: Some(wire::RoutingTable {
+                    version: 7,
+                    region,
+                    functions: Vec::new(),
+                    local_generation: 0,
+                }),
+                next_page_token: String::new(),
             }))
         } else {
             Err(Status::not_found(format!(
@@ -204,7 +216,10 @@ impl ScaleService for Fake {
             .filter(|f| request.name.is_empty() || f.name == request.name)
             .cloned()
             .collect();
-        Ok(Response::new(wire::ListInstancesResponse { functions }))
+        Ok(Response::new(wire::ListInstancesResponse {
+            functions,
+            next_page_token: String::new(),
+        }))
     }
 
     async fn get_leader(
@@ -241,6 +256,7 @@ impl ControlPlaneService for Fake {
             ],
             leader: "cp-test".into(),
             elected_version: 1,
+            skipped_records: Vec::new(),
         }))
     }
 }

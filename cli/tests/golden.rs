@@ -178,6 +178,7 @@ fn agents() -> wire::ListAgentsResponse {
         in_sync: true,
         last_nack: String::new(),
         replica: "cp-7000".into(),
+        ..Default::default()
     };
     wire::ListAgentsResponse {
         agents: vec![
@@ -706,6 +707,7 @@ fn instances() -> wire::ListInstancesResponse {
     };
     wire::ListInstancesResponse {
         functions: vec![idle, worker, unplaced, api],
+        next_page_token: String::new(),
     }
 }
 

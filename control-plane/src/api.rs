@@ -11,16 +11,28 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::spec::{FunctionKey, FunctionSpec, SpecError, DEFAULT_NAMESPACE};
+use crate::page::{page_size, PageBuilder, PageToken};
+use crate::spec::{FunctionKey, FunctionSpec, Runtime, SpecError, SpecLimits, DEFAULT_NAMESPACE};
 use crate::store::{PutOutcome, Record, RecordKey, Store, StoreError};
-use crate::table::Tables;
+use crate::table::{RegionTable, Tables};
 use crate::trace::{ChangeSpan, Tracing, APPLY_SPAN, DELETE_SPAN};
 
+/// The gRPC status of a store error. Only what may succeed when retried is UNAVAILABLE: a
+/// request etcd refuses as such, or a quota, gets a code clients do not retry.
 fn store_status(error: StoreError) -> Status {
     match error {
         StoreError::NotFound => Status::not_found("not found"),
         StoreError::Conflict { expected, current } => Status::failed_precondition(format!(
             "the function's version is {current}, not the expected {expected}: read it again and retry"
+        )),
+        StoreError::QuotaExceeded { .. } => {
+            Status::invalid_argument(format!("metadata.namespace: {error}"))
+        }
+        StoreError::Refused(reason) => Status::failed_precondition(format!(
+            "etcd refused the request ({reason}); retrying the same request cannot succeed"
+        )),
+        StoreError::Compacted(revision) => Status::aborted(format!(
+            "etcd compacted revision {revision}, which this listing reads; list again from the first page"
         )),
         error => Status::unavailable(format!("etcd is unavailable: {error}")),
     }
@@ -111,12 +123,80 @@ fn namespace_filter(namespace: &str, all: bool) -> Result<Option<String>, Status
     Ok(Some(namespace.to_owned()))
 }
 
+/// Whether an announced command policy lets `command` start (judged lexically: the agent
+/// resolves symlinks itself). A relative command is looked up inside the roots, so any root may
+/// hold it.
+fn policy_allows(policy: &pb::CommandPolicy, command: &str) -> bool {
+    if !command.starts_with('/') {
+        return !policy.allowed_roots.is_empty();
+    }
+    let normalized: Vec<&str> = command
+        .split('/')
+        .filter(|part| !part.is_empty() && *part != ".")
+        .collect();
+    policy.allowed_roots.iter().any(|root| {
+        let root: Vec<&str> = root
+            .split('/')
+            .filter(|part| !part.is_empty() && *part != ".")
+            .collect();
+        normalized.len() > root.len() && normalized.starts_with(&root)
+    })
+}
+
+/// Refuses a process function that no agent of some region it would run in may start, judging
+/// by the command policies the agents announced in their Hello. A region with an agent that
+/// announced none is left to its agents, which refuse what they must at start-up anyway.
+pub fn check_command_roots(
+    command: &str,
+    regions: Option<&BTreeSet<&str>>,
+    agents: impl IntoIterator<Item = pb::AgentStatus>,
+) -> Result<(), SpecError> {
+    let mut by_region: BTreeMap<String, Vec<pb::AgentStatus>> = BTreeMap::new();
+    for agent in agents {
+        by_region
+            .entry(agent.region.clone())
+            .or_default()
+            .push(agent);
+    }
+    for (region, agents) in &by_region {
+        if regions.is_some_and(|wanted| !wanted.contains(region.as_str())) {
+            continue;
+        }
+        let policies: Option<Vec<&pb::CommandPolicy>> =
+            agents.iter().map(|a| a.command_policy.as_ref()).collect();
+        let Some(policies) = policies else { continue };
+        if policies.iter().any(|policy| policy_allows(policy, command)) {
+            continue;
+        }
+        let roots: Vec<String> = agents
+            .iter()
+            .zip(&policies)
+            .map(|(agent, policy)| {
+                if policy.allowed_roots.is_empty() {
+                    format!("{} allows no commands", agent.agent_id)
+                } else {
+                    format!("{}: {}", agent.agent_id, policy.allowed_roots.join(", "))
+                }
+            })
+            .collect();
+        return Err(SpecError {
+            field: "spec.runtime.process.command".into(),
+            problem: format!(
+                "{command:?} is outside the allowed command roots of every agent in region {region} ({}): they would never start it",
+                roots.join("; ")
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// `FunctionService`: every write is validated whole before etcd is touched.
 #[derive(Debug, Clone)]
 pub struct FunctionApi {
     store: Store,
     /// Spans of changes, and their trace written with them; `None` when export is off.
     tracing: Option<Arc<Tracing>>,
+    limits: SpecLimits,
 }
 
 impl FunctionApi {
@@ -124,7 +204,14 @@ impl FunctionApi {
         Self {
             store,
             tracing: None,
+            limits: SpecLimits::default(),
         }
+    }
+
+    /// The limits every Apply is checked against (default: [`SpecLimits::default`]).
+    pub fn with_limits(mut self, limits: SpecLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Traces every Apply and Delete (see [`crate::trace`]).
@@ -160,11 +247,25 @@ impl FunctionApi {
         let spec = request
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        self.limits.check(&spec).map_err(invalid)?;
         let spec = FunctionSpec::try_from(spec).map_err(invalid)?;
         if request.expected_version < 0 {
             return Err(Status::invalid_argument(
                 "expectedVersion: must not be negative",
             ));
+        }
+        if let Runtime::Process(process) = &spec.runtime {
+            let agents = self.store.load(&self.store.keys().agents()).await;
+            let agents = agents.map_err(store_status)?;
+            let agents = agents
+                .records
+                .into_iter()
+                .filter_map(|(_, record)| match record {
+                    Record::Agent(agent) => Some(agent),
+                    _ => None,
+                });
+            check_command_roots(&process.command, spec.hosting_regions().as_ref(), agents)
+                .map_err(invalid)?;
         }
         let expected = (request.expected_version > 0).then_some(request.expected_version);
         let normalized = pb::FunctionSpec::from(&spec);
@@ -180,6 +281,7 @@ impl FunctionApi {
                 expected,
                 request.dry_run,
                 trace.as_ref(),
+                Some(self.limits.functions_per_namespace),
             )
             .await
             .map_err(store_status)?;
@@ -285,19 +387,70 @@ impl pb::function_service_server::FunctionService for FunctionApi {
         let request = request.into_inner();
         let namespace = namespace_filter(&request.namespace, request.all_namespaces)?;
         let selector: LabelSelector = request.label_selector.parse().map_err(invalid)?;
-        let (functions, version) = self
+        let size = page_size(request.page_size)?;
+        let token = PageToken::parse(&request.page_token)?;
+        if let (Some(token), Some(namespace)) = (&token, &namespace) {
+            if token.after.namespace != *namespace {
+                return Err(Status::invalid_argument(
+                    "pageToken: it belongs to a listing of another namespace",
+                ));
+            }
+        }
+        let (revision, after) = match token {
+            Some(token) => (token.version, Some(token.after)),
+            None => (0, None),
+        };
+        let (functions, page) = self
             .store
-            .list_functions(namespace.as_deref())
+            .list_functions_page(namespace.as_deref(), after.as_ref(), size, revision)
             .await
             .map_err(store_status)?;
-        let functions = functions
-            .iter()
-            .filter(|f| selector.matches(&f.spec.labels))
-            .map(pb::Function::from)
-            .collect();
+        let mut answer = PageBuilder::new(size);
+        let mut last_read: Option<FunctionKey> = None;
+        for stored in functions {
+            let key = FunctionKey {
+                namespace: stored.spec.namespace.clone(),
+                name: stored.spec.name.clone(),
+            };
+            if selector.matches(&stored.spec.labels) {
+                let function = pb::Function::from(&stored);
+                let bytes = prost::Message::encoded_len(&function);
+                if !answer.push(function, bytes) {
+                    break;
+                }
+            }
+            last_read = Some(key);
+        }
+        // Continue after the last function this page looked at; if the page was cut short, or
+        // etcd has more, there is a next page.
+        let more = answer.cut || page.next_after.is_some();
+        let next = match (more, last_read) {
+            (true, Some(after)) => PageToken {
+                version: page.revision,
+                after,
+            }
+            .to_string(),
+            // etcd has more, but every record of this page was undecodable: continue after
+            // the last raw key read.
+            (true, None) => page
+                .next_after
+                .and_then(|raw| match self.store.keys().parse(raw.as_bytes()) {
+                    Some(RecordKey::Function(after)) => Some(
+                        PageToken {
+                            version: page.revision,
+                            after,
+                        }
+                        .to_string(),
+                    ),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            (false, _) => String::new(),
+        };
         Ok(Response::new(pb::ListFunctionsResponse {
-            functions,
-            version,
+            functions: answer.items,
+            version: page.revision,
+            next_page_token: next,
         }))
     }
 
@@ -401,16 +554,113 @@ impl pb::function_service_server::FunctionService for FunctionApi {
     }
 }
 
+/// Whether an agent is in sync: it acknowledged the newest table of its region, and every
+/// sidecar watching it has loaded that table too (an agent serves a table its sidecars cannot
+/// load only in appearance). Sidecars that are not connected do not count.
+pub fn mark_in_sync(agent: &mut pb::AgentStatus) {
+    let newest = agent.newest_version;
+    let connected = agent.sidecars.iter().filter(|s| s.connected);
+    let (mut total, mut loaded) = (0u32, 0u32);
+    for sidecar in connected {
+        total += 1;
+        if sidecar.loaded_version > 0 && sidecar.loaded_version >= newest {
+            loaded += 1;
+        }
+    }
+    agent.sidecars_in_sync = loaded;
+    agent.in_sync = agent.acked_version > 0 && agent.acked_version >= newest && loaded == total;
+}
+
+/// Keeps the recent routing tables a paged `GetRoutingTable` may still be reading: every page
+/// of one listing is cut from the version its first page saw. Tables share their routes, so
+/// holding a few costs little.
+#[derive(Debug, Default)]
+struct TableHistory {
+    recent: std::sync::Mutex<std::collections::VecDeque<Arc<Tables>>>,
+}
+
+/// Tables a listing may still read from.
+const TABLE_HISTORY: usize = 16;
+
+impl TableHistory {
+    /// Records `current` and returns the region table of `version`, if still held.
+    fn find(&self, current: &Arc<Tables>, region: &str, version: i64) -> Option<Arc<RegionTable>> {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.back().is_none_or(|last| !Arc::ptr_eq(last, current)) {
+            recent.push_back(Arc::clone(current));
+            while recent.len() > TABLE_HISTORY {
+                recent.pop_front();
+            }
+        }
+        recent
+            .iter()
+            .rev()
+            .filter_map(|tables| tables.regions.get(region))
+            .find(|table| table.version == version)
+            .cloned()
+    }
+}
+
 /// `MeshService`: the view operators use to see whether the mesh is in sync.
 #[derive(Debug, Clone)]
 pub struct MeshApi {
     store: Store,
     tables: watch::Receiver<Arc<Tables>>,
+    history: Arc<TableHistory>,
 }
 
 impl MeshApi {
     pub fn new(store: Store, tables: watch::Receiver<Arc<Tables>>) -> Self {
-        Self { store, tables }
+        Self {
+            store,
+            tables,
+            history: Arc::default(),
+        }
+    }
+}
+
+/// One page of a region's table: the functions after `after`, within `size` and the page
+/// bytes, and the token of the next page.
+fn table_page(
+    table: &RegionTable,
+    after: Option<&FunctionKey>,
+    size: usize,
+) -> pb::RoutingTablePage {
+    use std::ops::Bound;
+    let start = match after {
+        Some(after) => Bound::Excluded(after.clone()),
+        None => Bound::Unbounded,
+    };
+    let mut page = PageBuilder::new(size);
+    let mut last: Option<&FunctionKey> = None;
+    let mut routes = table.routes.range((start, Bound::Unbounded)).peekable();
+    while let Some((key, route)) = routes.peek() {
+        let route: &pb::FunctionRoute = route;
+        if !page.push(route.clone(), prost::Message::encoded_len(route)) {
+            break;
+        }
+        last = Some(key);
+        routes.next();
+    }
+    let next_page_token = match (routes.peek(), last) {
+        (Some(_), Some(after)) => PageToken {
+            version: table.version,
+            after: after.clone(),
+        }
+        .to_string(),
+        _ => String::new(),
+    };
+    pb::RoutingTablePage {
+        table: Some(pb::RoutingTable {
+            version: table.version,
+            region: table.region.clone(),
+            functions: page.items,
+            local_generation: 0,
+        }),
+        next_page_token,
     }
 }
 
@@ -451,6 +701,7 @@ impl pb::mesh_service_server::MeshService for MeshApi {
                 if status.connected_since_unix_ms == agent.connected_since_unix_ms {
                     agent.acked_version = status.acked_version;
                     agent.last_nack = status.last_nack;
+                    agent.sidecars = status.sidecars;
                 }
             }
             agent.newest_version = tables
@@ -458,7 +709,7 @@ impl pb::mesh_service_server::MeshService for MeshApi {
                 .get(&region)
                 .map(|t| t.version)
                 .unwrap_or_default();
-            agent.in_sync = agent.acked_version > 0 && agent.acked_version >= agent.newest_version;
+            mark_in_sync(&mut agent);
             result.push(agent);
         }
         Ok(Response::new(pb::ListAgentsResponse { agents: result }))
@@ -467,17 +718,42 @@ impl pb::mesh_service_server::MeshService for MeshApi {
     async fn get_routing_table(
         &self,
         request: Request<pb::GetRoutingTableRequest>,
-    ) -> Result<Response<pb::RoutingTable>, Status> {
-        let region = request.into_inner().region;
+    ) -> Result<Response<pb::RoutingTablePage>, Status> {
+        let request = request.into_inner();
+        let region = request.region;
         meridian_common::names::validate_dns_label(&region)
             .map_err(|e| Status::invalid_argument(format!("region: {region:?} {e}")))?;
+        let size = page_size(request.page_size)?;
+        let token = PageToken::parse(&request.page_token)?;
         let tables = self.tables.borrow().clone();
-        match tables.regions.get(&region) {
-            Some(table) => Ok(Response::new(table.to_proto())),
-            None => Err(Status::not_found(format!(
-                "region {region:?} has no agents and no function names it"
-            ))),
-        }
+        let table = match &token {
+            Some(token) => self
+                .history
+                .find(&tables, &region, token.version)
+                .ok_or_else(|| {
+                    Status::aborted(format!(
+                        "the table of region {region} changed too often while it was listed (version {} is gone); list again from the first page",
+                        token.version
+                    ))
+                })?,
+            None => {
+                // Remember this version for the pages that follow.
+                let current = tables.regions.get(&region).cloned();
+                if let Some(current) = &current {
+                    let _ = self.history.find(&tables, &region, current.version);
+                }
+                current.ok_or_else(|| {
+                    Status::not_found(format!(
+                        "region {region:?} has no agents and no function names it"
+                    ))
+                })?
+            }
+        };
+        Ok(Response::new(table_page(
+            &table,
+            token.as_ref().map(|t| &t.after),
+            size,
+        )))
     }
 }
 
@@ -575,14 +851,52 @@ impl pb::scale_service_server::ScaleService for ScaleApi {
                 .map_err(|e| Status::invalid_argument(format!("name: {:?} {e}", request.name)))?;
             Some(request.name.as_str())
         };
+        let size = page_size(request.page_size)?;
+        let token = PageToken::parse(&request.page_token)?;
         let keys = self.store.keys();
         let ns = namespace.as_deref();
-        let functions_prefix = keys.functions(ns);
         let placements_prefix = keys.placements(ns);
         let scales_prefix = keys.scales(ns, name.filter(|_| ns.is_some()));
         let agents_prefix = keys.agents();
-        let (functions, placements, scales, agents) = tokio::try_join!(
-            self.store.load(&functions_prefix),
+        let (revision, after) = match token {
+            Some(token) => (token.version, Some(token.after)),
+            None => (0, None),
+        };
+        // One function (any namespace with -A) is looked up whole; a listing goes a page of
+        // functions at a time, joined with every placement and scale report of the scope.
+        let (functions, next_after, revision) = match name {
+            Some(_) => {
+                let snapshot = self
+                    .store
+                    .load(&keys.functions(ns))
+                    .await
+                    .map_err(store_status)?;
+                (snapshot.records, None, snapshot.revision)
+            }
+            None => {
+                let (functions, page) = self
+                    .store
+                    .list_functions_page(ns, after.as_ref(), size, revision)
+                    .await
+                    .map_err(store_status)?;
+                let last = functions.last().map(|f| FunctionKey {
+                    namespace: f.spec.namespace.clone(),
+                    name: f.spec.name.clone(),
+                });
+                let records = functions
+                    .into_iter()
+                    .map(|stored| {
+                        let key = FunctionKey {
+                            namespace: stored.spec.namespace.clone(),
+                            name: stored.spec.name.clone(),
+                        };
+                        (RecordKey::Function(key), Record::Function(stored))
+                    })
+                    .collect();
+                (records, page.next_after.and(last), page.revision)
+            }
+        };
+        let (placements, scales, agents) = tokio::try_join!(
             self.store.load(&placements_prefix),
             self.store.load(&scales_prefix),
             self.store.load(&agents_prefix),
@@ -590,7 +904,6 @@ impl pb::scale_service_server::ScaleService for ScaleApi {
         .map_err(store_status)?;
         if let Some(name) = name {
             let exists = functions
-                .records
                 .iter()
                 .any(|(key, _)| matches!(key, RecordKey::Function(key) if key.name == name));
             if !exists {
@@ -608,14 +921,38 @@ impl pb::scale_service_server::ScaleService for ScaleApi {
                 _ => None,
             })
             .collect();
-        let functions = group_instances(
-            functions.records,
+        let grouped = group_instances(
+            functions,
             placements.records,
             scales.records,
             &registered,
             name,
         );
-        Ok(Response::new(pb::ListInstancesResponse { functions }))
+        let mut page = PageBuilder::new(usize::MAX);
+        let mut last_included: Option<FunctionKey> = None;
+        for function in grouped {
+            let key = FunctionKey {
+                namespace: function.namespace.clone(),
+                name: function.name.clone(),
+            };
+            let bytes = prost::Message::encoded_len(&function);
+            if !page.push(function, bytes) {
+                break;
+            }
+            last_included = Some(key);
+        }
+        let next_page_token = match (page.cut, last_included, next_after) {
+            (true, Some(after), _) | (false, _, Some(after)) => PageToken {
+                version: revision,
+                after,
+            }
+            .to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListInstancesResponse {
+            functions: page.items,
+            next_page_token,
+        }))
     }
 
     async fn get_leader(
@@ -637,11 +974,21 @@ impl pb::scale_service_server::ScaleService for ScaleApi {
 #[derive(Debug, Clone)]
 pub struct ControlPlaneApi {
     store: Store,
+    skipped: Option<watch::Receiver<Arc<Vec<pb::SkippedRecord>>>>,
 }
 
 impl ControlPlaneApi {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            skipped: None,
+        }
+    }
+
+    /// `ListReplicas` also reports the records this replica's cache skipped.
+    pub fn with_skipped(mut self, skipped: watch::Receiver<Arc<Vec<pb::SkippedRecord>>>) -> Self {
+        self.skipped = Some(skipped);
+        self
     }
 }
 
@@ -660,6 +1007,7 @@ pub fn mark_leader(
         replicas,
         leader,
         elected_version,
+        skipped_records: Vec::new(),
     }
 }
 
@@ -671,7 +1019,11 @@ impl pb::control_plane_service_server::ControlPlaneService for ControlPlaneApi {
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
         let (replicas, leader) = tokio::try_join!(self.store.list_replicas(), self.store.leader())
             .map_err(store_status)?;
-        Ok(Response::new(mark_leader(replicas, leader)))
+        let mut response = mark_leader(replicas, leader);
+        if let Some(skipped) = &self.skipped {
+            response.skipped_records = skipped.borrow().to_vec();
+        }
+        Ok(Response::new(response))
     }
 }
 

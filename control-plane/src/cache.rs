@@ -49,25 +49,55 @@ pub struct MeshState {
     agents: BTreeMap<(String, String), pb::AgentStatus>,
     endpoints: HashMap<FunctionKey, FunctionEndpoints>,
     placements: BTreeMap<FunctionKey, Arc<StoredPlacement>>,
+    /// Records left out because they cannot be read (undecodable, or a stored function that no
+    /// longer validates): what `meridianctl status` and the `meridian_etcd_skipped_records`
+    /// gauge report. Any later change of the key clears it.
+    skipped: BTreeMap<RecordKey, pb::SkippedRecord>,
+    /// The store's key prefix, to name skipped functions by their etcd key.
+    prefix: String,
 }
 
 impl MeshState {
+    /// Applies a change as the watch (or a load) saw it: an undecodable put is recorded as
+    /// skipped and applied as a delete, so every replica serves the same state.
+    fn apply_change(&mut self, change: Change, dirty: &mut Dirty) {
+        if let Some(skipped) = change.undecodable {
+            self.apply(change.key.clone(), None, dirty);
+            self.skipped.insert(change.key, skipped);
+            return;
+        }
+        self.apply(change.key, change.record, dirty);
+    }
+
+    /// The records skipped now, sorted by key.
+    pub fn skipped(&self) -> Vec<pb::SkippedRecord> {
+        self.skipped.values().cloned().collect()
+    }
+
     fn apply(&mut self, key: RecordKey, record: Option<Record>, dirty: &mut Dirty) {
+        // Whatever was skipped under this key is superseded by this change (an invalid
+        // function below records itself again).
+        if !self.skipped.is_empty() {
+            self.skipped.remove(&key);
+        }
         match (key, record) {
             (RecordKey::Function(key), Some(Record::Function(stored))) => {
+                let version = stored.version;
                 match FunctionSpec::try_from(stored.spec) {
                     Ok(spec) => {
-                        self.functions.insert(
-                            key.clone(),
-                            Arc::new(CachedFunction {
-                                spec,
-                                version: stored.version,
-                            }),
-                        );
+                        self.functions
+                            .insert(key.clone(), Arc::new(CachedFunction { spec, version }));
                     }
                     Err(error) => {
                         tracing::error!(function = %key, %error, "ignoring invalid stored function");
                         self.functions.remove(&key);
+                        let record = pb::SkippedRecord {
+                            key: format!("{}functions/{}/{}", self.prefix, key.namespace, key.name),
+                            error: format!("stored function is not valid: {error}"),
+                            revision: version,
+                        };
+                        self.skipped
+                            .insert(RecordKey::Function(key.clone()), record);
                     }
                 }
                 dirty.functions.insert(key);
@@ -294,6 +324,20 @@ pub struct Outputs {
     pub ready: watch::Sender<bool>,
     /// Told when each routing change was seen, for the propagation-latency histogram.
     pub metrics: Option<Arc<Metrics>>,
+    /// The records skipped now (see [`MeshState::skipped`]), republished when they change.
+    pub skipped: Option<watch::Sender<Arc<Vec<pb::SkippedRecord>>>>,
+}
+
+/// Publishes the skipped records if they changed.
+fn publish_skipped(
+    state: &MeshState,
+    skipped: Option<&watch::Sender<Arc<Vec<pb::SkippedRecord>>>>,
+) {
+    let Some(skipped) = skipped else { return };
+    let now = state.skipped();
+    if **skipped.borrow() != now {
+        skipped.send_replace(Arc::new(now));
+    }
 }
 
 /// Runs forever: keeps `outputs` holding the newest tables and scheduler view.
@@ -303,6 +347,7 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
         views,
         ready,
         metrics,
+        skipped,
     } = outputs;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut topology = Topology::default();
@@ -318,12 +363,19 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
         };
         let mut state = MeshState {
             revision: snapshot.revision,
+            prefix: store.keys().prefix().to_owned(),
             ..Default::default()
         };
         let mut dirty = Dirty::default();
         for (key, record) in snapshot.records {
             state.apply(key, Some(record), &mut dirty);
         }
+        for record in snapshot.skipped {
+            if let Some(key) = store.keys().parse(record.key.as_bytes()) {
+                state.skipped.insert(key, record);
+            }
+        }
+        publish_skipped(&state, skipped.as_ref());
         // A reload replaces the view whole (a compaction may have hidden deletions).
         views.send_replace(Arc::new(state.scheduler_view(None)));
         let previous = publish.borrow().clone();
@@ -340,6 +392,7 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
             revision = snapshot.revision,
             functions = state.functions.len(),
             agents = state.agents.len(),
+            skipped = state.skipped.len(),
             "loaded state from etcd"
         );
         backoff.reset();
@@ -348,6 +401,7 @@ pub async fn run(store: Store, config: CacheConfig, outputs: Outputs) {
             publish: &publish,
             views: &views,
             metrics: metrics.as_deref(),
+            skipped: skipped.as_ref(),
         };
         match follow(&store, &config, &mut state, &outputs, &mut topology).await {
             StoreError::Compacted(revision) => {
@@ -366,6 +420,7 @@ struct Follow<'a> {
     publish: &'a watch::Sender<Arc<Tables>>,
     views: &'a watch::Sender<Arc<SchedulerView>>,
     metrics: Option<&'a Metrics>,
+    skipped: Option<&'a watch::Sender<Arc<Vec<pb::SkippedRecord>>>>,
 }
 
 /// Follows the watch from the state's revision; returns when it must reload.
@@ -380,6 +435,7 @@ async fn follow(
         publish,
         views,
         metrics,
+        skipped,
     } = *outputs;
     let mut next_revision = state.revision + 1;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -439,8 +495,9 @@ async fn follow(
                 {
                     trace = Some(Arc::new(record.clone()));
                 }
-                state.apply(change.key, change.record, &mut dirty);
+                state.apply_change(change, &mut dirty);
             }
+            publish_skipped(state, skipped);
             if last_revision > 0 {
                 next_revision = last_revision + 1;
             }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cache;
 pub mod election;
 pub mod metrics;
+pub mod page;
 pub mod push;
 pub mod scheduler;
 pub mod spec;

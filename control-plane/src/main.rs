@@ -14,6 +14,7 @@ use meridian_control_plane::election::{self, ElectionConfig, ElectionState};
 use meridian_control_plane::metrics::{self, Metrics};
 use meridian_control_plane::push::{self, AgentPush, PushConfig};
 use meridian_control_plane::scheduler::{SchedulerConfig, SchedulerView};
+use meridian_control_plane::spec::SpecLimits;
 use meridian_control_plane::store::Store;
 use meridian_control_plane::table::Tables;
 use meridian_control_plane::trace::Tracing;
@@ -67,6 +68,52 @@ struct Args {
     /// replica runs without one and says so].
     #[arg(long, env = "MERIDIAN_ADMIN")]
     admin: Option<String>,
+    /// Largest function spec accepted, in encoded bytes (etcd refuses requests over 1.5 MiB).
+    #[arg(long, env = "MERIDIAN_MAX_SPEC_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024))]
+    max_spec_bytes: u64,
+    /// Largest total of a process function's args, in bytes.
+    #[arg(long, env = "MERIDIAN_MAX_ARGS_BYTES", default_value_t = 64 * 1024)]
+    max_args_bytes: usize,
+    /// Largest total of a process function's env names and values, in bytes.
+    #[arg(long, env = "MERIDIAN_MAX_ENV_BYTES", default_value_t = 64 * 1024)]
+    max_env_bytes: usize,
+    /// Most labels on one function.
+    #[arg(long, env = "MERIDIAN_MAX_LABELS", default_value_t = 64)]
+    max_labels: usize,
+    /// Longest URL of an external function, in bytes.
+    #[arg(long, env = "MERIDIAN_MAX_URL_BYTES", default_value_t = 2048)]
+    max_url_bytes: usize,
+    /// Most functions one namespace may hold.
+    #[arg(
+        long,
+        env = "MERIDIAN_MAX_FUNCTIONS_PER_NAMESPACE",
+        default_value_t = 10_000
+    )]
+    max_functions_per_namespace: usize,
+}
+
+/// The largest gRPC message this server decodes: a spec at `--max-spec-bytes` (at most 1 MiB)
+/// fits with room to spare, so an oversized spec is answered with the field and the limit
+/// rather than a transport error. Agent messages are reports, far smaller.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// The largest message it sends: answers are paged and table updates come in parts well under
+/// this, so reaching it would be a bug, reported as an error rather than sent.
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Concurrent streams per HTTP/2 connection: an agent needs one, the CLI a few; a client
+/// opening thousands is refused streams rather than served them all.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Requests served at once per connection, beyond which they wait.
+const CONCURRENCY_PER_CONNECTION: usize = 256;
+
+/// Sets a generated service's message-size limits explicitly (tonic's defaults are 4 MiB in
+/// and unlimited out).
+macro_rules! limited {
+    ($service:expr) => {
+        $service
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    };
 }
 
 /// The admin listener's address when `--admin` is not given.
@@ -121,7 +168,16 @@ async fn run() -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot set up etcd client for {:?}", args.etcd_endpoints))?;
 
+    let limits = SpecLimits {
+        spec_bytes: usize::try_from(args.max_spec_bytes).unwrap_or(usize::MAX),
+        args_bytes: args.max_args_bytes,
+        env_bytes: args.max_env_bytes,
+        labels: args.max_labels,
+        url_bytes: args.max_url_bytes,
+        functions_per_namespace: args.max_functions_per_namespace,
+    };
     let (tables_tx, tables_rx) = watch::channel(Arc::new(Tables::default()));
+    let (skipped_tx, skipped_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (status_tx, status_rx) = mpsc::channel(65_536);
@@ -158,6 +214,7 @@ async fn run() -> anyhow::Result<()> {
             views: views_tx,
             ready: ready_tx,
             metrics: Some(Arc::clone(&metrics)),
+            skipped: Some(skipped_tx),
         },
     ));
     tokio::spawn(push::run_status_writer(
@@ -178,11 +235,12 @@ async fn run() -> anyhow::Result<()> {
         Arc::clone(&election_state),
     ));
     if let Some(listener) = admin_listener {
-        let registry = metrics::registry(
+        let mut registry = metrics::registry(
             Arc::clone(&metrics),
             tables_rx.clone(),
             Arc::clone(&election_state),
         );
+        metrics::register_skipped(&mut registry, skipped_rx.clone());
         let admin = Arc::new(admin::new(registry, ready_rx.clone()));
         if let Ok(address) = listener.local_addr() {
             tracing::info!("admin listening on {address}");
@@ -259,21 +317,28 @@ async fn run() -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FunctionServiceServer::new(
-            FunctionApi::new(store.clone()).with_tracing(tracing),
-        ))
-        .add_service(MeshServiceServer::new(MeshApi::new(
+        .add_service(limited!(FunctionServiceServer::new(
+            FunctionApi::new(store.clone())
+                .with_tracing(tracing)
+                .with_limits(limits),
+        )))
+        .add_service(limited!(MeshServiceServer::new(MeshApi::new(
             store.clone(),
             tables_rx,
+        ))))
+        .add_service(limited!(ScaleServiceServer::new(ScaleApi::new(
+            store.clone()
+        ))))
+        .add_service(limited!(ControlPlaneServiceServer::new(
+            ControlPlaneApi::new(store.clone()).with_skipped(skipped_rx),
         )))
-        .add_service(ScaleServiceServer::new(ScaleApi::new(store.clone())))
-        .add_service(ControlPlaneServiceServer::new(ControlPlaneApi::new(
-            store.clone(),
-        )))
-        .add_service(AgentServiceServer::new(push))
+        .add_service(limited!(AgentServiceServer::new(push)))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY a small push can wait ~40 ms on the agent's delayed ACK.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -307,6 +307,33 @@ impl Collector for StateCollector {
     }
 }
 
+/// Encodes the count of etcd records the cache skipped, read at scrape time.
+#[derive(Debug)]
+struct SkippedCollector {
+    skipped: watch::Receiver<Arc<Vec<meridian_proto::v1::SkippedRecord>>>,
+}
+
+impl Collector for SkippedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> FmtResult {
+        let count = self.skipped.borrow().len();
+        let gauge = encoder.encode_descriptor(
+            "meridian_etcd_skipped_records",
+            "Records in etcd this replica skipped because it cannot read them (meridianctl status lists their keys).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX)).encode(gauge)
+    }
+}
+
+/// Adds `meridian_etcd_skipped_records` to `registry`.
+pub fn register_skipped(
+    registry: &mut Registry,
+    skipped: watch::Receiver<Arc<Vec<meridian_proto::v1::SkippedRecord>>>,
+) {
+    registry.register_collector(Box::new(SkippedCollector { skipped }));
+}
+
 /// A registry exporting `metrics` and the state behind the gauges.
 pub fn registry(
     metrics: Arc<Metrics>,

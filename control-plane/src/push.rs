@@ -67,6 +67,72 @@ pub struct AgentIdentity {
     pub gateway: String,
     /// The agent's API (logs); empty when it serves none.
     pub api_address: String,
+    /// What it lets process functions run, when it says.
+    pub command_policy: Option<pb::CommandPolicy>,
+}
+
+/// Directories an agent may announce as allowed command roots, at most.
+const MAX_COMMAND_ROOTS: usize = 64;
+/// Sidecars one agent may report, at most; the rest are dropped (and logged).
+pub const MAX_REPORTED_SIDECARS: usize = 256;
+/// Longest reason or name kept from an agent's reports: they end up in etcd and on screens.
+const MAX_REPORTED_TEXT: usize = 1024;
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Checks the command policy of a Hello.
+fn check_policy(policy: &pb::CommandPolicy) -> Result<(), HelloError> {
+    if policy.allowed_roots.len() > MAX_COMMAND_ROOTS {
+        return Err(HelloError {
+            field: "commandPolicy.allowedRoots",
+            problem: format!("more than {MAX_COMMAND_ROOTS} roots"),
+        });
+    }
+    for root in &policy.allowed_roots {
+        let valid =
+            root.starts_with('/') && root.len() <= 4096 && !root.chars().any(char::is_control);
+        if !valid {
+            return Err(HelloError {
+                field: "commandPolicy.allowedRoots",
+                problem: format!("{root:?} is not an absolute path"),
+            });
+        }
+    }
+    if policy.run_as.len() > 256 || policy.run_as.chars().any(char::is_control) {
+        return Err(HelloError {
+            field: "commandPolicy.runAs",
+            problem: "not a user name".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The sidecar statuses of a report, bounded: at most [`MAX_REPORTED_SIDECARS`], with names
+/// and reasons cut to [`MAX_REPORTED_TEXT`], sorted by name.
+pub fn bounded_sidecars(report: pb::SidecarReport) -> Vec<pb::SidecarStatus> {
+    let mut sidecars: Vec<pb::SidecarStatus> = report
+        .sidecars
+        .into_iter()
+        .take(MAX_REPORTED_SIDECARS)
+        .map(|mut sidecar| {
+            sidecar.sidecar = truncated(sidecar.sidecar, MAX_REPORTED_TEXT);
+            sidecar.error = truncated(sidecar.error, MAX_REPORTED_TEXT);
+            sidecar
+        })
+        .collect();
+    sidecars.sort_by(|a, b| a.sidecar.cmp(&b.sidecar));
+    sidecars
 }
 
 /// A hello field that is wrong.
@@ -121,6 +187,9 @@ impl TryFrom<&pb::Hello> for AgentIdentity {
                 problem,
             })?;
         }
+        if let Some(policy) = &hello.command_policy {
+            check_policy(policy)?;
+        }
         Ok(Self {
             agent_id: hello.agent_id.clone(),
             region: hello.region.clone(),
@@ -128,6 +197,7 @@ impl TryFrom<&pb::Hello> for AgentIdentity {
             cloud: hello.cloud.clone(),
             gateway: hello.gateway.clone(),
             api_address: hello.api_address.clone(),
+            command_policy: hello.command_policy.clone(),
         })
     }
 }
@@ -427,6 +497,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             cloud: identity.cloud.clone(),
             gateway: identity.gateway.clone(),
             api_address: identity.api_address.clone(),
+            command_policy: identity.command_policy.clone(),
             connected_since_unix_ms: connected_since,
             replica: self.config.replica_id.clone(),
             ..Default::default()
@@ -789,6 +860,14 @@ impl Session {
                 Flow::Continue
             }
             Some(Kind::Heartbeat(_)) => Flow::Continue,
+            Some(Kind::Sidecars(report)) => {
+                let sidecars = bounded_sidecars(report);
+                if sidecars != self.status.sidecars {
+                    self.status.sidecars = sidecars;
+                    self.report_status();
+                }
+                Flow::Continue
+            }
             Some(Kind::Scale(report)) => {
                 self.scale_desired = self.scale_records(report);
                 self.flush_scale();

@@ -21,7 +21,115 @@ pub const DEFAULT_PER_TRY_TIMEOUT_MS: u32 = 5_000;
 pub const MAX_TIMEOUT_MS: u32 = 3_600_000;
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
 pub const MAX_RETRIES_LIMIT: u32 = 5;
-const MAX_LABELS: usize = 64;
+/// Fixed bounds on the parts of a spec that have no configurable limit: generous for any real
+/// function, and small enough that no list or string can grow a record without bound.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+pub const MAX_READINESS_PATH_BYTES: usize = 2048;
+/// Regions of an external runtime or a placement, and entries of `failoverOrder`.
+pub const MAX_REGIONS: usize = 64;
+/// URLs of one region of an external runtime.
+pub const MAX_URLS_PER_REGION: usize = 64;
+pub const MAX_RETRYABLE_METHODS: usize = 16;
+
+/// The limits the API enforces on what a spec may grow, before anything is stored. Configurable
+/// on the control plane (`--max-spec-bytes` and friends); stored specs are never judged by them
+/// again, so lowering a limit never takes a running function out of the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecLimits {
+    /// Encoded size of the whole spec. Default 256 KiB, well under etcd's 1.5 MiB request limit.
+    pub spec_bytes: usize,
+    /// Sum of the lengths of `spec.runtime.process.args`. Default 64 KiB.
+    pub args_bytes: usize,
+    /// Sum of the lengths of the names and values of `spec.runtime.process.env`. Default 64 KiB.
+    pub env_bytes: usize,
+    /// Labels in `metadata.labels`. Default 64.
+    pub labels: usize,
+    /// Length of one URL of `spec.runtime.external`. Default 2 KiB.
+    pub url_bytes: usize,
+    /// Functions one namespace may hold. Default 10,000.
+    pub functions_per_namespace: usize,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            spec_bytes: 256 * 1024,
+            args_bytes: 64 * 1024,
+            env_bytes: 64 * 1024,
+            labels: 64,
+            url_bytes: 2 * 1024,
+            functions_per_namespace: 10_000,
+        }
+    }
+}
+
+impl SpecLimits {
+    /// Checks a wire spec against the limits, naming the field and the limit (and the flag
+    /// that sets it) on the first one exceeded. Runs before validation, so an oversized spec is
+    /// refused for its size whatever else is wrong with it.
+    pub fn check(&self, spec: &pb::FunctionSpec) -> Result<(), SpecError> {
+        let over = |field: &str, size: usize, limit: usize, flag: &str| {
+            SpecError::new(
+                field,
+                format!("{size} bytes, more than the limit of {limit} bytes ({flag})"),
+            )
+        };
+        if spec.labels.len() > self.labels {
+            return Err(SpecError::new(
+                "metadata.labels",
+                format!(
+                    "{} labels, more than the limit of {} (--max-labels)",
+                    spec.labels.len(),
+                    self.labels
+                ),
+            ));
+        }
+        match &spec.runtime {
+            Some(pb::function_spec::Runtime::Process(process)) => {
+                let args: usize = process.args.iter().map(String::len).sum();
+                if args > self.args_bytes {
+                    return Err(over(
+                        "spec.runtime.process.args",
+                        args,
+                        self.args_bytes,
+                        "--max-args-bytes",
+                    ));
+                }
+                let env: usize = process.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if env > self.env_bytes {
+                    return Err(over(
+                        "spec.runtime.process.env",
+                        env,
+                        self.env_bytes,
+                        "--max-env-bytes",
+                    ));
+                }
+            }
+            Some(pb::function_spec::Runtime::External(external)) => {
+                for (index, region) in external.regions.iter().enumerate() {
+                    for (url_index, url) in region.urls.iter().enumerate() {
+                        if url.len() > self.url_bytes {
+                            return Err(over(
+                                &format!(
+                                    "spec.runtime.external.regions[{index}].urls[{url_index}]"
+                                ),
+                                url.len(),
+                                self.url_bytes,
+                                "--max-url-bytes",
+                            ));
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        let size = prost::Message::encoded_len(spec);
+        if size > self.spec_bytes {
+            return Err(over("spec", size, self.spec_bytes, "--max-spec-bytes"));
+        }
+        Ok(())
+    }
+}
 
 /// A spec field that is wrong, and why. Displays as `field.path: problem`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -172,13 +280,33 @@ fn unique_regions<'a>(
     Ok(())
 }
 
-fn check_label_map(labels: &std::collections::HashMap<String, String>) -> Result<(), SpecError> {
-    if labels.len() > MAX_LABELS {
+/// Refuses control characters: NUL, CR and LF in a command, argument, variable or URL end up in
+/// logs, in HTTP requests and in `exec`, where they split lines and truncate strings. A tab is
+/// allowed where the value is free text (`tab_ok`).
+fn no_control_characters(field: &str, value: &str, tab_ok: bool) -> Result<(), SpecError> {
+    match value
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !(tab_ok && *c == '\t'))
+    {
+        None => Ok(()),
+        Some((index, c)) => Err(SpecError::new(
+            field,
+            format!("contains the control character {c:?} at byte {index}"),
+        )),
+    }
+}
+
+fn at_most<T>(field: &str, items: &[T], limit: usize) -> Result<(), SpecError> {
+    if items.len() > limit {
         return Err(SpecError::new(
-            "metadata.labels",
-            format!("at most {MAX_LABELS} labels"),
+            field,
+            format!("{} entries, more than the limit of {limit}", items.len()),
         ));
     }
+    Ok(())
+}
+
+fn check_label_map(labels: &std::collections::HashMap<String, String>) -> Result<(), SpecError> {
     let valid = |s: &str| {
         s.len() <= 63
             && s.chars()
@@ -228,6 +356,11 @@ pub fn url_authority(url: &str) -> Result<String, String> {
     };
     if host.is_empty() || host.contains(char::is_whitespace) {
         return Err(format!("{url:?} has an invalid host"));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{url:?} contains whitespace or a control character"
+        ));
     }
     Ok(format!("{host}:{port}"))
 }
@@ -302,16 +435,49 @@ impl TryFrom<pb::FunctionSpec> for FunctionSpec {
 
 fn process_runtime(process: pb::ProcessRuntime) -> Result<ProcessRuntime, SpecError> {
     const FIELD: &str = "spec.runtime.process";
+    let command_field = format!("{FIELD}.command");
     if process.command.trim().is_empty() {
+        return Err(SpecError::new(command_field, "must not be empty"));
+    }
+    if process.command.len() > MAX_COMMAND_BYTES {
         return Err(SpecError::new(
-            format!("{FIELD}.command"),
-            "must not be empty",
+            command_field,
+            format!(
+                "{} bytes, more than the limit of {MAX_COMMAND_BYTES}",
+                process.command.len()
+            ),
         ));
+    }
+    no_control_characters(&command_field, &process.command, false)?;
+    if process.command.split('/').any(|part| part == "..") {
+        return Err(SpecError::new(
+            command_field,
+            "must not contain '..' components: name the command inside the agents' allowed command roots",
+        ));
+    }
+    for (index, arg) in process.args.iter().enumerate() {
+        no_control_characters(&format!("{FIELD}.args[{index}]"), arg, true)?;
     }
     if !process.readiness_path.is_empty() && !process.readiness_path.starts_with('/') {
         return Err(SpecError::new(
             format!("{FIELD}.readinessPath"),
             "must start with '/'",
+        ));
+    }
+    if process.readiness_path.len() > MAX_READINESS_PATH_BYTES {
+        return Err(SpecError::new(
+            format!("{FIELD}.readinessPath"),
+            format!("more than {MAX_READINESS_PATH_BYTES} bytes"),
+        ));
+    }
+    if process
+        .readiness_path
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(SpecError::new(
+            format!("{FIELD}.readinessPath"),
+            "must not contain whitespace or control characters",
         ));
     }
     for key in process.env.keys() {
@@ -324,6 +490,9 @@ fn process_runtime(process: pb::ProcessRuntime) -> Result<ProcessRuntime, SpecEr
                 "environment variable names are letters, digits and '_', not starting with a digit",
             ));
         }
+    }
+    for (key, value) in &process.env {
+        no_control_characters(&format!("{FIELD}.env.{key}"), value, true)?;
     }
     Ok(ProcessRuntime {
         command: process.command,
@@ -340,6 +509,7 @@ fn external_runtime(
     if external.regions.is_empty() {
         return Err(SpecError::new(FIELD, "must list at least one region"));
     }
+    at_most(FIELD, &external.regions, MAX_REGIONS)?;
     unique_regions(
         FIELD,
         external.regions.iter().map(|r| r.region.as_str()),
@@ -351,6 +521,7 @@ fn external_runtime(
         if region.urls.is_empty() {
             return Err(SpecError::new(field, "must list at least one URL"));
         }
+        at_most(&field, &region.urls, MAX_URLS_PER_REGION)?;
         for (url_index, url) in region.urls.iter().enumerate() {
             url_authority(url).map_err(|e| SpecError::new(format!("{field}[{url_index}]"), e))?;
         }
@@ -412,6 +583,7 @@ fn placement(placement: pb::Placement, scaling: &Scaling) -> Result<Placement, S
         ));
     }
     let field = format!("{FIELD}.regions");
+    at_most(&field, &placement.regions, MAX_REGIONS)?;
     unique_regions(
         &field,
         placement.regions.iter().map(|r| r.region.as_str()),
@@ -487,6 +659,16 @@ fn routing(routing: pb::RoutingPolicy) -> Result<RoutingPolicy, SpecError> {
             format!("{max_retries} is more than the limit of {MAX_RETRIES_LIMIT}"),
         ));
     }
+    at_most(
+        &format!("{FIELD}.retryableMethods"),
+        &routing.retryable_methods,
+        MAX_RETRYABLE_METHODS,
+    )?;
+    at_most(
+        &format!("{FIELD}.failoverOrder"),
+        &routing.failover_order,
+        MAX_REGIONS,
+    )?;
     let mut methods = BTreeSet::new();
     for (index, method) in routing.retryable_methods.iter().enumerate() {
         let field = format!("{FIELD}.retryableMethods[{index}]");

@@ -24,10 +24,30 @@ const MAX_TXN_BYTES: usize = 1024 * 1024;
 /// etcd also bounds the compares of a transaction by `--max-txn-ops`.
 pub const MAX_FENCED_WRITES: usize = 64;
 
+/// Records read per etcd request when loading a range. A page this size of ordinary records is
+/// tens of KB; a page of records near the spec limit is halved until it fits [`MAX_READ_BYTES`].
+pub const PAGE_RECORDS: usize = 500;
+
+/// The largest etcd answer this client decodes: generous, because a page is cut by count, not
+/// size; a page that still does not fit is read again in halves.
+const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// etcd could not be reached or did not answer: worth retrying.
     #[error("etcd request failed: {0}")]
     Etcd(#[source] etcd_client::Error),
+    /// etcd answered that the request itself is wrong (too large, too many operations):
+    /// retrying the same request cannot help.
+    #[error("etcd refused the request: {0}")]
+    Refused(String),
+    /// A create would take the namespace over its quota of functions.
+    #[error("namespace {namespace:?} already has {count} functions, the most it may hold (--max-functions-per-namespace {limit})")]
+    QuotaExceeded {
+        namespace: String,
+        count: usize,
+        limit: usize,
+    },
     #[error("the stored version is {current}, not the expected {expected}")]
     Conflict { expected: i64, current: i64 },
     #[error("not found")]
@@ -42,8 +62,58 @@ pub enum StoreError {
 
 impl From<etcd_client::Error> for StoreError {
     fn from(error: etcd_client::Error) -> Self {
-        Self::Etcd(error)
+        match &error {
+            etcd_client::Error::GRpcStatus(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                Self::Refused(status.message().to_owned())
+            }
+            etcd_client::Error::GRpcStatus(status)
+                if status.code() == tonic::Code::OutOfRange
+                    && status.message().contains("compacted") =>
+            {
+                Self::Compacted(0)
+            }
+            _ => Self::Etcd(error),
+        }
     }
+}
+
+impl StoreError {
+    /// Whether the same request may succeed later (etcd unreachable, a lost race).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Etcd(_) | Self::WatchClosed(_) | Self::LeaseLost)
+    }
+}
+
+/// Whether an etcd error is our client refusing an answer larger than it decodes.
+fn answer_too_large(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large"))
+}
+
+/// The end of the key range of everything that starts with `prefix` (etcd's prefix rule: the
+/// prefix with its last byte below 0xff incremented).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff (never for our keys): the range has no end.
+    vec![0]
+}
+
+/// The key right after `key` in etcd's order: where a page continues.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
 }
 
 /// A function as stored: the normalized spec and its versions.
@@ -185,6 +255,9 @@ pub struct Change {
     /// For a delete of a function: what was stored before.
     pub previous: Option<Record>,
     pub revision: i64,
+    /// A put whose value cannot be decoded: reported, and treated as a delete (`record` is
+    /// `None`), so that every replica serves the same state whether it loaded or watched it.
+    pub undecodable: Option<pb::SkippedRecord>,
 }
 
 /// Everything under the prefix at one revision.
@@ -192,6 +265,20 @@ pub struct Change {
 pub struct Snapshot {
     pub records: Vec<(RecordKey, Record)>,
     pub revision: i64,
+    /// Records that could not be decoded, left out of `records`.
+    pub skipped: Vec<pb::SkippedRecord>,
+}
+
+/// One page of a paged read.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<(RecordKey, Record)>,
+    /// The revision every page of the read is taken at.
+    pub revision: i64,
+    pub skipped: Vec<pb::SkippedRecord>,
+    /// The raw key of the last record read (decoded or not), where the next page starts
+    /// after; `None` when the range is exhausted.
+    pub next_after: Option<String>,
 }
 
 /// A function deleted: the version it had, and the revision of the delete.
@@ -222,6 +309,11 @@ impl Keys {
             prefix.push('/');
         }
         Self { prefix }
+    }
+
+    /// The prefix every key starts with (ending in `/`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The key range that routing tables depend on: `agents/`, `endpoints/` and `functions/`,
@@ -428,38 +520,143 @@ impl Store {
     }
 
     fn decode_kv(&self, kv: &etcd_client::KeyValue) -> Option<(RecordKey, Record)> {
+        match self.decode_entry(kv)? {
+            Ok(decoded) => Some(decoded),
+            Err(_) => None,
+        }
+    }
+
+    /// Decodes a key-value; `None` for keys of no known kind, `Err` (logged with the key) for a
+    /// value that cannot be decoded.
+    fn decode_entry(
+        &self,
+        kv: &etcd_client::KeyValue,
+    ) -> Option<Result<(RecordKey, Record), pb::SkippedRecord>> {
         let key = self.keys.parse(kv.key())?;
-        match decode(&key, kv) {
-            Ok(record) => Some((key, record)),
+        Some(match decode(&key, kv) {
+            Ok(record) => Ok((key, record)),
             Err(error) => {
+                let raw = String::from_utf8_lossy(kv.key()).into_owned();
                 // A value we cannot read must not take the whole mesh down: skip it, loudly.
-                tracing::error!(key = %String::from_utf8_lossy(kv.key()), %error, "skipping undecodable value in etcd");
-                None
+                tracing::error!(key = %raw, %error, "skipping undecodable value in etcd");
+                Err(pb::SkippedRecord {
+                    key: raw,
+                    error: format!("cannot decode: {error}"),
+                    revision: kv.mod_revision(),
+                })
+            }
+        })
+    }
+
+    /// Everything under `prefix` (a full key prefix from [`Keys`]) at one revision, read in
+    /// pages.
+    pub async fn load(&self, prefix: &str) -> Result<Snapshot, StoreError> {
+        self.load_range((
+            prefix.to_owned(),
+            String::from_utf8_lossy(&prefix_end(prefix)).into_owned(),
+        ))
+        .await
+    }
+
+    /// Everything in `[start, end)` at one revision, read in pages of [`PAGE_RECORDS`]: no
+    /// answer grows with the number of records. Fails with [`StoreError::Compacted`] if etcd
+    /// compacts the revision before the last page is read (load again).
+    pub async fn load_range(&self, (start, end): (String, String)) -> Result<Snapshot, StoreError> {
+        let mut snapshot = Snapshot::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .read_page(
+                    (&start, &end),
+                    after.as_deref(),
+                    PAGE_RECORDS,
+                    snapshot.revision,
+                )
+                .await?;
+            snapshot.revision = page.revision;
+            snapshot.records.extend(page.records);
+            snapshot.skipped.extend(page.skipped);
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => return Ok(snapshot),
             }
         }
     }
 
-    /// Everything under `prefix` (a full key prefix from [`Keys`]) at one revision.
-    pub async fn load(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-        self.load_with(prefix, GetOptions::new().with_prefix())
-            .await
+    /// One page of `[start, end)`: at most `limit` records after the raw key `after`, read at
+    /// `revision` (0: now; the page says which revision it read). A page too large for the
+    /// client is read again in halves, down to one record.
+    pub async fn read_page(
+        &self,
+        (start, end): (&str, &str),
+        after: Option<&str>,
+        limit: usize,
+        revision: i64,
+    ) -> Result<Page, StoreError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_READ_BYTES);
+        let from = match after {
+            Some(after) => key_after(after.as_bytes()),
+            None => start.as_bytes().to_vec(),
+        };
+        let mut limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let response = loop {
+            let options = GetOptions::new()
+                .with_range(end.as_bytes().to_vec())
+                .with_limit(limit)
+                .with_revision(revision);
+            match kv.get(from.clone(), Some(options)).await {
+                Ok(response) => break response,
+                Err(error) if answer_too_large(&error) && limit > 1 => limit = (limit / 2).max(1),
+                Err(error) => {
+                    return Err(match StoreError::from(error) {
+                        StoreError::Compacted(_) => StoreError::Compacted(revision),
+                        other => other,
+                    })
+                }
+            }
+        };
+        let mut page = Page {
+            revision: if revision > 0 {
+                revision
+            } else {
+                response.header().map(|h| h.revision()).unwrap_or_default()
+            },
+            ..Page::default()
+        };
+        for kv in response.kvs() {
+            match self.decode_entry(kv) {
+                Some(Ok(record)) => page.records.push(record),
+                Some(Err(skipped)) => page.skipped.push(skipped),
+                None => {}
+            }
+        }
+        if response.more() {
+            page.next_after = response
+                .kvs()
+                .last()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned());
+        }
+        Ok(page)
     }
 
-    /// Everything in `[start, end)` at one revision.
-    pub async fn load_range(&self, (start, end): (String, String)) -> Result<Snapshot, StoreError> {
-        self.load_with(&start, GetOptions::new().with_range(end))
-            .await
-    }
-
-    async fn load_with(&self, key: &str, options: GetOptions) -> Result<Snapshot, StoreError> {
-        let response = self.client.kv_client().get(key, Some(options)).await?;
-        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
-        let records = response
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.decode_kv(kv))
-            .collect();
-        Ok(Snapshot { records, revision })
+    /// How many keys start with `prefix`, now.
+    pub async fn count(&self, prefix: &str) -> Result<usize, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_range(prefix_end(prefix))
+                        .with_count_only(),
+                ),
+            )
+            .await?;
+        Ok(usize::try_from(response.count()).unwrap_or(usize::MAX))
     }
 
     pub async fn get_function(&self, key: &FunctionKey) -> Result<StoredFunction, StoreError> {
@@ -491,6 +688,31 @@ impl Store {
         Ok((functions, snapshot.revision))
     }
 
+    /// One page of functions of one namespace (or all) after `after` (exclusive), read at
+    /// `revision` (0: now).
+    pub async fn list_functions_page(
+        &self,
+        namespace: Option<&str>,
+        after: Option<&FunctionKey>,
+        limit: usize,
+        revision: i64,
+    ) -> Result<(Vec<StoredFunction>, Page), StoreError> {
+        let prefix = self.keys.functions(namespace);
+        let end = String::from_utf8_lossy(&prefix_end(&prefix)).into_owned();
+        let after = after.map(|key| self.keys.function(key));
+        let mut page = self
+            .read_page((&prefix, &end), after.as_deref(), limit, revision)
+            .await?;
+        let functions = std::mem::take(&mut page.records)
+            .into_iter()
+            .filter_map(|(_, record)| match record {
+                Record::Function(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        Ok((functions, page))
+    }
+
     /// Creates or updates a function. With `expected_version`, the write happens only if the
     /// stored version is exactly that; without, it overwrites, retrying on concurrent writers.
     /// An identical spec is not rewritten (its version stays).
@@ -501,12 +723,15 @@ impl Store {
         expected_version: Option<i64>,
         dry_run: bool,
     ) -> Result<(StoredFunction, PutOutcome), StoreError> {
-        self.put_function_traced(key, spec, expected_version, dry_run, None)
+        self.put_function_traced(key, spec, expected_version, dry_run, None, None)
             .await
     }
 
     /// [`Store::put_function`], writing `trace` (when given) to [`Keys::change_trace`] in the
-    /// same transaction as the function, so that both have the change's revision.
+    /// same transaction as the function, so that both have the change's revision. With
+    /// `quota`, a create in a namespace that already holds that many functions is refused
+    /// ([`StoreError::QuotaExceeded`]). The count is read before the write, so creates racing
+    /// each other can overshoot the quota by as many as run at once.
     pub async fn put_function_traced(
         &self,
         key: &FunctionKey,
@@ -514,6 +739,7 @@ impl Store {
         expected_version: Option<i64>,
         dry_run: bool,
         trace: Option<&pb::ChangeTrace>,
+        quota: Option<usize>,
     ) -> Result<(StoredFunction, PutOutcome), StoreError> {
         let etcd_key = self.keys.function(key);
         let trace_put =
@@ -551,6 +777,18 @@ impl Store {
             } else {
                 PutOutcome::Configured
             };
+            if let (PutOutcome::Created, Some(limit)) = (outcome, quota) {
+                let count = self
+                    .count(&self.keys.functions(Some(&key.namespace)))
+                    .await?;
+                if count >= limit {
+                    return Err(StoreError::QuotaExceeded {
+                        namespace: key.namespace.clone(),
+                        count,
+                        limit,
+                    });
+                }
+            }
             if dry_run {
                 return Ok((
                     StoredFunction {
@@ -1069,7 +1307,14 @@ impl Store {
     }
 
     async fn start_watch(&self, key: &str, options: WatchOptions) -> Result<Watch, StoreError> {
-        let stream = self.client.watch_client().watch(key, Some(options)).await?;
+        // A watch response batches the events of a revision: a transaction of many records
+        // near the spec limit is larger than tonic's 4 MiB default.
+        let stream = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_READ_BYTES)
+            .watch(key, Some(options))
+            .await?;
         Ok(Watch {
             stream,
             keys: self.keys.clone(),
@@ -1219,18 +1464,20 @@ impl Watch {
                     .prev_kv()
                     .and_then(|prev| self.store.decode_kv(prev))
                     .map(|(_, record)| record);
-                let record = match event.event_type() {
-                    EventType::Put => match self.store.decode_kv(kv) {
-                        Some((_, record)) => Some(record),
+                let (record, undecodable) = match event.event_type() {
+                    EventType::Put => match self.store.decode_entry(kv) {
+                        Some(Ok((_, record))) => (Some(record), None),
+                        Some(Err(skipped)) => (None, Some(skipped)),
                         None => continue,
                     },
-                    EventType::Delete => None,
+                    EventType::Delete => (None, None),
                 };
                 batch.changes.push(Change {
                     key,
                     record,
                     previous,
                     revision: kv.mod_revision(),
+                    undecodable,
                 });
             }
             return Ok(batch);

@@ -8,44 +8,25 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use meridian_proto::updates::{self, PartLimits};
 use meridian_proto::v1 as pb;
 
 use crate::spec::{FunctionKey, FunctionSpec, Runtime};
 
 /// Functions per part of an update: about 20 KB encoded with three tiers. Bounding the part
 /// bounds the buffers each agent stream keeps (they retain the capacity of their largest
-/// message), which is what makes 10,000 streams affordable.
+/// message), which is what makes 10,000 streams affordable. Parts are also bounded in bytes, so
+/// functions with large specs never make a message the agent cannot read.
 pub const FUNCTIONS_PER_PART: usize = 64;
+
+/// How the updates agents are sent are cut into parts.
+pub const AGENT_PART_LIMITS: PartLimits = PartLimits {
+    items: FUNCTIONS_PER_PART,
+    bytes: meridian_proto::updates::PART_BYTES,
+};
 
 /// An update, split into the parts it is sent in (`more` set on all but the last).
 pub type UpdateParts = Arc<Vec<pb::RoutingUpdate>>;
-
-/// Splits an update into parts of at most `per_part` functions; removals go in the last part.
-pub fn split_update(update: pb::RoutingUpdate, per_part: usize) -> Vec<pb::RoutingUpdate> {
-    let per_part = per_part.max(1);
-    if update.functions.len() <= per_part {
-        return vec![update];
-    }
-    let mut functions = update.functions.into_iter().peekable();
-    let mut parts = Vec::new();
-    while functions.peek().is_some() {
-        parts.push(pb::RoutingUpdate {
-            version: update.version,
-            base_version: update.base_version,
-            full: update.full,
-            region: update.region.clone(),
-            functions: functions.by_ref().take(per_part).collect(),
-            removed: Vec::new(),
-            more: true,
-            trace_context: HashMap::new(),
-        });
-    }
-    if let Some(last) = parts.last_mut() {
-        last.more = false;
-        last.removed = update.removed;
-    }
-    parts
-}
 
 /// A function as the table builder needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,18 +97,15 @@ impl RegionTable {
     pub fn full_update(&self) -> UpdateParts {
         self.full
             .get_or_init(|| {
-                Arc::new(split_update(
+                Arc::new(updates::split(
                     pb::RoutingUpdate {
                         version: self.version,
-                        base_version: 0,
                         full: true,
                         region: self.region.clone(),
                         functions: self.routes.values().map(|r| (**r).clone()).collect(),
-                        removed: Vec::new(),
-                        more: false,
-                        trace_context: HashMap::new(),
+                        ..Default::default()
                     },
-                    FUNCTIONS_PER_PART,
+                    AGENT_PART_LIMITS,
                 ))
             })
             .clone()
@@ -160,7 +138,7 @@ impl RegionTable {
                         name: key.name.clone(),
                     })
                     .collect();
-                Arc::new(split_update(
+                Arc::new(updates::split(
                     pb::RoutingUpdate {
                         version: self.version,
                         base_version: base.version,
@@ -168,10 +146,9 @@ impl RegionTable {
                         region: self.region.clone(),
                         functions,
                         removed,
-                        more: false,
-                        trace_context: HashMap::new(),
+                        ..Default::default()
                     },
-                    FUNCTIONS_PER_PART,
+                    AGENT_PART_LIMITS,
                 ))
             })
             .clone()
@@ -545,7 +522,7 @@ mod tests {
             removed: vec![pb::FunctionRef::default()],
             ..Default::default()
         };
-        let parts = split_update(update, 64);
+        let parts = updates::split(update, AGENT_PART_LIMITS);
         let sizes: Vec<usize> = parts.iter().map(|p| p.functions.len()).collect();
         assert_eq!(sizes, vec![64, 64, 2]);
         assert_eq!(

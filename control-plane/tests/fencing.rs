@@ -300,6 +300,7 @@ impl Replica {
                 views,
                 ready,
                 metrics: None,
+                skipped: None,
             },
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -1,6 +1,6 @@
-//! The configuration loop: watch the local agent's routing tables, compile each one off the
-//! request path, swap the result in atomically, and tell the agent whether the table was
-//! accepted. A table that does not compile is reported refused (the agent Nacks it to the
+//! The configuration loop: watch the local agent's routing tables (a full table, then deltas,
+//! each in parts: `meridian_proto::updates`), compile each one off the request path, swap the
+//! result in atomically, and tell the agent whether the table was accepted. A table that does not compile is reported refused (the agent Nacks it to the
 //! control plane) and the previous state keeps serving.
 //!
 //! Every table the agent sends is applied, including one at the same version with another
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use meridian_common::backoff::Backoff;
+use meridian_proto::updates::{self, Assembler};
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
 use meridian_proto::v1::{RoutingTable, TableReport, WatchRoutesRequest};
 use tokio::sync::{watch, Notify};
@@ -46,6 +47,8 @@ pub enum WatchError {
     Watch(#[source] tonic::Status),
     #[error("the watch stream broke")]
     Stream(#[source] tonic::Status),
+    #[error("the watch stream broke the protocol: {0}")]
+    Protocol(String),
     #[error("compiling the table did not finish")]
     Compile(#[source] tokio::task::JoinError),
 }
@@ -172,7 +175,9 @@ impl Watcher {
                 url: self.agent.clone(),
                 source,
             })?;
-        let mut client = LocalRoutingServiceClient::new(channel);
+        // Updates come in parts far below this; it is set so no default decides it.
+        let mut client = LocalRoutingServiceClient::new(channel)
+            .max_decoding_message_size(updates::MAX_MESSAGE_BYTES);
         let mut request = tonic::Request::new(WatchRoutesRequest {
             client: self.client_id.clone(),
         });
@@ -181,32 +186,84 @@ impl Watcher {
                 .metadata_mut()
                 .insert(ADMIN_ADDRESS_METADATA, address.clone());
         }
-        let mut tables = client
+        let mut updates = client
             .watch(request)
             .await
             .map_err(WatchError::Watch)?
             .into_inner();
         let _connected = Connected::set(&self.global.agent_watch_connected);
         tracing::info!(agent = %self.agent, "watching routes");
-        while let Some(table) = tables.message().await.map_err(WatchError::Stream)? {
+        // The stream's own state: parts of an update in progress, and the last whole table it
+        // delivered, which the next delta applies to (whether or not that table compiled).
+        let mut parts = Assembler::default();
+        let mut received: Option<RoutingTable> = None;
+        loop {
+            let part = match updates.message().await {
+                Ok(Some(part)) => part,
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    // Say why upstream: a sidecar that cannot read its stream must show in
+                    // `meridianctl status`, not only here.
+                    self.report_stream_failure(&mut client, &status.to_string())
+                        .await;
+                    return Err(WatchError::Stream(status));
+                }
+            };
+            let update = match parts.push(part) {
+                Ok(Some(update)) => update,
+                Ok(None) => continue,
+                Err(error) => {
+                    let reason = format!("routing stream: {error}");
+                    self.report_stream_failure(&mut client, &reason).await;
+                    return Err(WatchError::Protocol(reason));
+                }
+            };
             backoff.reset();
-            self.apply(&mut client, table).await?;
+            let table = match updates::apply(received.as_ref(), update) {
+                Ok(table) => table,
+                Err(error) => {
+                    let reason = format!("routing stream: {error}");
+                    self.report_stream_failure(&mut client, &reason).await;
+                    return Err(WatchError::Protocol(reason));
+                }
+            };
+            received = Some(self.apply(&mut client, table).await?);
         }
-        Ok(())
     }
 
-    /// Compiles `table` on a blocking thread, swaps it in if it compiles, and reports.
+    /// Tells the agent this sidecar could not read its routing stream (version 0: no table
+    /// in particular).
+    async fn report_stream_failure(
+        &self,
+        client: &mut LocalRoutingServiceClient<Channel>,
+        reason: &str,
+    ) {
+        let report = TableReport {
+            client: self.client_id.clone(),
+            version: 0,
+            accepted: false,
+            reason: reason.to_owned(),
+            local_generation: 0,
+        };
+        let _ = tokio::time::timeout(REPORT_TIMEOUT, client.report_table(report)).await;
+    }
+
+    /// Compiles `table` on a blocking thread, swaps it in if it compiles, and reports; gives
+    /// the table back (the base of the next delta).
     async fn apply(
         &self,
         client: &mut LocalRoutingServiceClient<Channel>,
         table: RoutingTable,
-    ) -> Result<(), WatchError> {
+    ) -> Result<RoutingTable, WatchError> {
         let version = table.version;
         let local_generation = table.local_generation;
         let compiler = self.compiler.clone();
-        let compiled = tokio::task::spawn_blocking(move || compiler.compile(&table))
-            .await
-            .map_err(WatchError::Compile)?;
+        let (table, compiled) = tokio::task::spawn_blocking(move || {
+            let compiled = compiler.compile(&table);
+            (table, compiled)
+        })
+        .await
+        .map_err(WatchError::Compile)?;
         let previous = self.state.load_full();
         let report = match apply_compiled(&self.state, &self.compiler, compiled) {
             Ok(functions) => {
@@ -228,6 +285,7 @@ impl Watcher {
                     version,
                     accepted: true,
                     reason: String::new(),
+                    local_generation,
                 }
             }
             Err(error) => {
@@ -242,6 +300,7 @@ impl Watcher {
                     version,
                     accepted: false,
                     reason,
+                    local_generation,
                 }
             }
         };
@@ -255,7 +314,7 @@ impl Watcher {
                 "reporting the table verdict to the agent timed out"
             ),
         }
-        Ok(())
+        Ok(table)
     }
 }
 
@@ -291,7 +350,9 @@ mod tests {
     use meridian_proto::v1::local_routing_service_server::{
         LocalRoutingService, LocalRoutingServiceServer,
     };
-    use meridian_proto::v1::{GetRoutesRequest, TableReportResponse};
+    use meridian_proto::v1::{
+        GetRoutesRequest, RoutingTablePage, RoutingUpdate, TableReportResponse,
+    };
     use std::pin::Pin;
     use tokio::sync::{mpsc, Mutex};
     use tokio_stream_shim::ReceiverStream;
@@ -314,14 +375,14 @@ mod tests {
     }
 
     struct FakeAgent {
-        tables: Mutex<Option<mpsc::Receiver<Result<RoutingTable, Status>>>>,
+        tables: Mutex<Option<mpsc::Receiver<Result<RoutingUpdate, Status>>>>,
         reports: mpsc::Sender<TableReport>,
     }
 
     #[tonic::async_trait]
     impl LocalRoutingService for FakeAgent {
         type WatchStream =
-            Pin<Box<dyn futures::Stream<Item = Result<RoutingTable, Status>> + Send>>;
+            Pin<Box<dyn futures::Stream<Item = Result<RoutingUpdate, Status>> + Send>>;
 
         async fn watch(
             &self,
@@ -336,7 +397,7 @@ mod tests {
         async fn get(
             &self,
             _request: Request<GetRoutesRequest>,
-        ) -> Result<Response<RoutingTable>, Status> {
+        ) -> Result<Response<RoutingTablePage>, Status> {
             Err(Status::unimplemented("get"))
         }
 
@@ -414,7 +475,7 @@ mod tests {
             "f",
             vec![tier("us-east", true, &["127.0.1.1:9000"])],
         )]);
-        table_tx.send(Ok(good.clone())).await.unwrap();
+        table_tx.send(Ok(updates::full(&good))).await.unwrap();
         let report = report_rx.recv().await.unwrap();
         assert!(report.accepted, "{report:?}");
         assert_eq!(report.client, "sidecar-test");
@@ -424,7 +485,7 @@ mod tests {
         let mut bad = good.clone();
         bad.version = 8;
         bad.functions[0].tiers[0].endpoints[0].address = "nope".into();
-        table_tx.send(Ok(bad)).await.unwrap();
+        table_tx.send(Ok(updates::full(&bad))).await.unwrap();
         let report = report_rx.recv().await.unwrap();
         assert!(!report.accepted);
         assert_eq!(report.version, 8);
@@ -444,7 +505,7 @@ mod tests {
         let mut overlay = good.clone();
         overlay.local_generation = 1;
         overlay.functions[0].tiers[0].endpoints[0].address = "127.0.1.1:9001".into();
-        table_tx.send(Ok(overlay)).await.unwrap();
+        table_tx.send(Ok(updates::full(&overlay))).await.unwrap();
         assert!(report_rx.recv().await.unwrap().accepted);
         swapped.changed().await.unwrap();
         let current = state.load_full().unwrap();

@@ -299,9 +299,9 @@ async fn h2c_streams_bodies_and_grpc_works() -> Result<()> {
         .await?;
     let mut grpc =
         meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient::new(channel);
-    let got = grpc.get(pb::GetRoutesRequest {}).await?;
+    let got = grpc.get(pb::GetRoutesRequest::default()).await?;
     assert_eq!(got.metadata().get("meridian-region").unwrap(), "us-east");
-    assert_eq!(got.into_inner().version, 42);
+    assert_eq!(got.into_inner().table.map(|t| t.version), Some(42));
     let mut stream = grpc
         .watch(pb::WatchRoutesRequest { client: "t".into() })
         .await?
@@ -413,9 +413,9 @@ async fn grpc_fails_over_through_the_gateway() -> Result<()> {
         .await?;
     let mut grpc =
         meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient::new(channel);
-    let got = grpc.get(pb::GetRoutesRequest {}).await?;
+    let got = grpc.get(pb::GetRoutesRequest::default()).await?;
     assert_eq!(got.metadata().get("meridian-region").unwrap(), "eu-west");
-    assert_eq!(got.into_inner().version, 77);
+    assert_eq!(got.into_inner().table.map(|t| t.version), Some(77));
     let mut stream = grpc
         .watch(pb::WatchRoutesRequest { client: "t".into() })
         .await?

@@ -8,8 +8,9 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use meridian_proto::updates::TableReceiver;
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
-use meridian_proto::v1::{GetRoutesRequest, RoutingTable, WatchRoutesRequest};
+use meridian_proto::v1::{GetRoutesRequest, RoutingTable, RoutingUpdate, WatchRoutesRequest};
 use tempfile::TempDir;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -226,12 +227,32 @@ impl Agent {
         Ok(LocalRoutingServiceClient::new(connect(&self.url()).await?))
     }
 
-    /// The agent's current table (`Get`); `None` when it answers NOT_FOUND.
+    /// The agent's current table (`Get`, every page); `None` when it answers NOT_FOUND.
     pub async fn table(&self) -> Result<Option<RoutingTable>> {
-        match self.local().await?.get(GetRoutesRequest {}).await {
-            Ok(table) => Ok(Some(table.into_inner())),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(anyhow::Error::new(status).context("LocalRoutingService.Get")),
+        let mut client = self.local().await?;
+        let mut table: Option<RoutingTable> = None;
+        let mut page_token = String::new();
+        loop {
+            let request = GetRoutesRequest {
+                page_size: 0,
+                page_token: page_token.clone(),
+            };
+            let page = match client.get(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) if status.code() == Code::NotFound => return Ok(None),
+                Err(status) => {
+                    return Err(anyhow::Error::new(status).context("LocalRoutingService.Get"))
+                }
+            };
+            let part = page.table.context("a page without its table")?;
+            match &mut table {
+                Some(table) => table.functions.extend(part.functions),
+                None => table = Some(part),
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(table);
+            }
+            page_token = page.next_page_token;
         }
     }
 
@@ -249,6 +270,7 @@ impl Agent {
         Ok(RouteWatcher {
             name: self.agent_id.clone(),
             stream,
+            receiver: TableReceiver::default(),
             latest: None,
             received: 0,
         })
@@ -302,7 +324,7 @@ impl Agent {
                     return Err(fatal(err));
                 }
                 let mut client = LocalRoutingServiceClient::new(connect(&url).await?);
-                match client.get(GetRoutesRequest {}).await {
+                match client.get(GetRoutesRequest::default()).await {
                     Ok(_) => Ok(()),
                     Err(status) if status.code() == Code::NotFound => Ok(()),
                     Err(status) => Err(anyhow::Error::new(status)),
@@ -316,7 +338,8 @@ impl Agent {
 /// A `LocalRoutingService.Watch` stream and the last table it delivered.
 pub struct RouteWatcher {
     name: String,
-    stream: Streaming<RoutingTable>,
+    stream: Streaming<RoutingUpdate>,
+    receiver: TableReceiver,
     latest: Option<RoutingTable>,
     received: usize,
 }
@@ -332,21 +355,34 @@ impl RouteWatcher {
         self.received
     }
 
-    /// The next table, at most `within`. Errors if the stream ends or fails.
+    /// The next table (all its parts), at most `within`. Errors if the stream ends or fails.
     pub async fn next(&mut self, within: Duration) -> Result<RoutingTable> {
-        match tokio::time::timeout(within, self.stream.message()).await {
-            Err(_) => Err(anyhow!(
-                "no table from {}'s Watch within {within:?}",
-                self.name
-            )),
-            Ok(Err(status)) => {
-                Err(anyhow::Error::new(status).context(format!("{}'s Watch failed", self.name)))
-            }
-            Ok(Ok(None)) => bail!("{}'s Watch stream ended", self.name),
-            Ok(Ok(Some(table))) => {
+        let deadline = Instant::now() + within;
+        loop {
+            let part = match tokio::time::timeout_at(deadline, self.stream.message()).await {
+                Err(_) => {
+                    return Err(anyhow!(
+                        "no table from {}'s Watch within {within:?}",
+                        self.name
+                    ))
+                }
+                Ok(Err(status)) => {
+                    return Err(
+                        anyhow::Error::new(status).context(format!("{}'s Watch failed", self.name))
+                    )
+                }
+                Ok(Ok(None)) => bail!("{}'s Watch stream ended", self.name),
+                Ok(Ok(Some(part))) => part,
+            };
+            let received = self
+                .receiver
+                .push(part)
+                .with_context(|| format!("{}'s Watch broke the protocol", self.name))?;
+            if let Some(table) = received {
+                let table = table.clone();
                 self.received += 1;
                 self.latest = Some(table.clone());
-                Ok(table)
+                return Ok(table);
             }
         }
     }
@@ -386,9 +422,15 @@ impl RouteWatcher {
         loop {
             match tokio::time::timeout_at(deadline, self.stream.message()).await {
                 Err(_) => return Ok(()),
-                Ok(Ok(Some(table))) => {
-                    self.received += 1;
-                    self.latest = Some(table);
+                Ok(Ok(Some(part))) => {
+                    let received = self
+                        .receiver
+                        .push(part)
+                        .with_context(|| format!("{}'s Watch broke the protocol", self.name))?;
+                    if let Some(table) = received {
+                        self.received += 1;
+                        self.latest = Some(table.clone());
+                    }
                 }
                 Ok(Ok(None)) => bail!("{}'s Watch stream ended", self.name),
                 Ok(Err(status)) => {

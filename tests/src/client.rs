@@ -13,7 +13,8 @@ use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
 use meridian_proto::v1::mesh_service_client::MeshServiceClient;
 use meridian_proto::v1::{
     Ack, AgentMessage, ApplyFunctionRequest, ControlMessage, ExternalRegion, ExternalRuntime,
-    Function, FunctionRoute, FunctionSpec, Hello, Nack, RoutingTable, RoutingUpdate,
+    Function, FunctionRoute, FunctionSpec, GetRoutingTableRequest, Hello, Nack, RoutingTable,
+    RoutingUpdate,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,6 +42,35 @@ pub async fn function_client(url: &str) -> Result<FunctionServiceClient<Channel>
 /// A `MeshService` client for `url`.
 pub async fn mesh_client(url: &str) -> Result<MeshServiceClient<Channel>> {
     Ok(MeshServiceClient::new(connect(url).await?))
+}
+
+/// A region's whole routing table as `MeshService.GetRoutingTable` pages it.
+pub async fn routing_table(
+    mesh: &mut MeshServiceClient<Channel>,
+    region: &str,
+) -> Result<RoutingTable> {
+    let mut table: Option<RoutingTable> = None;
+    let mut page_token = String::new();
+    loop {
+        let page = mesh
+            .get_routing_table(GetRoutingTableRequest {
+                region: region.to_string(),
+                page_size: 0,
+                page_token: page_token.clone(),
+            })
+            .await
+            .with_context(|| format!("GetRoutingTable {region}"))?
+            .into_inner();
+        let part = page.table.context("a page without its table")?;
+        match &mut table {
+            Some(table) => table.functions.extend(part.functions),
+            None => table = Some(part),
+        }
+        if page.next_page_token.is_empty() {
+            return table.context("no page");
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// An `AgentService` client for `url`.
@@ -121,6 +151,7 @@ pub fn probe_hello(region: &str, agent_id: &str, last_version: i64) -> Hello {
         gateway: format!("{ip}:15002"),
         last_version,
         api_address: String::new(),
+        command_policy: None,
     }
 }
 

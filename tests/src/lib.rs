@@ -36,7 +36,7 @@ pub use agent::{summarize, Agent, AgentOpts, RouteWatcher};
 pub use backend::{Behavior, TestBackend, Tombstone};
 pub use client::{
     agent_service_client, apply, connect, external_endpoint_id, external_spec, function_client,
-    local_client, mesh_client, probe_hello, route, RawAgent,
+    local_client, mesh_client, probe_hello, route, routing_table, RawAgent,
 };
 pub use control_plane::{ControlPlane, ControlPlaneOpts};
 pub use etcd::Etcd;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
+use meridian_proto::updates::{self, TableReceiver};
 use meridian_proto::v1::load_service_client::LoadServiceClient;
 use meridian_proto::v1::load_service_server::{LoadService, LoadServiceServer};
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
@@ -24,7 +25,8 @@ use meridian_proto::v1::local_routing_service_server::{
 };
 use meridian_proto::v1::{
     ActivateRequest, ActivateResponse, GetRoutesRequest, LoadReport, LoadReportResponse,
-    RoutingTable, TableReport, TableReportResponse, WatchRoutesRequest,
+    RoutingTable, RoutingTablePage, RoutingUpdate, TableReport, TableReportResponse,
+    WatchRoutesRequest,
 };
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -97,7 +99,7 @@ impl Shared {
 
 #[tonic::async_trait]
 impl LocalRoutingService for Shared {
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<RoutingTable, Status>> + Send>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<RoutingUpdate, Status>> + Send>>;
 
     async fn watch(
         &self,
@@ -113,21 +115,52 @@ impl LocalRoutingService for Shared {
         }
         let upstream = self.client().await?.watch(forwarded).await?.into_inner();
         let shared = self.clone();
-        let tables = upstream.map(move |item| item.and_then(|table| shared.rewrite(table)));
-        Ok(Response::new(Box::pin(tables)))
+        // Follow the agent's stream into whole tables, rewrite each, and serve the sidecar
+        // its own stream of the rewritten tables: a full one, then deltas, in parts.
+        let mut received = TableReceiver::default();
+        let mut sent: Option<RoutingTable> = None;
+        let updates = upstream.map(move |item| -> Vec<Result<RoutingUpdate, Status>> {
+            let part = match item {
+                Ok(part) => part,
+                Err(status) => return vec![Err(status)],
+            };
+            let table = match received.push(part) {
+                Ok(Some(table)) => table.clone(),
+                Ok(None) => return Vec::new(),
+                Err(error) => return vec![Err(Status::internal(format!("route tap: {error}")))],
+            };
+            let table = match shared.rewrite(table) {
+                Ok(table) => table,
+                Err(status) => return vec![Err(status)],
+            };
+            let update = match &sent {
+                Some(previous) => updates::delta(previous, &table),
+                None => updates::full(&table),
+            };
+            sent = Some(table);
+            updates::split(update, updates::LOCAL_PART_LIMITS)
+                .into_iter()
+                .map(Ok)
+                .collect()
+        });
+        let parts = updates.flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(parts)))
     }
 
     async fn get(
         &self,
         request: Request<GetRoutesRequest>,
-    ) -> Result<Response<RoutingTable>, Status> {
-        let table = self
+    ) -> Result<Response<RoutingTablePage>, Status> {
+        let mut page = self
             .client()
             .await?
             .get(request.into_inner())
             .await?
             .into_inner();
-        Ok(Response::new(self.rewrite(table)?))
+        if let Some(table) = page.table.take() {
+            page.table = Some(self.rewrite(table)?);
+        }
+        Ok(Response::new(page))
     }
 
     async fn report_table(

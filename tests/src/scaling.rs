@@ -127,6 +127,7 @@ pub async fn instances(cp_url: &str, name: &str) -> Result<Option<FunctionInstan
             namespace: String::new(),
             all_namespaces: false,
             name: name.to_string(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use futures::future::try_join_all;
-use meridian_proto::v1::{FunctionRoute, GetRoutingTableRequest, ListAgentsRequest, RoutingTable};
+use meridian_proto::v1::{FunctionRoute, ListAgentsRequest, RoutingTable};
 use meridian_tests::{
-    apply, external_endpoint_id, external_spec, poll_until, route, ControlPlane, Mesh,
-    LEASE_TTL_SECS, REGIONS,
+    apply, external_endpoint_id, external_spec, poll_until, route, routing_table, ControlPlane,
+    Mesh, LEASE_TTL_SECS, REGIONS,
 };
 use tokio::time::Instant;
 
@@ -16,14 +16,7 @@ const SLOW: Duration = Duration::from_secs(10);
 const US_EAST_URL: &str = "http://127.0.1.1:9000";
 
 async fn region_table(cp: &ControlPlane, region: &str) -> Result<RoutingTable> {
-    Ok(cp
-        .mesh()
-        .await?
-        .get_routing_table(GetRoutingTableRequest {
-            region: region.to_string(),
-        })
-        .await?
-        .into_inner())
+    routing_table(&mut cp.mesh().await?, region).await
 }
 
 /// Whether `route` sends anything to us-east: an endpoint in a us-east tier, a ready instance

@@ -42,7 +42,7 @@ pub struct FakeAgent {
 #[tonic::async_trait]
 impl LocalRoutingService for FakeAgent {
     type WatchStream =
-        Pin<Box<dyn futures::Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
+        Pin<Box<dyn futures::Stream<Item = Result<pb::RoutingUpdate, Status>> + Send>>;
 
     async fn watch(
         &self,
@@ -56,12 +56,20 @@ impl LocalRoutingService for FakeAgent {
             loop {
                 let current = rx.borrow_and_update().clone();
                 if let Some(table) = current {
-                    return Some((Ok(table), (rx, false)));
+                    // Every table whole, in parts, as a real agent sends its first one.
+                    let parts = meridian_proto::updates::split(
+                        meridian_proto::updates::full(&table),
+                        meridian_proto::updates::LOCAL_PART_LIMITS,
+                    );
+                    return Some((parts, (rx, false)));
                 }
                 if rx.changed().await.is_err() {
                     return None;
                 }
             }
+        });
+        let stream = futures::StreamExt::flat_map(stream, |parts| {
+            futures::stream::iter(parts.into_iter().map(Ok))
         });
         Ok(tonic::Response::new(Box::pin(stream)))
     }
@@ -69,11 +77,16 @@ impl LocalRoutingService for FakeAgent {
     async fn get(
         &self,
         _request: tonic::Request<pb::GetRoutesRequest>,
-    ) -> Result<tonic::Response<pb::RoutingTable>, Status> {
+    ) -> Result<tonic::Response<pb::RoutingTablePage>, Status> {
         self.tables
             .borrow()
             .clone()
-            .map(tonic::Response::new)
+            .map(|table| {
+                tonic::Response::new(pb::RoutingTablePage {
+                    table: Some(table),
+                    next_page_token: String::new(),
+                })
+            })
             .ok_or_else(|| Status::not_found("no table"))
     }
 

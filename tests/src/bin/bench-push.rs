@@ -137,6 +137,7 @@ async fn agent_session(
                 // Simulated hosts run no gateway; real ones would add one endpoint per host.
                 gateway: String::new(),
                 last_version: held.version,
+                command_policy: None,
             })),
         })
         .await?;

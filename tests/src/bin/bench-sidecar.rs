@@ -170,13 +170,17 @@ struct FixedAgent {
 
 #[tonic::async_trait]
 impl LocalRoutingService for FixedAgent {
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingTable, Status>> + Send>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingUpdate, Status>> + Send>>;
 
     async fn watch(
         &self,
         _request: Request<pb::WatchRoutesRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let first = futures::stream::iter([Ok(self.table.clone())]);
+        let parts = meridian_proto::updates::split(
+            meridian_proto::updates::full(&self.table),
+            meridian_proto::updates::LOCAL_PART_LIMITS,
+        );
+        let first = futures::stream::iter(parts.into_iter().map(Ok));
         // Then nothing, without ending: the table never changes.
         let rest = futures::stream::pending();
         Ok(Response::new(Box::pin(futures::StreamExt::chain(
@@ -187,8 +191,11 @@ impl LocalRoutingService for FixedAgent {
     async fn get(
         &self,
         _request: Request<pb::GetRoutesRequest>,
-    ) -> Result<Response<pb::RoutingTable>, Status> {
-        Ok(Response::new(self.table.clone()))
+    ) -> Result<Response<pb::RoutingTablePage>, Status> {
+        Ok(Response::new(pb::RoutingTablePage {
+            table: Some(self.table.clone()),
+            next_page_token: String::new(),
+        }))
     }
 
     async fn report_table(

@@ -403,6 +403,32 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             dialled == control_planes.iter().cloned().collect(),
             "{agent_name} dials {dialled:?}, the control planes are {control_planes:?}"
         );
+        // No code as root: the agent runs its instances as another user, from allowed roots
+        // only, with every capability dropped but those that takes.
+        let run_as = flag(agent, "--run-as").context("agent without --run-as")?;
+        ensure!(
+            run_as != "root" && run_as != "0",
+            "{agent_name}: --run-as {run_as} is root"
+        );
+        let roots = flag(agent, "--allowed-command-root")
+            .with_context(|| format!("{agent_name} without --allowed-command-root"))?;
+        ensure!(
+            roots.starts_with('/'),
+            "{agent_name}: --allowed-command-root {roots} is not absolute"
+        );
+        ensure!(
+            scalars(agent.get("cap_drop")) == ["ALL"],
+            "{agent_name}: must drop every capability (cap_drop: [ALL]) but those it adds back"
+        );
+        let added: BTreeSet<String> = scalars(agent.get("cap_add"))
+            .into_iter()
+            .map(|c| format!("CAP_{}", c.trim_start_matches("CAP_")))
+            .collect();
+        let wanted: BTreeSet<String> = AGENT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+        ensure!(
+            added == wanted,
+            "{agent_name}: cap_add must be exactly {wanted:?}, is {added:?}"
+        );
         // Function instances bind --instance-host and the sidecar, in another container, dials
         // it: it must be the agent container's own address, never loopback.
         let instance_host =

@@ -302,6 +302,11 @@ impl Runtime {
         let _ = self.commands.send(Command::Remove { key: key.clone() });
     }
 
+    /// Which commands instances may run and as whom: what the agent can announce.
+    pub fn policy(&self) -> &CommandPolicy {
+        &self.config.policy
+    }
+
     /// Changes of any instance (spawned, ready, draining, exited, restarted, error).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshot.clone()

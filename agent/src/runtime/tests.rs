@@ -692,6 +692,7 @@ async fn scale_to_zero_and_back() {
 async fn instances_run_as_the_run_as_user_in_a_private_work_dir() {
     let dir = state_dir();
     let runtime = start(dir.path()).await;
+    assert_eq!(runtime.policy(), &policy());
     let state = dir.path().display().to_string();
     runtime.set(
         key(),

@@ -2,10 +2,12 @@
 //! these modules together, so that everything here can be tested without a network.
 //!
 //! - [`state`]: the persisted routing table, written atomically.
+//! - [`fs_modes`]: the modes of the state directory and of every file the agent writes there.
 //! - [`table`]: applying full tables and deltas; what the agent refuses (Nacks).
 //! - [`session`]: one stream to one control-plane replica; [`connector`] rotates through replicas.
 //! - [`endpoints`]: the endpoints this agent reports (external URLs, process instances).
-//! - [`runtime`]: runs the instances of `process` functions.
+//! - [`runtime`]: runs the instances of `process` functions, under the [`runtime::CommandPolicy`]
+//!   (allowed command roots, the `--run-as` user).
 //! - [`autoscaler`]: the KPA-style autoscaler per function, and the loop that drives the runtime.
 //! - [`load`]: the sidecars' load reports, and the drain gate built on them.
 //! - [`overlay`]: the table served to sidecars: local tiers filled from the runtime.
@@ -20,6 +22,7 @@ pub mod connector;
 pub mod endpoints;
 #[cfg(test)]
 mod fixtures;
+pub mod fs_modes;
 pub mod load;
 pub mod local_api;
 pub mod metrics;

@@ -1,6 +1,7 @@
-//! `meridian-agent`: flags, the start-up order that makes the agent statically stable (persisted
-//! table, then the runtime with its instances, then the local API, then the control plane), and
-//! shutdown (instances stopped before the agent exits).
+//! `meridian-agent`: flags, the command policy (who instances run as, which commands they may
+//! run) settled before anything starts, the start-up order that makes the agent statically
+//! stable (persisted table, then the runtime with its instances, then the local API, then the
+//! control plane), and shutdown (instances stopped before the agent exits).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use meridian_agent::load::LoadBook;
 use meridian_agent::local_api;
 use meridian_agent::metrics::{self, AgentMetrics};
 use meridian_agent::overlay::{self, Overlay};
-use meridian_agent::runtime::{Runtime, RuntimeConfig};
+use meridian_agent::runtime::{CommandPolicy, Runtime, RuntimeConfig};
 use meridian_agent::session::{AgentState, GrpcDialer, Identity};
 use meridian_agent::state::StateStore;
 use meridian_common::backoff::Backoff;
@@ -105,6 +106,21 @@ struct Args {
     /// and says so].
     #[arg(long, env = "MERIDIAN_AGENT_ADMIN")]
     admin: Option<String>,
+    /// User that function instances run as (a name, or a uid with a passwd entry): its uid and
+    /// primary group, no supplementary groups. Required when the agent runs as root, and never
+    /// root itself; an agent that is not root runs instances as itself.
+    #[arg(long, env = "MERIDIAN_RUN_AS", value_name = "USER")]
+    run_as: Option<String>,
+    /// Directory whose executables function instances may run; repeat the flag (or separate
+    /// with commas) for more. An absolute command must resolve (symlinks followed) under one; a
+    /// relative one is looked up in them in order, not in PATH. None given: no instance starts.
+    #[arg(
+        long = "allowed-command-root",
+        env = "MERIDIAN_ALLOWED_COMMAND_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
+    allowed_command_roots: Vec<PathBuf>,
 }
 
 /// Port of the admin listener when `--admin` is not given.
@@ -127,6 +143,9 @@ struct Config {
     admin: Option<SocketAddr>,
     /// `--admin` was given: failing to listen there is fatal (the default is skipped instead).
     admin_given: bool,
+    /// `--run-as`, checked against the agent's own user by [`CommandPolicy::for_agent`].
+    run_as: Option<String>,
+    allowed_command_roots: Vec<PathBuf>,
 }
 
 impl Config {
@@ -150,6 +169,8 @@ impl Config {
             reconnect_base_ms,
             reconnect_max_ms,
             admin,
+            run_as,
+            allowed_command_roots,
         } = args;
         validate_dns_label(&region).map_err(|e| format!("invalid --region {region:?}: {e}"))?;
         let agent_id = agent_id.unwrap_or_else(|| format!("{region}-1"));
@@ -227,6 +248,8 @@ impl Config {
             ),
             admin,
             admin_given,
+            run_as,
+            allowed_command_roots,
         })
     }
 }
@@ -250,10 +273,8 @@ fn control_plane_urls(values: &[String]) -> Result<Vec<String>, String> {
     Ok(urls)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    meridian_common::telemetry::init("info");
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(message) => {
@@ -261,19 +282,55 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let code = match run(config).await {
-        Ok(code) => code,
+    // Who instances run as and what they may run, settled before anything starts: an agent
+    // that would run functions as root refuses to start at all (fail closed).
+    let agent_uid = nix::unistd::geteuid().as_raw();
+    let policy = match CommandPolicy::for_agent(
+        config.run_as.as_deref(),
+        &config.allowed_command_roots,
+        agent_uid,
+    ) {
+        Ok(policy) => policy,
         Err(error) => {
-            tracing::error!("{error:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", meridian_agent::error_chain(&error));
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    // The last spans (shutdown, instances stopped) are exported before the process ends.
-    meridian_common::telemetry::shutdown();
-    code
+    if policy.run_as().is_some() {
+        // Before the async runtime exists: no_new_privs is per thread and inherited only by
+        // threads created afterwards, and instances are forked from the runtime's threads. With
+        // it, a setuid binary an instance runs cannot give it back the root the agent has.
+        if let Err(error) = nix::sys::prctl::set_no_new_privs() {
+            eprintln!("error: cannot set no_new_privs, so instances could regain root: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        meridian_common::telemetry::init("info");
+        let code = match run(config, policy).await {
+            Ok(code) => code,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                ExitCode::FAILURE
+            }
+        };
+        // The last spans (shutdown, instances stopped) are exported before the process ends.
+        meridian_common::telemetry::shutdown();
+        code
+    })
 }
 
-async fn run(config: Config) -> anyhow::Result<ExitCode> {
+async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> {
     let Config {
         identity,
         control_plane,
@@ -287,7 +344,10 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         backoff,
         admin,
         admin_given,
+        run_as: _,
+        allowed_command_roots: _,
     } = config;
+    announce(&policy);
     // Listening from the start: a SIGTERM while instances are being started must still stop
     // them, not kill the agent outright and leave them behind.
     let stop_signal = tokio::spawn(meridian_common::shutdown::signal());
@@ -320,6 +380,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::start(
         RuntimeConfig {
             state_dir: state_dir.clone(),
+            policy,
             instance_host,
             region: identity.region.clone(),
             stop_grace,
@@ -362,6 +423,30 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     runtime.shutdown().await;
     tracing::info!("agent stopped");
     Ok(code)
+}
+
+/// Says in the log who instances run as and from where, so an operator sees the policy in force.
+fn announce(policy: &CommandPolicy) {
+    let roots: Vec<String> = policy
+        .allowed_roots()
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect();
+    match policy.run_as() {
+        Some(user) => tracing::info!(
+            user = user.name(),
+            uid = user.uid(),
+            gid = user.gid(),
+            "function instances run as {} (no supplementary groups, no_new_privs)",
+            user.name()
+        ),
+        None => tracing::info!("function instances run as the agent's own user"),
+    }
+    if roots.is_empty() {
+        tracing::warn!("no --allowed-command-root: no process function can start on this agent");
+    } else {
+        tracing::info!("allowed command roots: {}", roots.join(", "));
+    }
 }
 
 /// What `serve` needs besides the state and the runtime.
@@ -568,6 +653,28 @@ mod tests {
         assert_eq!(config.drain_timeout, Duration::from_secs(30));
         assert_eq!(config.stop_grace, Duration::from_secs(10));
         assert_eq!(config.admin, Some("127.0.0.1:7190".parse().unwrap()));
+        assert_eq!(config.run_as, None);
+        assert!(config.allowed_command_roots.is_empty());
+    }
+
+    #[test]
+    fn command_roots_repeat_or_split_at_commas() {
+        let config = Config::from_args(args(&[
+            "--allowed-command-root",
+            "/opt/a,/opt/b",
+            "--allowed-command-root",
+            "/opt/c",
+            "--run-as",
+            "meridian-fn",
+        ]))
+        .unwrap();
+        let roots: Vec<&str> = config
+            .allowed_command_roots
+            .iter()
+            .map(|r| r.to_str().unwrap())
+            .collect();
+        assert_eq!(roots, ["/opt/a", "/opt/b", "/opt/c"]);
+        assert_eq!(config.run_as.as_deref(), Some("meridian-fn"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The persisted routing table, `<state-dir>/routing-table.pb`: what a restarted agent serves
 //! before (or without) any control plane. Writes are atomic so a crash never leaves half a table.
+//! The directory and the file have the modes of `fs_modes`: instances (another user) can read
+//! neither the table nor the directory's listing.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use meridian_proto::v1::RoutingTable;
 use prost::Message;
 
+use crate::fs_modes;
 use crate::table::{Table, TableError};
 
 /// The table's file name inside the state directory.
@@ -19,7 +22,7 @@ const TEMP_FILE: &str = ".routing-table.pb.tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot create state directory {path}")]
+    #[error("cannot create state directory {path} (or give it and its files their modes)")]
     CreateDir {
         path: PathBuf,
         #[source]
@@ -53,13 +56,19 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Uses `dir`, creating it (and its parents) if missing.
+    /// Uses `dir`, creating it (and its parents) if missing, with mode 0711; files left in it
+    /// with a wider mode than 0600 (by an agent from before the modes were fixed) are narrowed.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|source| StateError::CreateDir {
+        let error = |source| StateError::CreateDir {
             path: dir.clone(),
             source,
-        })?;
+        };
+        fs_modes::ensure_dir(&dir, fs_modes::STATE_DIR_MODE).map_err(error)?;
+        let tightened = fs_modes::tighten_files(&dir).map_err(error)?;
+        if tightened > 0 {
+            tracing::info!(dir = %dir.display(), files = tightened, "narrowed the modes of files in the state directory to 0600");
+        }
         Ok(Self { dir })
     }
 
@@ -130,11 +139,7 @@ impl StateStore {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
+    let mut file = fs_modes::create_private_file(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -171,6 +176,11 @@ mod tests {
         names
     }
 
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
     #[test]
     fn missing_dir_is_created_and_empty_state_loads_as_none() {
         let tmp = tempfile::tempdir().unwrap();
@@ -178,6 +188,28 @@ mod tests {
         let store = StateStore::open(&dir).unwrap();
         assert!(dir.is_dir());
         assert_eq!(store.load("us-east").unwrap(), None);
+    }
+
+    #[test]
+    fn the_directory_is_0711_and_the_table_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        // tempfile makes it 0700: instances could not reach their working directories.
+        let store = StateStore::open(tmp.path()).unwrap();
+        assert_eq!(mode(tmp.path()), 0o711);
+        store.save(&wire(1, &["a"])).unwrap();
+        assert_eq!(mode(&store.table_path()), 0o600);
+        // A table written by an older agent (0644) is narrowed when the store opens, before
+        // any new save.
+        fs::set_permissions(store.table_path(), fs::Permissions::from_mode(0o644)).unwrap();
+        let store = StateStore::open(tmp.path()).unwrap();
+        assert_eq!(mode(&store.table_path()), 0o600);
+        // So is a temp file left with a wider mode: the next save writes a fresh one.
+        let temp = tmp.path().join(TEMP_FILE);
+        fs::write(&temp, b"half").unwrap();
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o644)).unwrap();
+        store.save(&wire(2, &["a"])).unwrap();
+        assert_eq!(mode(&store.table_path()), 0o600);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The `meridian-agent` binary on its own (no real control plane): flag errors, static stability
-//! (a persisted table is served with no control plane reachable), the exit code of a refused
-//! Hello, and graceful shutdown on SIGTERM.
+//! The `meridian-agent` binary on its own (no real control plane): flag errors, the command policy
+//! refusing to start (root without `--run-as`, `--run-as root`, a missing command root), static
+//! stability (a persisted table is served with no control plane reachable), the exit code of a
+//! refused Hello, and graceful shutdown on SIGTERM.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
 mod support;
@@ -16,7 +17,7 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use support::{agent_args, dead_port, Agent, AGENT};
+use support::{agent_args, dead_port, running_as_root, Agent, AGENT, RUN_AS};
 
 #[test]
 fn bad_region_exits_2_naming_the_flag() {
@@ -29,10 +30,104 @@ fn bad_region_exits_2_naming_the_flag() {
     assert!(stderr.contains("--region"), "{stderr}");
 }
 
+/// Runs the agent with `args` after `--region us-east`; it must exit 2 at once (before it
+/// touches any state dir or port). Returns its stderr.
+fn exits_2(args: &[&str]) -> String {
+    let output = Command::new(AGENT)
+        .args([
+            "--region",
+            "us-east",
+            "--state-dir",
+            "/nonexistent/meridian-state",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_root_agent_without_run_as_refuses_to_start() {
+    if !running_as_root() {
+        eprintln!("skipped: only an agent running as root must refuse to start without --run-as");
+        return;
+    }
+    let stderr = exits_2(&["--allowed-command-root", "/usr/bin"]);
+    assert!(stderr.contains("give --run-as USER"), "{stderr}");
+    // The environment variable counts as the flag.
+    let output = Command::new(AGENT)
+        .args([
+            "--region",
+            "us-east",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "none",
+        ])
+        .args(["--state-dir", "/nonexistent/meridian-state"])
+        .env("MERIDIAN_RUN_AS", "root")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid --run-as \"root\""), "{stderr}");
+}
+
+#[test]
+fn run_as_root_is_refused_by_name_and_by_uid() {
+    for user in ["root", "0"] {
+        let stderr = exits_2(&["--run-as", user]);
+        assert!(
+            stderr.contains("invalid --run-as") && stderr.contains("never run as root"),
+            "{stderr}"
+        );
+    }
+    let stderr = exits_2(&["--run-as", "no-such-user-meridian"]);
+    assert!(stderr.contains("no such user"), "{stderr}");
+}
+
+#[test]
+fn an_unprivileged_agent_cannot_run_instances_as_someone_else() {
+    if running_as_root() {
+        eprintln!("skipped: the tests run as root, which may run instances as another user");
+        return;
+    }
+    let me = nix::unistd::geteuid();
+    let other = ["nobody", "daemon", "bin"]
+        .into_iter()
+        .find(|name| {
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .is_some_and(|user| user.uid != me && !user.uid.is_root())
+        })
+        .unwrap();
+    let stderr = exits_2(&["--run-as", other]);
+    assert!(stderr.contains("not as root"), "{stderr}");
+}
+
+#[test]
+fn a_missing_command_root_is_a_start_up_error_naming_it() {
+    let mut args = vec![
+        "--allowed-command-root",
+        "/usr/bin,/nonexistent/meridian-functions",
+    ];
+    if running_as_root() {
+        args.extend(["--run-as", RUN_AS]);
+    }
+    let stderr = exits_2(&args);
+    assert!(
+        stderr.contains("invalid --allowed-command-root /nonexistent/meridian-functions"),
+        "{stderr}"
+    );
+}
+
 // Multi-threaded: the client must keep answering (GOAWAY) while the test blocks on the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_persisted_table_without_control_plane_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = support::state_dir();
     let store = StateStore::open(dir.path()).unwrap();
     store
         .save(&RoutingTable {

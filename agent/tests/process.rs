@@ -58,14 +58,10 @@ fn fake_function() {
     }
 }
 
-/// How the agent runs this binary as the fake function.
+/// How the agent runs this binary as the fake function: its copy in the allowed command root.
 fn fake_process() -> ProcessRuntime {
     ProcessRuntime {
-        command: std::env::current_exe()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned(),
+        command: support::test_binary_command(),
         args: [
             "fake_function",
             "--exact",
@@ -206,7 +202,7 @@ fn http_get(address: &str) -> String {
 // Multi-threaded: the test blocks on the agent's log while gRPC streams stay open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_scales_drains_and_stops_instances_without_a_control_plane() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = support::state_dir();
     StateStore::open(dir.path())
         .unwrap()
         .save(&RoutingTable {
@@ -416,7 +412,7 @@ async fn control_plane_hears_api_address_instances_and_scale() {
             .add_service(AgentServiceServer::new(service))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = support::state_dir();
     let mut args = agent_args(dir.path().to_str().unwrap(), &cp);
     args.extend(["--api-address", "127.0.0.1:7999"]);
     let _agent = Agent::start(&args);

@@ -6,7 +6,10 @@
 #                      (local API :7100, admin :7190 on each), each pointed at both replicas
 #   sidecars           one per region: outbound :15001, gateway :15002, admin :15090
 #   sample function    run by the agents as the `process` functions `hello` (one warm instance
-#                      per region) and `slow` (scales from zero with load, back to zero when idle)
+#                      per region) and `slow` (scales from zero with load, back to zero when idle);
+#                      installed in <run dir>/functions, the agents' only allowed command root,
+#                      and run as the system user meridian-fn (created if missing) when this
+#                      script runs as root, as you otherwise: function instances never run as root
 #   relay              the cross-region links, with latency (one way: us-east<->eu-west 40 ms,
 #                      us-east<->ap-south 120 ms, eu-west<->ap-south 100 ms); each sidecar reads
 #                      its tables through the relay (:7101), control API on 127.0.0.1:7199
@@ -27,7 +30,7 @@ case "${1:-}" in
     "") ;;
     --release) PROFILE=release ;;
     -h | --help)
-        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -64,6 +67,17 @@ install_prerequisites() {
 }
 
 region_ip() { echo "127.0.$(($1 + 1)).1"; }
+
+# Whether every directory from / down to $1 lets other users through (their x bit, or t).
+traversable() {
+    local dir
+    dir=$(cd "$1" && pwd -P) || return 1
+    while :; do
+        case $(stat -c %A "$dir") in *x | *t) ;; *) return 1 ;; esac
+        [ "$dir" = / ] && return 0
+        dir=$(dirname "$dir")
+    done
+}
 
 # Whether something accepts connections on host:port.
 listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
@@ -155,10 +169,32 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 BIN_DIR=$TARGET_DIR/$PROFILE
 
-RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/meridian-local.XXXXXX")
+# Function instances never run as root: as root, the agents run them as meridian-fn.
+RUN_AS=()
+RUN_BASE=${TMPDIR:-/tmp}
+if [ "$(id -u)" -eq 0 ]; then
+    if ! id -u meridian-fn >/dev/null 2>&1; then
+        log "creating the system user meridian-fn (the functions' instances run as it)"
+        useradd --system --no-create-home --shell /usr/sbin/nologin meridian-fn
+    fi
+    RUN_AS=(--run-as meridian-fn)
+    # meridian-fn must reach its working directories in the agents' state dirs, under the run
+    # directory: a TMPDIR it cannot traverse (e.g. under /root) will not do.
+    traversable "$RUN_BASE" || RUN_BASE=/tmp
+fi
+
+RUN_DIR=$(mktemp -d "$RUN_BASE/meridian-local.XXXXXX")
+# Traversable, not listable (like the agents' state dirs inside it); the logs are yours alone.
+chmod 0711 "$RUN_DIR"
 LOGS=$RUN_DIR/logs
-mkdir -p "$LOGS"
+mkdir -m 0700 "$LOGS"
 log "run directory (logs, etcd data, agent state): $RUN_DIR"
+# The agents' only allowed command root: the sample function, where meridian-fn can reach it (the
+# checkout may be where it cannot). A hard link costs nothing; another file system gets a copy.
+FUNCTIONS_DIR=$RUN_DIR/functions
+install -d -m 0755 "$FUNCTIONS_DIR"
+ln "$BIN_DIR/examples/sample_function" "$FUNCTIONS_DIR/" 2>/dev/null ||
+    install -m 0755 "$BIN_DIR/examples/sample_function" "$FUNCTIONS_DIR/"
 
 # Started processes, in start order; stopped in reverse order (the agents stop their function
 # instances). The script ends when one of the WATCHED ones dies.
@@ -232,13 +268,15 @@ for i in "${!REGIONS[@]}"; do
     region=${REGIONS[i]}
     ip=$(region_ip "$i")
     mkdir -p "$RUN_DIR/agent-$region"
-    # The functions' `command: sample_function` is found on the agent's PATH.
+    # The functions' `command: sample_function` is looked up in the allowed command root (never
+    # in PATH).
     start "agent-$region" with_service "meridian-agent-$region" "cloud.region=$region" \
-        env PATH="$BIN_DIR/examples:$PATH" "$BIN_DIR/meridian-agent" \
+        "$BIN_DIR/meridian-agent" \
         --region "$region" --agent-id "$region-1" --zone "$region-a" \
         --listen "$ip:$AGENT_API_PORT" --gateway "$ip:$GATEWAY_PORT" \
         --control-plane "$control_planes" --state-dir "$RUN_DIR/agent-$region" \
-        --admin "$ip:$AGENT_ADMIN_PORT"
+        --admin "$ip:$AGENT_ADMIN_PORT" \
+        --allowed-command-root "$FUNCTIONS_DIR" ${RUN_AS[@]+"${RUN_AS[@]}"}
 done
 
 # The relay: each region's sidecar reads its tables through the relay (:$TAP_PORT), which
@@ -307,6 +345,12 @@ wait_for "hello to be ready in every region" 30 "$LOGS/agent-us-east.log" hello_
 printf '\n$ meridianctl get instances\n'
 ctl get instances
 
+if [ "${#RUN_AS[@]}" -gt 0 ]; then
+    INSTANCE_USER=meridian-fn
+else
+    INSTANCE_USER="$(id -un) (this script is not root)"
+fi
+
 if [ -n "$OTLP_ENDPOINT" ]; then
     TRACES="Traces: every component exports its spans (OTLP/gRPC) to $OTLP_ENDPOINT, as the services
 meridian-control-plane, meridian-agent-<region> and meridian-sidecar-<region>. In Jaeger's UI
@@ -325,6 +369,9 @@ cat <<EOF
 
 Meridian is running: etcd, 2 control-plane replicas, 3 agents (running the functions' instances),
 3 sidecars and the relay. Ctrl-C stops everything. Logs: $LOGS
+Function instances run as $INSTANCE_USER, never as root, and only programs in
+$FUNCTIONS_DIR may start (each instance's first line in
+\`meridianctl logs hello\` says who it runs as: sample_function uid=...).
 
 Call the function hello through us-east's sidecar (answered in us-east, see meridian-region):
   $CALL

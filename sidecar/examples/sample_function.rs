@@ -155,6 +155,38 @@ fn env_or(name: &str, default: &str) -> String {
 async fn main() -> anyhow::Result<()> {
     let start_us = unix_us();
     meridian_common::telemetry::init("info");
+    // Who this instance runs as (an agent never runs it as root), and whether it can read each
+    // path of PROBE_READ (comma separated; a directory is listed): the tests show what is out of
+    // an instance's reach.
+    {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        // e.g. "Uid:\t<real>\t<effective>\t<saved>\t<fs>"; the real ids are the first.
+        let ids = |name: &str| -> Vec<&str> {
+            let line = status.lines().find_map(|l| l.strip_prefix(name));
+            line.map_or_else(Vec::new, |v| v.split_whitespace().collect())
+        };
+        let (uid, gid) = (ids("Uid:"), ids("Gid:"));
+        let first = |ids: &[&str]| ids.first().copied().unwrap_or("?").to_owned();
+        let groups = ids("Groups:").join(",");
+        println!(
+            "sample_function uid={} gid={} groups={groups}",
+            first(&uid),
+            first(&gid)
+        );
+        for path in env_or("PROBE_READ", "")
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
+            let read = match std::fs::metadata(path) {
+                Ok(metadata) if metadata.is_dir() => std::fs::read_dir(path).map(drop),
+                _ => std::fs::read(path).map(drop),
+            };
+            match read {
+                Ok(()) => println!("probe-read {path}: ok"),
+                Err(error) => println!("probe-read {path}: {error}"),
+            }
+        }
+    }
     let port: u16 = std::env::var("PORT")
         .context("PORT must be set")?
         .parse()

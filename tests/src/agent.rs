@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+use crate::command_policy::{policy_args, traversable_temp_dir};
 use crate::http::{MeshClient, Reply};
 use crate::{bin, connect, fatal, free_port, poll_until, region_ip, Process};
 
@@ -29,8 +30,12 @@ pub struct AgentOpts {
     pub agent_id: Option<String>,
     /// `--zone`; the binary's default when `None`.
     pub zone: Option<String>,
-    /// `--state-dir`; a temp dir owned by the [`Agent`] when `None`.
+    /// `--state-dir`; a temp dir owned by the [`Agent`] when `None` (where the instances' user
+    /// can traverse to it).
     pub state_dir: Option<PathBuf>,
+    /// `--allowed-command-root`s after the harness's functions dir (which holds the sample
+    /// function), e.g. `/usr/bin` for a test that runs `sh`.
+    pub command_roots: Vec<PathBuf>,
     /// `--gateway`: the address of this region's sidecar gateway, as the agent reports it to the
     /// control plane. A fresh port of the region's address when `None` (nothing listens there
     /// unless a test starts a sidecar on it).
@@ -105,9 +110,10 @@ impl Agent {
         let (state_dir, state_tmp) = match &opts.state_dir {
             Some(dir) => (dir.clone(), None),
             None => {
+                // The agent makes it 0711; its parents must let the instances' user through too.
                 let tmp = tempfile::Builder::new()
                     .prefix(&format!("meridian-agent-{region}-"))
-                    .tempdir()
+                    .tempdir_in(traversable_temp_dir())
                     .context("creating the agent's state dir")?;
                 (tmp.path().to_path_buf(), Some(tmp))
             }
@@ -134,6 +140,7 @@ impl Agent {
         if let Some(zone) = &opts.zone {
             args.extend(["--zone".into(), zone.into()]);
         }
+        args.extend(policy_args(&opts.command_roots)?);
         // The binary's default admin port is fixed; tests may run several agents per address.
         let admin = if opts.extra_args.iter().any(|a| a.starts_with("--admin")) {
             None

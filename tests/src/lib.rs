@@ -12,6 +12,10 @@
 //! reset), wired in by a [`RouteTap`] between each agent and its sidecar. [`World`] starts all of
 //! it for up to three regions.
 //!
+//! Agents run with the harness's command policy ([`command_policy`]): the sample function in a
+//! directory any user reaches as the allowed command root, and `--run-as nobody` when the tests
+//! run as root.
+//!
 //! Rule for tests: never sleep to wait for state; poll for it with a deadline ([`poll_until`],
 //! [`RouteWatcher::wait_for`]). (Sleeping until a point of a load run's schedule, e.g. "kill at
 //! t = 2 s", is timing the experiment, not waiting for state.)
@@ -19,6 +23,7 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod command_policy;
 pub mod control_plane;
 pub mod etcd;
 pub mod http;

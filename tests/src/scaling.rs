@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use crate::command_policy::sample_function_command;
 use crate::http::MeshClient;
-use crate::sample::sample_function_program;
 use crate::{connect, poll_until};
 
 /// How a process function of the sample binary should run and scale.
@@ -33,7 +33,8 @@ pub struct ProcessFunction {
     pub idle_seconds: u32,
     /// `DELAY_MS` of the sample function: how long it holds every request.
     pub delay_ms: u32,
-    /// Replaces the sample binary (bad-input tests).
+    /// Replaces the sample binary (bad-input tests). The agents run only commands under their
+    /// allowed command roots (`AgentOpts::command_roots` adds to the harness's).
     pub command: Option<(String, Vec<String>)>,
 }
 
@@ -62,8 +63,9 @@ impl ProcessFunction {
     pub fn spec(&self) -> Result<FunctionSpec> {
         let (command, args) = match &self.command {
             Some(command) => command.clone(),
+            // The harness's copy, under the agents' allowed command root.
             None => (
-                sample_function_program()?.to_string_lossy().into_owned(),
+                sample_function_command()?.to_string_lossy().into_owned(),
                 Vec::new(),
             ),
         };

@@ -403,6 +403,32 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             dialled == control_planes.iter().cloned().collect(),
             "{agent_name} dials {dialled:?}, the control planes are {control_planes:?}"
         );
+        // No code as root: the agent runs its instances as another user, from allowed roots
+        // only, with every capability dropped but those that takes.
+        let run_as = flag(agent, "--run-as").context("agent without --run-as")?;
+        ensure!(
+            run_as != "root" && run_as != "0",
+            "{agent_name}: --run-as {run_as} is root"
+        );
+        let roots = flag(agent, "--allowed-command-root")
+            .with_context(|| format!("{agent_name} without --allowed-command-root"))?;
+        ensure!(
+            roots.starts_with('/'),
+            "{agent_name}: --allowed-command-root {roots} is not absolute"
+        );
+        ensure!(
+            scalars(agent.get("cap_drop")) == ["ALL"],
+            "{agent_name}: must drop every capability (cap_drop: [ALL]) but those it adds back"
+        );
+        let added: BTreeSet<String> = scalars(agent.get("cap_add"))
+            .into_iter()
+            .map(|c| format!("CAP_{}", c.trim_start_matches("CAP_")))
+            .collect();
+        let wanted: BTreeSet<String> = AGENT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+        ensure!(
+            added == wanted,
+            "{agent_name}: cap_add must be exactly {wanted:?}, is {added:?}"
+        );
         // Function instances bind --instance-host and the sidecar, in another container, dials
         // it: it must be the agent container's own address, never loopback.
         let instance_host =
@@ -745,11 +771,23 @@ fn systemd_units_are_complete_and_hardened() -> Result<()> {
                 "{file}: want {key}={value}"
             );
         }
-        ensure!(
-            values(&unit, "Service", "DynamicUser") == ["yes"]
-                || !values(&unit, "Service", "User").is_empty(),
-            "{file}: runs as root (want DynamicUser=yes or User=)"
-        );
+        let unprivileged = values(&unit, "Service", "DynamicUser") == ["yes"]
+            || values(&unit, "Service", "User")
+                .iter()
+                .any(|u| *u != "root" && *u != "0");
+        if daemon == "meridian-agent" {
+            // The agent is root only to run its instances as another user.
+            ensure!(
+                !unprivileged,
+                "{file}: an unprivileged agent runs instances as itself, able to read its state"
+            );
+            agent_runs_no_code_as_root(&unit, file)?;
+        } else {
+            ensure!(
+                unprivileged,
+                "{file}: runs as root (want DynamicUser=yes or User=)"
+            );
+        }
         ensure!(
             !values(&unit, "Install", "WantedBy").is_empty(),
             "{file}: [Install] has no WantedBy="
@@ -770,6 +808,61 @@ fn systemd_units_are_complete_and_hardened() -> Result<()> {
         }
     }
     systemd_analyze_verify(&dir)
+}
+
+/// The capabilities a root agent needs to run instances as its `--run-as` user: the switch
+/// itself, chown of each working directory, signals to another user's processes, and removing
+/// what an instance left in its directory (and giving the state directory its mode).
+const AGENT_CAPABILITIES: [&str; 6] = [
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_KILL",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+];
+
+/// The agent unit runs as root, so: a bounding set of [`AGENT_CAPABILITIES`] only, no ambient
+/// capabilities, instances run as a user that is not root from an allowed command root, and a
+/// state directory that is traversable but not listable.
+fn agent_runs_no_code_as_root(unit: &Unit, file: &str) -> Result<()> {
+    let bounding: BTreeSet<&str> = values(unit, "Service", "CapabilityBoundingSet")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .collect();
+    let wanted: BTreeSet<&str> = AGENT_CAPABILITIES.into_iter().collect();
+    ensure!(
+        bounding == wanted,
+        "{file}: CapabilityBoundingSet must be exactly {wanted:?}, is {bounding:?}"
+    );
+    ensure!(
+        values(unit, "Service", "AmbientCapabilities")
+            .iter()
+            .all(|v| v.is_empty()),
+        "{file}: no ambient capabilities (instances would inherit them)"
+    );
+    let environment: BTreeMap<&str, &str> = values(unit, "Service", "Environment")
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .collect();
+    let run_as = environment.get("MERIDIAN_RUN_AS").copied().unwrap_or("");
+    ensure!(
+        !run_as.is_empty() && run_as != "root" && run_as != "0",
+        "{file}: MERIDIAN_RUN_AS must name the unprivileged user instances run as, not {run_as:?}"
+    );
+    let roots = environment
+        .get("MERIDIAN_ALLOWED_COMMAND_ROOTS")
+        .copied()
+        .unwrap_or("");
+    ensure!(
+        !roots.is_empty() && roots.split(',').all(|r| r.starts_with('/')),
+        "{file}: MERIDIAN_ALLOWED_COMMAND_ROOTS must list absolute directories, not {roots:?}"
+    );
+    ensure!(
+        values(unit, "Service", "StateDirectoryMode") == ["0711"],
+        "{file}: StateDirectoryMode must be 0711 (instances traverse it, nothing lists it)"
+    );
+    Ok(())
 }
 
 /// `systemd-analyze verify` on copies of the units (templates instantiated for us-east, binaries

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use meridian_tests::{
-    apply, describe_scale, instance_processes, output_text, poll_until, wait_scale, Mesh,
-    ProcessFunction,
+    apply, describe_scale, instance_processes, output_text, poll_until, wait_scale, AgentOpts,
+    Mesh, ProcessFunction,
 };
 use tokio::time::Instant;
 
@@ -93,7 +93,12 @@ async fn agent_restart_leaves_no_orphan_and_no_double_instance() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_commands_are_reported_and_do_not_disturb_other_functions() -> Result<()> {
-    let mesh = Mesh::start(1, &["us-east"]).await?;
+    // `sh` must be allowed for the crash loop to be a crash loop (not a refusal).
+    let mesh = Mesh::start_with(1, &["us-east"], |_, _| AgentOpts {
+        command_roots: vec!["/usr/bin".into(), "/bin".into()],
+        ..AgentOpts::default()
+    })
+    .await?;
     let cp = mesh.cp().url();
     let mut functions = mesh.cp().functions().await?;
     let missing = ProcessFunction {

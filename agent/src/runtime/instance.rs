@@ -3,7 +3,7 @@
 //! (SIGTERM, grace, SIGKILL) and reports every step to the supervisor.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +19,13 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use super::log_files::{prune_exited, RotatingLog, EXITED_LOG_FILES_KEPT, LOG_FILE_MAX_BYTES};
 use super::logs::{split_lines, LogRegistry, OutputStream};
 use super::records::{group_alive, group_has_live_members, kill_group, process_start_time};
-use super::{readiness, DrainGate, FunctionKey, RuntimeConfig};
+use super::{readiness, DrainGate, FunctionKey, RuntimeConfig, INSTANCES_DIR, LOGS_DIR};
+use crate::fs_modes;
 
 /// Variables of the agent's own environment an instance inherits (before the spec's env and the
 /// runtime's variables). Everything else is left out so the agent's settings (RUST_LOG, secrets
-/// in its unit file) do not leak into functions.
+/// in its unit file) do not leak into functions. `HOME` is then set to the instance's working
+/// directory, and `USER` to the `--run-as` user when there is one.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
 /// How long the output of an exited instance may still arrive (pipes hold what it wrote last).
 const OUTPUT_DRAIN: Duration = Duration::from_millis(200);
@@ -89,7 +91,7 @@ impl InstanceTask {
     fn work_dir(&self) -> PathBuf {
         self.config
             .state_dir
-            .join("instances")
+            .join(INSTANCES_DIR)
             .join(&self.key.namespace)
             .join(&self.key.name)
             .join(&self.id)
@@ -98,7 +100,7 @@ impl InstanceTask {
     fn log_path(&self) -> PathBuf {
         self.config
             .state_dir
-            .join("logs")
+            .join(LOGS_DIR)
             .join(&self.key.namespace)
             .join(&self.key.name)
             .join(format!("{}.log", self.id))
@@ -149,15 +151,17 @@ impl InstanceTask {
         if *self.directive.borrow() != Directive::Run {
             return Ok(None);
         }
-        tokio::fs::create_dir_all(work_dir)
-            .await
-            .map_err(|e| format!("cannot start: cannot create {}: {e}", work_dir.display()))?;
+        let state_dir = self.config.state_dir.clone();
+        let (namespace, name) = (self.key.namespace.clone(), self.key.name.clone());
+        let dir = work_dir.clone();
+        let owner = self.config.policy.run_as().map(|u| (u.uid(), u.gid()));
+        tokio::task::spawn_blocking(move || {
+            prepare_dirs(&state_dir, &namespace, &name, &dir, owner)
+        })
+        .await
+        .map_err(|e| format!("cannot start: {e}"))?
+        .map_err(|e| format!("cannot start: {e}"))?;
         let log_path = self.log_path();
-        if let Some(dir) = log_path.parent() {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| format!("cannot start: cannot create {}: {e}", dir.display()))?;
-        }
         if let Some(dir) = log_path.parent() {
             let live = self.logs.live_instances(&self.key);
             match prune_exited(dir, &live, EXITED_LOG_FILES_KEPT).await {
@@ -175,8 +179,17 @@ impl InstanceTask {
             .map_err(|e| format!("cannot start: cannot open {}: {e}", log_path.display()))?;
 
         let process = &self.process;
-        let mut command = Command::new(&process.command);
+        // Resolved at every attempt, so a binary the operator installs later is picked up; the
+        // canonical path is what runs, so a symlink swapped after the check changes nothing.
+        let program = self
+            .config
+            .policy
+            .resolve(&process.command)
+            .map_err(|e| format!("cannot start: command \"{}\": {e}", process.command))?;
+        let mut command = Command::new(&program);
         command
+            // argv[0] as the spec wrote it: multi-call binaries dispatch on it.
+            .arg0(&process.command)
             .args(&process.args)
             .current_dir(work_dir)
             .env_clear();
@@ -184,6 +197,17 @@ impl InstanceTask {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
+        }
+        // The instance's home is its own working directory, never the agent's.
+        command.env("HOME", work_dir);
+        if let Some(user) = self.config.policy.run_as() {
+            // std's uid() drops the supplementary groups (setgroups(0)) before setuid, in the
+            // child between fork and exec; the agent's no_new_privs keeps setuid binaries from
+            // regaining root.
+            command
+                .uid(user.uid())
+                .gid(user.gid())
+                .env("USER", user.name());
         }
         command
             .envs(&process.env)
@@ -344,6 +368,29 @@ where
         })
         .await;
     })
+}
+
+/// The directories an instance needs, with their modes (see `fs_modes`): `instances/<ns>/<name>`
+/// traversable, the working directory `work_dir` private to `owner` (the `--run-as` user, or
+/// the agent when `None`), and `logs/<ns>/<name>` the agent's alone.
+fn prepare_dirs(
+    state_dir: &Path,
+    namespace: &str,
+    name: &str,
+    work_dir: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<(), String> {
+    fn created(dir: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
+        move |e| format!("cannot create {}: {e}", dir.display())
+    }
+    let instances = state_dir.join(INSTANCES_DIR);
+    fs_modes::ensure_dir_chain(&instances, &[namespace, name], fs_modes::INSTANCES_DIR_MODE)
+        .map_err(created(&instances))?;
+    fs_modes::make_work_dir(work_dir, owner).map_err(created(work_dir))?;
+    let logs = state_dir.join(LOGS_DIR);
+    fs_modes::ensure_dir_chain(&logs, &[namespace, name], fs_modes::LOGS_DIR_MODE)
+        .map_err(created(&logs))?;
+    Ok(())
 }
 
 /// SIGTERM to the group; SIGKILL when the grace is over (the leader, then any member left).

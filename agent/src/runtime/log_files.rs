@@ -69,10 +69,13 @@ impl RotatingLog {
     }
 }
 
+/// Opens for appending; a new file is created 0600 (`fs_modes::FILE_MODE`): an instance's output
+/// is for the agent's Logs API, not for other instances.
 async fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(crate::fs_modes::FILE_MODE)
         .open(path)
         .await
 }
@@ -162,6 +165,12 @@ mod tests {
             read(&dir.path().join("i-1.log.1")).await,
             format!("{}\n", "x".repeat(50))
         );
+        // Both files, the rotated one and the new one, are the agent's alone.
+        use std::os::unix::fs::PermissionsExt;
+        for file in [path.clone(), dir.path().join("i-1.log.1")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o600, "{}", file.display());
+        }
     }
 
     #[tokio::test]

@@ -17,21 +17,31 @@ use tokio::task::JoinHandle;
 mod instance;
 mod log_files;
 mod logs;
+mod policy;
 mod readiness;
 mod records;
 mod supervisor;
 #[cfg(test)]
 mod tests;
 
+use crate::fs_modes;
 use logs::LogRegistry;
+pub use policy::{CommandPolicy, CommandRefused, PolicyError, RunAs};
 use records::ProcessRecord;
 use supervisor::{Command, Supervisor};
+
+/// `<state-dir>/instances/<ns>/<name>/<id>`: each instance's working directory.
+pub const INSTANCES_DIR: &str = "instances";
+/// `<state-dir>/logs/<ns>/<name>/<id>.log`: each instance's output.
+pub const LOGS_DIR: &str = "logs";
 
 /// What the runtime needs from the agent's flags.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     /// `<state-dir>`: `instances.json`, `instances/` (working dirs) and `logs/` live here.
     pub state_dir: PathBuf,
+    /// Which commands instances may run and as whom (`--allowed-command-root`, `--run-as`).
+    pub policy: CommandPolicy,
     /// The address instances bind (`HOST`) and sidecars dial.
     pub instance_host: IpAddr,
     /// The agent's region (`REGION` for instances, `region` of log lines).
@@ -198,7 +208,7 @@ pub type LogStream = Pin<Box<dyn Stream<Item = LogLine> + Send + 'static>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("cannot create {path}")]
+    #[error("cannot create {path} (or give it its mode)")]
     CreateDir {
         path: PathBuf,
         #[source]
@@ -212,6 +222,8 @@ pub enum RuntimeError {
     Records(#[from] records::RecordsError),
     #[error("the orphan clean-up task failed")]
     CleanupTask(#[source] tokio::task::JoinError),
+    #[error("the state directory task failed")]
+    StateDirTask(#[source] tokio::task::JoinError),
 }
 
 /// A cheap handle on the supervisor.
@@ -239,12 +251,10 @@ impl Runtime {
         config: RuntimeConfig,
         drain: Arc<dyn DrainGate>,
     ) -> Result<Runtime, RuntimeError> {
-        tokio::fs::create_dir_all(&config.state_dir)
+        let state_dir = config.state_dir.clone();
+        tokio::task::spawn_blocking(move || prepare_state_dir(&state_dir))
             .await
-            .map_err(|source| RuntimeError::CreateDir {
-                path: config.state_dir.clone(),
-                source,
-            })?;
+            .map_err(RuntimeError::StateDirTask)??;
         let path = records::records_path(&config.state_dir);
         let cleanup_path = path.clone();
         tokio::task::spawn_blocking(move || clean_up_orphans(&cleanup_path))
@@ -292,6 +302,11 @@ impl Runtime {
         let _ = self.commands.send(Command::Remove { key: key.clone() });
     }
 
+    /// Which commands instances may run and as whom: what the agent can announce.
+    pub fn policy(&self) -> &CommandPolicy {
+        &self.config.policy
+    }
+
     /// Changes of any instance (spawned, ready, draining, exited, restarted, error).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshot.clone()
@@ -334,6 +349,22 @@ impl Runtime {
             let _ = recorder.await;
         }
     }
+}
+
+/// The state directory and its `logs/` and `instances/` with their modes (see `fs_modes`):
+/// instances, which may run as another user, can reach their working directories and nothing
+/// else.
+fn prepare_state_dir(state_dir: &Path) -> Result<(), RuntimeError> {
+    let dirs = [
+        (state_dir.to_path_buf(), fs_modes::STATE_DIR_MODE),
+        (state_dir.join(LOGS_DIR), fs_modes::LOGS_DIR_MODE),
+        (state_dir.join(INSTANCES_DIR), fs_modes::INSTANCES_DIR_MODE),
+    ];
+    for (path, mode) in dirs {
+        fs_modes::ensure_dir(&path, mode)
+            .map_err(|source| RuntimeError::CreateDir { path, source })?;
+    }
+    Ok(())
 }
 
 /// SIGKILLs what a previous agent left running, then records that nothing runs.

@@ -1,5 +1,5 @@
 //! `<state-dir>/instances.json`: the processes this agent started, so that the next agent can
-//! kill the ones a crashed agent left behind (no orphans).
+//! kill the ones a crashed agent left behind (no orphans). Mode 0600: instances cannot read it.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -93,7 +93,7 @@ pub fn write(path: &Path, records: &[ProcessRecord]) -> Result<(), RecordsError>
     let bytes = serde_json::to_vec_pretty(records).map_err(|e| error(io::Error::other(e)))?;
     let temp = path.with_extension("json.tmp");
     {
-        let mut file = std::fs::File::create(&temp).map_err(error)?;
+        let mut file = crate::fs_modes::create_private_file(&temp).map_err(error)?;
         file.write_all(&bytes).map_err(error)?;
         file.sync_all().map_err(error)?;
     }
@@ -210,6 +210,9 @@ mod tests {
         write(&path, &records).unwrap();
         assert_eq!(read(&path).unwrap(), records);
         assert!(!path.with_extension("json.tmp").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o600);
     }
 
     #[test]

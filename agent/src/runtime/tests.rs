@@ -1,6 +1,8 @@
 //! Runtime tests with real processes (`sh -c ...`). An instance's "readiness" is simulated by
 //! the test itself: it binds the instance's address (the process is a plain `sleep`), which keeps
-//! the tests free of anything but `sh` and `sleep`.
+//! the tests free of anything but `sh` and `sleep`. The allowed command roots are `/usr/bin` and
+//! `/bin`, where those live; run as root, the tests run instances as `nobody`, like an agent
+//! with `--run-as nobody`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,9 +18,46 @@ use super::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The user instances run as when the tests run as root.
+const RUN_AS: &str = "nobody";
+
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Roots where `sh`, `sleep` and `id` are; as root, instances run as [`RUN_AS`].
+fn policy() -> CommandPolicy {
+    let roots = [PathBuf::from("/usr/bin"), PathBuf::from("/bin")];
+    let run_as = running_as_root().then(|| RunAs::lookup(RUN_AS).unwrap());
+    CommandPolicy::new(&roots, run_as).unwrap()
+}
+
+/// A state directory that [`RUN_AS`] can traverse to its working directory: under the temp dir
+/// when every directory above it lets others through (a `TMPDIR` under `/root` does not), else
+/// under `/tmp`.
+fn state_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = std::env::temp_dir();
+    let traversable = temp
+        .ancestors()
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    let base = if traversable {
+        temp
+    } else {
+        PathBuf::from("/tmp")
+    };
+    tempfile::tempdir_in(base).unwrap()
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
 fn config(dir: &Path) -> RuntimeConfig {
     RuntimeConfig {
         state_dir: dir.to_owned(),
+        policy: policy(),
         instance_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
         region: "eu-west".into(),
         stop_grace: Duration::from_secs(2),
@@ -178,7 +217,7 @@ fn the_handle_is_cheap_to_share() {
 
 #[tokio::test]
 async fn instance_gets_its_env_logs_and_becomes_ready() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     let mut process = shell(
         "echo \"port=$PORT host=$HOST region=$REGION id=$INSTANCE_ID fn=$MERIDIAN_FUNCTION \
@@ -267,7 +306,7 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
 
 #[tokio::test]
 async fn http_readiness_needs_a_2xx_on_the_path() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     let mut healthy = shell("exec sleep 30");
     healthy.readiness_path = "/healthz".into();
@@ -295,7 +334,7 @@ async fn http_readiness_needs_a_2xx_on_the_path() {
 
 #[tokio::test]
 async fn crash_loop_is_reported_with_the_last_exit_and_lines() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     runtime.set(key(), shell("echo starting; echo boom >&2; exit 3"), 1);
     let snapshot = wait_for(&runtime, "CrashLoopBackOff", |s| {
@@ -332,7 +371,7 @@ async fn crash_loop_is_reported_with_the_last_exit_and_lines() {
 
 #[tokio::test]
 async fn a_command_that_cannot_start_is_an_error_retried_with_backoff() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     let process = ProcessRuntime {
         command: "/nonexistent/meridian-test-command".into(),
@@ -376,7 +415,7 @@ async fn a_command_that_cannot_start_is_an_error_retried_with_backoff() {
 
 #[tokio::test]
 async fn a_crash_after_ready_restarts_under_a_new_id() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     // Exits as soon as its "port" is answered (the test binds it): ready, then a crash.
     runtime.set(key(), shell("sleep 0.5; exit 1"), 1);
@@ -397,7 +436,7 @@ async fn a_crash_after_ready_restarts_under_a_new_id() {
 
 #[tokio::test]
 async fn scale_down_drains_through_the_gate_then_stops() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let gate = ManualGate::new();
     let runtime = Runtime::start(config(dir.path()), gate.clone())
         .await
@@ -430,7 +469,7 @@ async fn scale_down_drains_through_the_gate_then_stops() {
 
 #[tokio::test]
 async fn drain_is_bounded_by_the_timeout_and_starting_instances_stop_at_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let gate = ManualGate::new();
     let mut config = config(dir.path());
     config.drain_timeout = Duration::from_millis(300);
@@ -463,7 +502,7 @@ async fn drain_is_bounded_by_the_timeout_and_starting_instances_stop_at_once() {
 
 #[tokio::test]
 async fn a_changed_spec_starts_new_instances_before_draining_old_ones() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     runtime.set(key(), shell("exec sleep 30"), 1);
     let mut known = Vec::new();
@@ -491,7 +530,7 @@ async fn a_changed_spec_starts_new_instances_before_draining_old_ones() {
 
 #[tokio::test]
 async fn shutdown_escalates_to_sigkill_after_the_grace() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let mut config = config(dir.path());
     config.stop_grace = Duration::from_millis(400);
     let runtime = Runtime::start(config, Arc::new(NoDrainGate)).await.unwrap();
@@ -530,7 +569,7 @@ async fn shutdown_escalates_to_sigkill_after_the_grace() {
 
 #[tokio::test]
 async fn start_kills_recorded_orphans_but_not_reused_pids() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let spawn_group = || {
         use std::os::unix::process::CommandExt;
         std::process::Command::new("sh")
@@ -577,7 +616,7 @@ async fn start_kills_recorded_orphans_but_not_reused_pids() {
 
 #[tokio::test]
 async fn follow_sees_lines_of_instances_started_later_and_filters() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     runtime.set(key(), shell("exec sleep 30"), 0);
     let mut follow = runtime.logs(&key(), None, 10, true).unwrap();
@@ -611,7 +650,7 @@ async fn follow_sees_lines_of_instances_started_later_and_filters() {
 
 #[tokio::test]
 async fn scale_to_zero_and_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = state_dir();
     let runtime = start(dir.path()).await;
     runtime.set(key(), shell("exec sleep 30"), 3);
     let snapshot = wait_for(&runtime, "three instances", |s| {
@@ -647,4 +686,147 @@ async fn scale_to_zero_and_back() {
     })
     .await;
     runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn instances_run_as_the_run_as_user_in_a_private_work_dir() {
+    let dir = state_dir();
+    let runtime = start(dir.path()).await;
+    assert_eq!(runtime.policy(), &policy());
+    let state = dir.path().display().to_string();
+    runtime.set(
+        key(),
+        shell(&format!(
+            "echo \"ids=$(id -u) $(id -g) groups=$(id -G) home=$HOME user=$USER\"; \
+             cat {state}/instances.json >/dev/null 2>&1 && echo read-records; \
+             ls {state} >/dev/null 2>&1 && echo listed-state; \
+             ls {state}/logs >/dev/null 2>&1 && echo listed-logs; \
+             echo probed; exec sleep 30"
+        )),
+        1,
+    );
+    let mut known = Vec::new();
+    let (instance, _server) = make_one_ready(&runtime, &mut known).await;
+    let mut follow = runtime.logs(&key(), None, 10, true).unwrap();
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l| l == "probed") {
+        let line = tokio::time::timeout(WAIT, follow.next())
+            .await
+            .unwrap()
+            .unwrap();
+        lines.push(line.line);
+    }
+    let work_dir = dir
+        .path()
+        .join("instances/default/hello")
+        .join(&instance.id);
+    let (uid, gid, name) = match policy().run_as() {
+        Some(user) => (user.uid(), user.gid(), user.name().to_owned()),
+        None => (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            std::env::var("USER").unwrap_or_default(),
+        ),
+    };
+    let ids = lines.iter().find(|l| l.starts_with("ids=")).unwrap();
+    if running_as_root() {
+        // Uid and primary group of the user, and no supplementary group (id -G lists the
+        // primary one only).
+        assert_eq!(
+            *ids,
+            format!(
+                "ids={uid} {gid} groups={gid} home={} user={name}",
+                work_dir.display()
+            )
+        );
+        // The agent's state is out of the instance's reach.
+        assert!(!lines.iter().any(|l| l == "read-records"), "{lines:?}");
+        assert!(!lines.iter().any(|l| l == "listed-state"), "{lines:?}");
+        assert!(!lines.iter().any(|l| l == "listed-logs"), "{lines:?}");
+    } else {
+        assert!(
+            ids.starts_with(&format!("ids={uid} {gid} groups=")),
+            "{ids}"
+        );
+        assert!(
+            ids.ends_with(&format!("home={} user={name}", work_dir.display())),
+            "{ids}"
+        );
+    }
+
+    // The modes that make it so.
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&work_dir).unwrap();
+    assert_eq!((owner.uid(), owner.gid()), (uid, gid));
+    assert_eq!(mode(&work_dir), 0o700);
+    assert_eq!(mode(dir.path()), 0o711);
+    assert_eq!(mode(&dir.path().join("instances")), 0o711);
+    assert_eq!(mode(&dir.path().join("instances/default")), 0o711);
+    assert_eq!(mode(&dir.path().join("instances/default/hello")), 0o711);
+    assert_eq!(mode(&dir.path().join("logs")), 0o700);
+    assert_eq!(mode(&dir.path().join("logs/default/hello")), 0o700);
+    let log_file = dir
+        .path()
+        .join("logs/default/hello")
+        .join(format!("{}.log", instance.id));
+    assert_eq!(mode(&log_file), 0o600);
+    assert_eq!(mode(&records_path(dir.path())), 0o600);
+    runtime.shutdown().await;
+    assert!(!work_dir.exists());
+}
+
+#[tokio::test]
+async fn commands_outside_the_roots_never_start() {
+    let dir = state_dir();
+    let roots = tempfile::tempdir().unwrap();
+    let root = roots.path().canonicalize().unwrap();
+    let mut config = config(dir.path());
+    config.policy = CommandPolicy::new(std::slice::from_ref(&root), None).unwrap();
+    let runtime = Runtime::start(config, Arc::new(NoDrainGate)).await.unwrap();
+    let marker = dir.path().join("ran");
+    let cases = [
+        (
+            "abs",
+            "/bin/sh",
+            format!("outside the allowed command roots ({})", root.display()),
+        ),
+        (
+            "rel",
+            "sh",
+            format!(
+                "not found under the allowed command roots ({})",
+                root.display()
+            ),
+        ),
+        (
+            "dots",
+            "../../bin/sh",
+            "`..` is not allowed in a command".to_string(),
+        ),
+    ];
+    for (name, command, _) in &cases {
+        let process = ProcessRuntime {
+            command: (*command).into(),
+            args: vec!["-c".into(), format!("touch {}", marker.display())],
+            ..ProcessRuntime::default()
+        };
+        runtime.set(FunctionKey::new("default", *name), process, 1);
+    }
+    let snapshot = wait_for(&runtime, "every refusal", |s| {
+        cases.iter().all(|(name, _, _)| {
+            function(s, &FunctionKey::new("default", *name)).is_some_and(|f| f.error.is_some())
+        })
+    })
+    .await;
+    for (name, command, reason) in &cases {
+        let status = function(&snapshot, &FunctionKey::new("default", *name)).unwrap();
+        assert_eq!(
+            status.error.as_deref(),
+            Some(format!("cannot start: command \"{command}\": {reason}").as_str())
+        );
+        assert!(status.instances.is_empty(), "{status:?}");
+        assert_eq!(status.restarts, 0);
+    }
+    runtime.shutdown().await;
+    assert!(!marker.exists());
 }

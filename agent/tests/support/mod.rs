@@ -1,9 +1,14 @@
-//! What the agent's binary tests share: running the agent and reading its log.
+//! What the agent's binary tests share: running the agent and reading its log, and the command
+//! policy test agents run with (`--allowed-command-root`, and `--run-as nobody` when the tests run
+//! as root, since a root agent refuses to start without it).
 #![allow(clippy::unwrap_used, dead_code)] // a panic is how a test reports failure
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -101,10 +106,109 @@ impl Drop for Agent {
     }
 }
 
-/// The flags every test agent needs: region `us-east`, `state_dir`, the local API on a free port
-/// and `control_plane` to dial.
+/// The user test agents run instances as when the tests run as root.
+pub const RUN_AS: &str = "nobody";
+
+pub fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A directory under which any user can reach what it is given: the temp dir when every
+/// directory above it lets others through (a `TMPDIR` under `/root`, mode 0700, does not), else
+/// `/tmp`.
+pub fn traversable_temp_dir() -> PathBuf {
+    let temp = std::env::temp_dir();
+    let traversable = temp
+        .ancestors()
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if traversable {
+        temp
+    } else {
+        PathBuf::from("/tmp")
+    }
+}
+
+/// A state directory for a test agent whose instances (maybe [`RUN_AS`]) can reach their working
+/// directories through its parents.
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("meridian-agent-test-")
+        .tempdir_in(traversable_temp_dir())
+        .unwrap()
+}
+
+/// Prefix of the [`functions_dir`]s, followed by the pid of the test process that made it.
+const FUNCTIONS_PREFIX: &str = "meridian-agent-test-functions-";
+
+/// The test agents' `--allowed-command-root`: a directory (0755, any user reaches it) holding a
+/// hard link to (or a copy of) this test binary, which the checkout may keep where [`RUN_AS`]
+/// cannot go. One per test process, kept for its lifetime; those of finished processes are
+/// removed by the next one.
+pub fn functions_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = traversable_temp_dir();
+        remove_stale_functions_dirs(&base);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{FUNCTIONS_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&base)
+            .unwrap()
+            .keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let target = dir.join(exe.file_name().unwrap());
+        if std::fs::hard_link(&exe, &target).is_err() {
+            // Another file system: a copy (it keeps the mode).
+            std::fs::copy(&exe, &target).unwrap();
+        }
+        dir
+    })
+}
+
+/// Removes the functions dirs of test processes that are gone.
+fn remove_stale_functions_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(FUNCTIONS_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// This test binary as the agent runs it: its copy in [`functions_dir`].
+pub fn test_binary_command() -> String {
+    let exe = std::env::current_exe().unwrap();
+    functions_dir()
+        .join(exe.file_name().unwrap())
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The policy flags of a test agent: [`functions_dir`] as the only root, and `--run-as
+/// nobody` when the tests run as root.
+pub fn policy_args() -> Vec<&'static str> {
+    let mut args = vec!["--allowed-command-root", functions_dir().to_str().unwrap()];
+    if running_as_root() {
+        args.extend(["--run-as", RUN_AS]);
+    }
+    args
+}
+
+/// The flags every test agent needs: region `us-east`, `state_dir`, the local API on a free port,
+/// `control_plane` to dial and the [`policy_args`].
 pub fn agent_args<'a>(state_dir: &'a str, control_plane: &'a str) -> Vec<&'a str> {
-    vec![
+    let mut args = vec![
         "--region",
         "us-east",
         "--state-dir",
@@ -116,7 +220,9 @@ pub fn agent_args<'a>(state_dir: &'a str, control_plane: &'a str) -> Vec<&'a str
         // The default admin port is fixed: tests run agents in parallel.
         "--admin",
         "none",
-    ]
+    ];
+    args.extend(policy_args());
+    args
 }
 
 /// A port that was free a moment ago (nothing listens on it).

@@ -449,6 +449,29 @@ fn announce(policy: &CommandPolicy) {
     }
 }
 
+/// The policy as told to the control plane in every Hello, so that its API refuses up front a
+/// command that would never start here. An agent without `--run-as` names its own user.
+fn announced_policy(policy: &CommandPolicy) -> meridian_proto::v1::CommandPolicy {
+    let run_as = match policy.run_as_name() {
+        Some(name) => name.to_owned(),
+        None => {
+            let uid = nix::unistd::geteuid();
+            nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map_or_else(|| uid.to_string(), |user| user.name)
+        }
+    };
+    meridian_proto::v1::CommandPolicy {
+        allowed_roots: policy
+            .allowed_roots()
+            .iter()
+            .map(|root| root.display().to_string())
+            .collect(),
+        run_as,
+    }
+}
+
 /// What `serve` needs besides the state and the runtime.
 struct Serving {
     control_plane: Vec<String>,
@@ -576,7 +599,9 @@ async fn serve(
         .with_refusals(refusals)
         .with_load(book, activations)
         .with_logs(Arc::new(runtime.clone()), identity.region.clone());
-    let mut state = state.with_sidecar_statuses(api.sidecars().statuses());
+    let mut state = state
+        .with_sidecar_statuses(api.sidecars().statuses())
+        .with_command_policy(announced_policy(runtime.policy()));
     let mut server = tokio::spawn(local_api::serve(listener, api, async {
         let _ = server_stopped.await;
     }));

@@ -95,7 +95,12 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
     let all_namespaces = cli.namespace.is_none();
     let namespace = cli.namespace.clone().unwrap_or_default();
     let leader = answered(control_plane.get_leader().await)?;
-    let replicas = answered(control_plane.list_replicas().await)?.map(|r| r.replicas);
+    let listed = answered(control_plane.list_replicas().await)?;
+    let skipped_records = listed
+        .as_ref()
+        .map(|r| r.skipped_records.clone())
+        .unwrap_or_default();
+    let replicas = listed.map(|r| r.replicas);
     let agents = answered(control_plane.list_agents("").await)?.map(|r| r.agents);
     let instances = answered(
         control_plane
@@ -123,6 +128,7 @@ async fn status(cli: &Cli, args: &StatusArgs, out: &mut dyn Write) -> Result<(),
         address: control_plane.address().to_string(),
         leader,
         replicas,
+        skipped_records,
         agents,
         instances,
         functions,

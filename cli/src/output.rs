@@ -194,8 +194,20 @@ pub fn functions_yaml(functions: &[wire::Function]) -> Result<String, OutputErro
     Ok(out)
 }
 
+/// `get agents`' SIDECARS: loaded the newest table / connected, and "!" when one of them
+/// reports a table it cannot load.
+fn sidecars_cell(agent: &wire::AgentStatus) -> String {
+    let connected = agent.sidecars.iter().filter(|s| s.connected).count();
+    let failing = agent.sidecars.iter().any(|s| !s.error.is_empty());
+    format!(
+        "{}/{connected}{}",
+        agent.sidecars_in_sync,
+        if failing { " (failing)" } else { "" }
+    )
+}
+
 /// `get agents`: REGION, AGENT, ZONE, CLOUD, GATEWAY, REPLICA, ACKED, NEWEST, IN-SYNC,
-/// CONNECTED (time since the stream opened), LAST-NACK.
+/// SIDECARS (in sync / connected), CONNECTED (time since the stream opened), LAST-NACK.
 pub fn agents_table(agents: &[wire::AgentStatus], now_unix_ms: i64) -> String {
     let mut sorted: Vec<&wire::AgentStatus> = agents.iter().collect();
     sorted.sort_by(|a, b| (&a.region, &a.agent_id).cmp(&(&b.region, &b.agent_id)));
@@ -216,6 +228,7 @@ pub fn agents_table(agents: &[wire::AgentStatus], now_unix_ms: i64) -> String {
                 },
                 a.newest_version.to_string(),
                 if a.in_sync { "yes" } else { "no" }.to_string(),
+                sidecars_cell(a),
                 if a.connected_since_unix_ms == 0 {
                     "-".to_string()
                 } else {
@@ -236,6 +249,7 @@ pub fn agents_table(agents: &[wire::AgentStatus], now_unix_ms: i64) -> String {
             "ACKED",
             "NEWEST",
             "IN-SYNC",
+            "SIDECARS",
             "CONNECTED",
             "LAST-NACK",
         ],
@@ -686,6 +700,18 @@ struct AgentView<'a> {
     last_nack: &'a str,
     replica: &'a str,
     api_address: &'a str,
+    sidecars_in_sync: u32,
+    sidecars: Vec<SidecarView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SidecarView<'a> {
+    sidecar: &'a str,
+    connected: bool,
+    loaded_version: i64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    error: &'a str,
 }
 
 impl<'a> From<&'a wire::ListAgentsResponse> for AgentsView<'a> {
@@ -708,6 +734,17 @@ impl<'a> From<&'a wire::ListAgentsResponse> for AgentsView<'a> {
                     last_nack: &a.last_nack,
                     replica: &a.replica,
                     api_address: &a.api_address,
+                    sidecars_in_sync: a.sidecars_in_sync,
+                    sidecars: a
+                        .sidecars
+                        .iter()
+                        .map(|s| SidecarView {
+                            sidecar: &s.sidecar,
+                            connected: s.connected,
+                            loaded_version: s.loaded_version,
+                            error: &s.error,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }

@@ -17,6 +17,8 @@ pub struct StatusInput {
     pub leader: Result<wire::GetLeaderResponse, String>,
     /// The registered control-plane replicas (`ControlPlaneService.ListReplicas`).
     pub replicas: Result<Vec<wire::ReplicaInfo>, String>,
+    /// Records in etcd the replica asked skipped (`ListReplicas`); empty when that call failed.
+    pub skipped_records: Vec<wire::SkippedRecord>,
     pub agents: Result<Vec<wire::AgentStatus>, String>,
     pub instances: Result<Vec<wire::FunctionInstances>, String>,
     pub functions: Result<Vec<wire::Function>, String>,
@@ -47,8 +49,19 @@ pub struct ControlPlaneStatus {
     /// Why the registered replicas are unknown (ListReplicas failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas_error: Option<String>,
+    /// Records in etcd the replica could not read and serves without.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_records: Vec<SkippedRecordView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedRecordView {
+    pub key: String,
+    pub error: String,
+    pub revision: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,8 +88,15 @@ pub struct RegionAgents {
     pub region: String,
     pub agents: usize,
     pub in_sync: usize,
+    /// Sidecars connected to the region's agents, and how many of them loaded the newest
+    /// table.
+    pub sidecars: usize,
+    pub sidecars_in_sync: usize,
     /// Agents not in sync: id and how many versions behind.
     pub lagging: Vec<LaggingAgent>,
+    /// Sidecars that failed to load a table or have not loaded the newest one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sidecar_problems: Vec<SidecarProblem>,
     /// The newest table version of the region on the replica asked.
     pub newest_version: i64,
     /// "agent: reason" of the last Nack in the region; empty when none.
@@ -90,6 +110,19 @@ pub struct LaggingAgent {
     pub acked_version: i64,
     pub behind: i64,
 }
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarProblem {
+    pub agent_id: String,
+    pub sidecar: String,
+    pub loaded_version: i64,
+    /// Why it could not load a table; empty when it is only behind.
+    pub error: String,
+}
+
+/// At most this many skipped records are listed one by one among the problems.
+const LISTED_SKIPPED_RECORDS: usize = 5;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -202,8 +235,57 @@ fn control_plane_status(input: &StatusInput, problems: &mut Vec<String>) -> Cont
         elected_version,
         replicas,
         replicas_error,
+        skipped_records: skipped_records(input, problems),
         error,
     }
+}
+
+fn skipped_records(input: &StatusInput, problems: &mut Vec<String>) -> Vec<SkippedRecordView> {
+    let mut records: Vec<SkippedRecordView> = input
+        .skipped_records
+        .iter()
+        .map(|r| SkippedRecordView {
+            key: r.key.clone(),
+            error: r.error.clone(),
+            revision: r.revision,
+        })
+        .collect();
+    records.sort_by(|a, b| a.key.cmp(&b.key));
+    for record in records.iter().take(LISTED_SKIPPED_RECORDS) {
+        problems.push(format!(
+            "etcd record {} skipped (revision {}): {}",
+            record.key,
+            record.revision,
+            or_dash(&record.error)
+        ));
+    }
+    if records.len() > LISTED_SKIPPED_RECORDS {
+        problems.push(format!(
+            "{} more etcd records skipped",
+            records.len() - LISTED_SKIPPED_RECORDS
+        ));
+    }
+    records
+}
+
+/// The sidecars of `agent` that could not load a table, or (connected) have not loaded the
+/// newest version although their agent has it (an agent behind is a problem of its own).
+fn sidecar_problems(agent: &wire::AgentStatus) -> Vec<SidecarProblem> {
+    let agent_has_newest = agent.acked_version >= agent.newest_version;
+    agent
+        .sidecars
+        .iter()
+        .filter(|s| {
+            !s.error.is_empty()
+                || (agent_has_newest && s.connected && s.loaded_version < agent.newest_version)
+        })
+        .map(|s| SidecarProblem {
+            agent_id: agent.agent_id.clone(),
+            sidecar: s.sidecar.clone(),
+            loaded_version: s.loaded_version,
+            error: s.error.clone(),
+        })
+        .collect()
 }
 
 fn agents_status(input: &StatusInput, problems: &mut Vec<String>) -> AgentsStatus {
@@ -239,7 +321,23 @@ fn agents_status(input: &StatusInput, problems: &mut Vec<String>) -> AgentsStatu
                 behind: (a.newest_version - a.acked_version).max(0),
             })
             .collect();
+        let sidecar_problems: Vec<SidecarProblem> =
+            agents.iter().flat_map(|a| sidecar_problems(a)).collect();
         for lag in &lagging {
+            let newest = agents
+                .iter()
+                .find(|a| a.agent_id == lag.agent_id)
+                .map_or(0, |a| a.newest_version);
+            if lag.acked_version > 0 && lag.behind == 0 {
+                // The agent has the table; its sidecars are why it is not in sync.
+                if !sidecar_problems.iter().any(|p| p.agent_id == lag.agent_id) {
+                    problems.push(format!(
+                        "agent {} ({region}): not every sidecar has loaded version {newest}",
+                        lag.agent_id
+                    ));
+                }
+                continue;
+            }
             let how = if lag.acked_version == 0 {
                 "has acked no table yet".to_string()
             } else {
@@ -254,6 +352,19 @@ fn agents_status(input: &StatusInput, problems: &mut Vec<String>) -> AgentsStatu
             };
             problems.push(format!("agent {} ({region}) {how}", lag.agent_id));
         }
+        for p in &sidecar_problems {
+            if p.error.is_empty() {
+                problems.push(format!(
+                    "sidecar {} of agent {} ({region}) has not loaded the newest table (holds version {})",
+                    p.sidecar, p.agent_id, p.loaded_version
+                ));
+            } else {
+                problems.push(format!(
+                    "sidecar {} of agent {} ({region}) cannot load its table: {}",
+                    p.sidecar, p.agent_id, p.error
+                ));
+            }
+        }
         let last_nack = agents
             .iter()
             .rev()
@@ -264,7 +375,17 @@ fn agents_status(input: &StatusInput, problems: &mut Vec<String>) -> AgentsStatu
             region: region.to_string(),
             agents: agents.len(),
             in_sync: agents.len() - lagging.len(),
+            sidecars: agents
+                .iter()
+                .flat_map(|a| &a.sidecars)
+                .filter(|s| s.connected)
+                .count(),
+            sidecars_in_sync: agents
+                .iter()
+                .map(|a| usize::try_from(a.sidecars_in_sync).unwrap_or(0))
+                .sum(),
             lagging,
+            sidecar_problems,
             newest_version: agents.iter().map(|a| a.newest_version).max().unwrap_or(0),
             last_nack,
         });
@@ -495,6 +616,12 @@ pub fn status_text(status: &Status) -> String {
     if cp.replicas.is_empty() {
         out.push_str("  Replicas:         -\n");
     }
+    if !cp.skipped_records.is_empty() {
+        out.push_str(&format!(
+            "  Skipped records:  {} (unreadable in etcd, served without)\n",
+            cp.skipped_records.len()
+        ));
+    }
     for (index, replica) in cp.replicas.iter().enumerate() {
         let label = if index == 0 { "Replicas:" } else { "" };
         let mut notes = vec![plural(replica.agents, "agent", "agents")];
@@ -527,8 +654,10 @@ pub fn status_text(status: &Status) -> String {
                 let sync = if r.lagging.is_empty() {
                     format!("in sync (version {})", r.newest_version)
                 } else {
-                    let (unacked, behind): (Vec<&LaggingAgent>, Vec<&LaggingAgent>) =
+                    let (unacked, acked): (Vec<&LaggingAgent>, Vec<&LaggingAgent>) =
                         r.lagging.iter().partition(|l| l.acked_version == 0);
+                    let (behind, waiting): (Vec<&LaggingAgent>, Vec<&LaggingAgent>) =
+                        acked.into_iter().partition(|l| l.behind > 0);
                     let mut parts = Vec::new();
                     if !behind.is_empty() {
                         let worst = behind.iter().map(|l| l.behind).max().unwrap_or(0);
@@ -542,19 +671,30 @@ pub fn status_text(status: &Status) -> String {
                     if !unacked.is_empty() {
                         parts.push(format!("{} with no ack yet", unacked.len()));
                     }
+                    if !waiting.is_empty() {
+                        parts.push(format!("{} waiting for sidecars", waiting.len()));
+                    }
                     format!("{} (newest {})", parts.join(", "), r.newest_version)
                 };
                 vec![
                     r.region.clone(),
                     r.agents.to_string(),
                     format!("{}/{}", r.in_sync, r.agents),
+                    format!("{}/{}", r.sidecars_in_sync, r.sidecars),
                     sync,
                     or_dash(&r.last_nack),
                 ]
             })
             .collect();
         out.push_str(&indent(&table(
-            &["REGION", "AGENTS", "IN-SYNC", "STATE", "LAST-NACK"],
+            &[
+                "REGION",
+                "AGENTS",
+                "IN-SYNC",
+                "SIDECARS",
+                "STATE",
+                "LAST-NACK",
+            ],
             &rows,
         )));
     }

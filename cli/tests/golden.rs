@@ -180,9 +180,18 @@ fn agents() -> wire::ListAgentsResponse {
         replica: "cp-7000".into(),
         ..Default::default()
     };
+    let sidecar = |name: &str, loaded: i64, error: &str| wire::SidecarStatus {
+        sidecar: name.into(),
+        connected: true,
+        loaded_version: loaded,
+        error: error.into(),
+        updated_unix_ms: NOW_MS - 2_000,
+        ..Default::default()
+    };
     wire::ListAgentsResponse {
         agents: vec![
             wire::AgentStatus {
+                sidecars: vec![sidecar("sidecar-c", 214, "")],
                 connected_since_unix_ms: NOW_MS - 7_800_000,
                 acked_version: 214,
                 in_sync: false,
@@ -192,6 +201,19 @@ fn agents() -> wire::ListAgentsResponse {
             },
             wire::AgentStatus {
                 api_address: "127.0.1.1:15003".into(),
+                in_sync: false,
+                sidecars_in_sync: 1,
+                sidecars: vec![
+                    sidecar("sidecar-a", 231, ""),
+                    wire::SidecarStatus {
+                        failed_version: 231,
+                        ..sidecar(
+                            "sidecar-b",
+                            229,
+                            "functions[2].tiers[0].endpoints[0].address: \"not an address\" is not host:port",
+                        )
+                    },
+                ],
                 ..agent("us-east", "us-east-1", "us-east-a")
             },
             wire::AgentStatus {
@@ -839,6 +861,11 @@ fn status_input() -> StatusInput {
                 leader: false,
             },
         ]),
+        skipped_records: vec![wire::SkippedRecord {
+            key: "/meridian/functions/default/broken".into(),
+            error: "cannot decode the stored function: invalid wire type".into(),
+            revision: 171,
+        }],
         agents: Ok(agents().agents),
         instances: Ok(instances().functions),
         functions: Ok(functions()),
@@ -866,12 +893,18 @@ fn status_healthy() {
         agent.acked_version = agent.newest_version;
         agent.in_sync = true;
         agent.last_nack.clear();
+        for sidecar in &mut agent.sidecars {
+            sidecar.loaded_version = agent.newest_version;
+            sidecar.error.clear();
+        }
+        agent.sidecars_in_sync = u32::try_from(agent.sidecars.len()).expect("few sidecars");
     }
     let hello: Vec<wire::Function> = functions()
         .into_iter()
         .filter(|f| f.spec.as_ref().is_some_and(|s| s.name == "hello"))
         .collect();
     let model = status::status(&StatusInput {
+        skipped_records: Vec::new(),
         agents: Ok(agents),
         instances: Ok(Vec::new()),
         functions: Ok(hello),
@@ -886,6 +919,7 @@ fn status_without_leader_and_scale_view() {
     let model = status::status(&StatusInput {
         leader: Ok(wire::GetLeaderResponse::default()),
         replicas: Err("Error from server (Unimplemented): unknown service".into()),
+        skipped_records: Vec::new(),
         agents: Ok(Vec::new()),
         instances: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),
         functions: Err("Error from server (ServiceUnavailable): etcd unavailable".into()),

@@ -4,7 +4,8 @@
 //! `meridianctl get instances` and `describe function` say why; the sample function, named by
 //! its bare name (looked up in the roots), runs as `nobody` without supplementary groups and
 //! with no_new_privs, and can neither read the agent's state files nor list its state directory,
-//! as the instance itself reports. Only as root: otherwise the agent has nobody to switch to, and
+//! as the instance itself reports. The API refuses the shell up front once the agent has
+//! announced its roots; stored while the agent was down, it still never starts. Only as root: otherwise the agent has nobody to switch to, and
 //! the test says so and passes.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use meridian_proto::v1::function_spec;
+use meridian_proto::v1::{function_spec, ApplyFunctionRequest, ListAgentsRequest};
 use meridian_tests::command_policy::{
     functions_dir, instance_ids, open_temp_dir, running_as_root, RUN_AS,
 };
@@ -22,6 +23,7 @@ use meridian_tests::{
     ProcessFunction,
 };
 use tokio::time::Instant;
+use tonic::Code;
 
 /// The whole test's budget.
 const BUDGET: Duration = Duration::from_secs(60);
@@ -50,8 +52,9 @@ fn mode(path: &Path) -> Result<u32> {
 }
 
 async fn scenario() -> Result<()> {
-    let mesh = Mesh::start(1, &["us-east"]).await?;
-    let cp = mesh.cp();
+    let mut mesh = Mesh::start(1, &["us-east"]).await?;
+    mesh.wait_agents_synced(STEP).await?;
+    let cp = &mesh.control_planes[0];
     let cp_url = cp.url();
     let state = mesh.agents[0].state_dir().to_path_buf();
     let (uid, gid) = instance_ids()?;
@@ -69,7 +72,42 @@ async fn scenario() -> Result<()> {
         )),
         ..ProcessFunction::sample("rootshell")
     };
+    // The API refuses it up front: the region's agent announced its roots in its Hello.
+    let up_front = functions
+        .apply(ApplyFunctionRequest {
+            spec: Some(shell.spec()?),
+            ..Default::default()
+        })
+        .await;
+    match up_front {
+        Ok(stored) => anyhow::bail!("the API accepted a root shell outside the roots: {stored:?}"),
+        Err(status) => ensure!(
+            status.code() == Code::InvalidArgument
+                && status.message().contains("spec.runtime.process.command")
+                && status.message().contains(&root.display().to_string()),
+            "want INVALID_ARGUMENT naming the command and the agent's roots, got {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    }
+    // A spec stored while no agent announced a policy (here: the region's agent is down) reaches
+    // the agent anyway, and the agent refuses it itself.
+    mesh.agents[0].stop().await?;
+    poll_until(STEP, "the stopped agent to leave ListAgents", || async {
+        let agents = mesh.control_planes[0]
+            .mesh()
+            .await?
+            .list_agents(ListAgentsRequest::default())
+            .await?
+            .into_inner()
+            .agents;
+        ensure!(agents.is_empty(), "still listed: {agents:?}");
+        Ok(())
+    })
+    .await?;
     apply(&mut functions, shell.spec()?).await?;
+    mesh.agents[0].restart().await?;
+    let cp = &mesh.control_planes[0];
 
     // The sample function by its bare name, probing what an instance must not read: the state
     // dir's listing, the persisted table, the instance records, the logs; and its own working

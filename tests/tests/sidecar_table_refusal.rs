@@ -1,7 +1,8 @@
 //! A table the sidecar cannot compile is refused: the sidecar reports it to its agent
 //! (`ReportTable`, accepted = false, with the field at fault), the agent Nacks that version to
 //! the control plane (visible in `ListAgents`), and the sidecar keeps serving its old table. The
-//! next good table is accepted.
+//! next good table is accepted. Until then the region is not in sync (its sidecar has not loaded
+//! the version), and `meridianctl status` and `get agents` say so, naming the sidecar.
 //!
 //! The control plane and the agent both refuse such tables themselves, so one cannot arrive
 //! through them: the route tap between the agent and the sidecar spoils the table on its way
@@ -16,7 +17,7 @@ use anyhow::{ensure, Context, Result};
 use http::StatusCode;
 use meridian_proto::v1::ListAgentsRequest;
 use meridian_tests::{
-    backend_spec, free_port, poll_until, region_ip, Relay, SidecarOpts, TestBackend, World,
+    backend_spec, free_port, output_text, poll_until, region_ip, Relay, SidecarOpts, TestBackend, World,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,6 +100,60 @@ async fn an_uncompilable_table_is_nacked_and_the_old_one_keeps_serving() -> Resu
     .await?;
     eprintln!("control plane: last_nack = {nack:?}");
 
+    // Status tells the truth: the agent holds the newest table, but its sidecar did not load
+    // it, so the region is not in sync, and `status` names the sidecar and why.
+    let not_in_sync = poll_until(
+        Duration::from_secs(10),
+        "ListAgents to count us-east out of sync for its sidecar",
+        || async {
+            let agents = world
+                .mesh
+                .cp()
+                .mesh()
+                .await?
+                .list_agents(ListAgentsRequest::default())
+                .await?
+                .into_inner()
+                .agents;
+            let status = agents
+                .iter()
+                .find(|a| a.region == "us-east")
+                .with_context(|| format!("us-east not listed: {agents:?}"))?;
+            let failing = status
+                .sidecars
+                .iter()
+                .find(|s| s.connected && !s.error.is_empty())
+                .with_context(|| format!("no failing sidecar reported: {:?}", status.sidecars))?;
+            ensure!(
+                !status.in_sync
+                    && status.sidecars_in_sync == 0
+                    && failing.error.contains("address")
+                    && failing.failed_version >= spoiled_version,
+                "in_sync {} sidecars_in_sync {} sidecars {:?}",
+                status.in_sync,
+                status.sidecars_in_sync,
+                status.sidecars
+            );
+            Ok(failing.sidecar.clone())
+        },
+    )
+    .await?;
+    let out = world.mesh.cp().ctl(["status"]).await?;
+    let text = output_text(&out);
+    ensure!(
+        text.contains(&format!("sidecar {not_in_sync}"))
+            && text.contains("cannot load its table")
+            && text.contains("address"),
+        "status must name the sidecar that cannot load its table:\n{text}"
+    );
+    let out = world.mesh.cp().ctl(["get", "agents"]).await?;
+    let text = output_text(&out);
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("us-east") && l.contains("0/1 (failing)")),
+        "get agents must show the failing sidecar:\n{text}"
+    );
+
     // The old table keeps serving: "first" works; "second" is as the old table has it (the
     // control plane publishes a function before its endpoints are reported, so the old table may
     // already list it, without endpoints), never routed to the spoiled address.
@@ -139,6 +194,30 @@ async fn an_uncompilable_table_is_nacked_and_the_old_one_keeps_serving() -> Resu
     world
         .wait_served("us-east", "third", "us-east", Duration::from_secs(10))
         .await?;
+    // ... and once it is loaded, the region is in sync again, sidecar included.
+    poll_until(
+        Duration::from_secs(10),
+        "us-east to be in sync again",
+        || async {
+            let agents = world
+                .mesh
+                .cp()
+                .mesh()
+                .await?
+                .list_agents(ListAgentsRequest::default())
+                .await?
+                .into_inner()
+                .agents;
+            ensure!(
+                agents
+                    .iter()
+                    .any(|a| a.region == "us-east" && a.in_sync && a.sidecars_in_sync == 1),
+                "{agents:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
     let reply = client.get("second", "/").await?;
     ensure!(
         reply.status == StatusCode::OK,

@@ -266,44 +266,34 @@ impl ControlPlane {
     }
 
     /// Every function the request selects, following the server's pages (all read at the
-    /// first page's revision; a listing the server aborts, because etcd compacted that
-    /// revision meanwhile, starts again, a few times at most).
+    /// first page's revision).
     pub async fn list_functions(
         &self,
         request: wire::ListFunctionsRequest,
     ) -> Result<wire::ListFunctionsResponse, ClientError> {
-        let mut client = self.functions.clone();
-        for attempt in 1..=LISTING_ATTEMPTS {
-            let mut all = wire::ListFunctionsResponse::default();
-            let mut page_token = String::new();
-            let aborted = loop {
-                let page = client
-                    .list(wire::ListFunctionsRequest {
-                        page_token: page_token.clone(),
-                        ..request.clone()
-                    })
-                    .await;
-                let page = match page {
-                    Ok(page) => page.into_inner(),
-                    Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
-                        break true
-                    }
-                    Err(status) => return Err(self.map_status(status)),
+        let client = self.functions.clone();
+        self.follow_pages(
+            "functions",
+            |page_token| {
+                let mut client = client.clone();
+                let request = wire::ListFunctionsRequest {
+                    page_token,
+                    ..request.clone()
                 };
+                async move {
+                    let page = client.list(request).await?.into_inner();
+                    let next = page.next_page_token.clone();
+                    Ok((page, next))
+                }
+            },
+            |all: &mut wire::ListFunctionsResponse, page| {
                 if all.version == 0 {
                     all.version = page.version;
                 }
                 all.functions.extend(page.functions);
-                if page.next_page_token.is_empty() {
-                    break false;
-                }
-                page_token = page.next_page_token;
-            };
-            if !aborted {
-                return Ok(all);
-            }
-        }
-        Err(ClientError::Listing("functions"))
+            },
+        )
+        .await
     }
 
     pub async fn delete_function(
@@ -339,35 +329,24 @@ impl ControlPlane {
         &self,
         request: wire::ListInstancesRequest,
     ) -> Result<wire::ListInstancesResponse, ClientError> {
-        let mut client = self.scale.clone();
-        for attempt in 1..=LISTING_ATTEMPTS {
-            let mut all = wire::ListInstancesResponse::default();
-            let mut page_token = String::new();
-            let aborted = loop {
-                let page = client
-                    .list_instances(wire::ListInstancesRequest {
-                        page_token: page_token.clone(),
-                        ..request.clone()
-                    })
-                    .await;
-                let page = match page {
-                    Ok(page) => page.into_inner(),
-                    Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
-                        break true
-                    }
-                    Err(status) => return Err(self.map_status(status)),
+        let client = self.scale.clone();
+        self.follow_pages(
+            "instances",
+            |page_token| {
+                let mut client = client.clone();
+                let request = wire::ListInstancesRequest {
+                    page_token,
+                    ..request.clone()
                 };
-                all.functions.extend(page.functions);
-                if page.next_page_token.is_empty() {
-                    break false;
+                async move {
+                    let page = client.list_instances(request).await?.into_inner();
+                    let next = page.next_page_token.clone();
+                    Ok((page, next))
                 }
-                page_token = page.next_page_token;
-            };
-            if !aborted {
-                return Ok(all);
-            }
-        }
-        Err(ClientError::Listing("instances"))
+            },
+            |all: &mut wire::ListInstancesResponse, page| all.functions.extend(page.functions),
+        )
+        .await
     }
 
     pub async fn get_leader(&self) -> Result<wire::GetLeaderResponse, ClientError> {
@@ -391,40 +370,71 @@ impl ControlPlane {
     /// A region's whole routing table, following the server's pages (all cut from one table
     /// version; a listing the server aborts because that version is gone starts again).
     pub async fn routing_table(&self, region: &str) -> Result<wire::RoutingTable, ClientError> {
-        let mut client = self.mesh.clone();
-        for attempt in 1..=LISTING_ATTEMPTS {
-            let mut table: Option<wire::RoutingTable> = None;
-            let mut page_token = String::new();
-            let aborted = loop {
-                let page = client
-                    .get_routing_table(wire::GetRoutingTableRequest {
+        let client = self.mesh.clone();
+        let table: Option<wire::RoutingTable> = self
+            .follow_pages(
+                "routes",
+                |page_token| {
+                    let mut client = client.clone();
+                    let request = wire::GetRoutingTableRequest {
                         region: region.to_string(),
                         page_size: 0,
-                        page_token: page_token.clone(),
-                    })
-                    .await;
-                let page = match page {
-                    Ok(page) => page.into_inner(),
+                        page_token,
+                    };
+                    async move {
+                        let page = client.get_routing_table(request).await?.into_inner();
+                        let next = page.next_page_token.clone();
+                        Ok((page.table.unwrap_or_default(), next))
+                    }
+                },
+                |table: &mut Option<wire::RoutingTable>, part| match table {
+                    Some(table) => table.functions.extend(part.functions),
+                    None => *table = Some(part),
+                },
+            )
+            .await?;
+        Ok(table.unwrap_or_default())
+    }
+
+    /// Reads a listing page by page: `fetch(token)` asks for one page and gives it with the next
+    /// token (empty after the last), `merge` adds it to what was read. A listing the server
+    /// aborts (ABORTED: the version it was paging through is gone, e.g. compacted or
+    /// superseded) starts again from the first page, a few times at most, so pages of two
+    /// versions are never mixed.
+    async fn follow_pages<T, P, F, Fut>(
+        &self,
+        what: &'static str,
+        mut fetch: F,
+        mut merge: impl FnMut(&mut T, P),
+    ) -> Result<T, ClientError>
+    where
+        T: Default,
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(P, String), tonic::Status>>,
+    {
+        for attempt in 1..=LISTING_ATTEMPTS {
+            let mut all = T::default();
+            let mut page_token = String::new();
+            let aborted = loop {
+                match fetch(page_token).await {
+                    Ok((page, next)) => {
+                        merge(&mut all, page);
+                        if next.is_empty() {
+                            break false;
+                        }
+                        page_token = next;
+                    }
                     Err(status) if status.code() == Code::Aborted && attempt < LISTING_ATTEMPTS => {
                         break true
                     }
                     Err(status) => return Err(self.map_status(status)),
-                };
-                let part = page.table.unwrap_or_default();
-                match &mut table {
-                    Some(table) => table.functions.extend(part.functions),
-                    None => table = Some(part),
                 }
-                if page.next_page_token.is_empty() {
-                    break false;
-                }
-                page_token = page.next_page_token;
             };
-            if let (false, Some(table)) = (aborted, table) {
-                return Ok(table);
+            if !aborted {
+                return Ok(all);
             }
         }
-        Err(ClientError::Listing("routes"))
+        Err(ClientError::Listing(what))
     }
 }
 

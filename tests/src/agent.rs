@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use meridian_proto::updates::TableReceiver;
 use meridian_proto::v1::local_routing_service_client::LocalRoutingServiceClient;
-use meridian_proto::v1::{GetRoutesRequest, RoutingTable, RoutingUpdate, WatchRoutesRequest};
+use meridian_proto::v1::{
+    GetRoutesRequest, RoutingTable, RoutingUpdate, TableReport, WatchRoutesRequest,
+};
 use tempfile::TempDir;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -265,17 +267,18 @@ impl Agent {
 
     /// Opens a `Watch` stream on the local API.
     pub async fn watch(&self) -> Result<RouteWatcher> {
-        let stream = self
-            .local()
-            .await?
+        let local = self.local().await?;
+        let stream = local
+            .clone()
             .watch(WatchRoutesRequest {
-                client: "meridian-tests".to_string(),
+                client: WATCHER_CLIENT.to_string(),
             })
             .await
             .context("LocalRoutingService.Watch")?
             .into_inner();
         Ok(RouteWatcher {
             name: self.agent_id.clone(),
+            local,
             stream,
             receiver: TableReceiver::default(),
             latest: None,
@@ -342,9 +345,15 @@ impl Agent {
     }
 }
 
-/// A `LocalRoutingService.Watch` stream and the last table it delivered.
+/// The client id a [`RouteWatcher`] watches and reports as.
+const WATCHER_CLIENT: &str = "meridian-tests";
+
+/// A `LocalRoutingService.Watch` stream and the last table it delivered. It reports every table
+/// it receives as loaded, as a sidecar does: the agent counts its watchers as sidecars, and a
+/// region is in sync only when they have all loaded the newest table.
 pub struct RouteWatcher {
     name: String,
+    local: LocalRoutingServiceClient<Channel>,
     stream: Streaming<RoutingUpdate>,
     receiver: TableReceiver,
     latest: Option<RoutingTable>,
@@ -387,6 +396,16 @@ impl RouteWatcher {
                 .with_context(|| format!("{}'s Watch broke the protocol", self.name))?;
             if let Some(table) = received {
                 let table = table.clone();
+                self.local
+                    .report_table(TableReport {
+                        client: WATCHER_CLIENT.to_string(),
+                        version: table.version,
+                        accepted: true,
+                        reason: String::new(),
+                        local_generation: table.local_generation,
+                    })
+                    .await
+                    .with_context(|| format!("reporting a table to {}", self.name))?;
                 self.received += 1;
                 self.latest = Some(table.clone());
                 return Ok(table);

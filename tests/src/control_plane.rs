@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 use meridian_proto::v1::agent_service_client::AgentServiceClient;
 use meridian_proto::v1::function_service_client::FunctionServiceClient;
 use meridian_proto::v1::mesh_service_client::MeshServiceClient;
+use meridian_proto::v1::{AgentStatus, ListAgentsRequest};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -190,6 +191,17 @@ impl ControlPlane {
     /// A `MeshService` client.
     pub async fn mesh(&self) -> Result<MeshServiceClient<Channel>> {
         Ok(MeshServiceClient::new(self.channel().await?))
+    }
+
+    /// `ListAgents` of every region, as this replica answers it.
+    pub async fn agents(&self) -> Result<Vec<AgentStatus>> {
+        Ok(self
+            .mesh()
+            .await?
+            .list_agents(ListAgentsRequest::default())
+            .await?
+            .into_inner()
+            .agents)
     }
 
     /// An `AgentService` client.

@@ -596,7 +596,8 @@ async fn the_placements_a_traced_apply_causes_join_its_trace() -> Result<()> {
         spec: Some(FunctionSpec {
             name: "worker".into(),
             runtime: Some(function_spec::Runtime::Process(ProcessRuntime {
-                command: "/bin/true".into(),
+                // The sample function by its bare name, found in the agents' command roots.
+                command: meridian_tests::command_policy::SAMPLE_FUNCTION.into(),
                 ..Default::default()
             })),
             placement: Some(Placement {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use meridian_proto::v1::{function_spec, ApplyFunctionRequest, ListAgentsRequest};
+use meridian_proto::v1::{function_spec, ApplyFunctionRequest};
 use meridian_tests::command_policy::{
     functions_dir, instance_ids, open_temp_dir, running_as_root, RUN_AS,
 };
@@ -94,13 +94,7 @@ async fn scenario() -> Result<()> {
     // the agent anyway, and the agent refuses it itself.
     mesh.agents[0].stop().await?;
     poll_until(STEP, "the stopped agent to leave ListAgents", || async {
-        let agents = mesh.control_planes[0]
-            .mesh()
-            .await?
-            .list_agents(ListAgentsRequest::default())
-            .await?
-            .into_inner()
-            .agents;
+        let agents = mesh.control_planes[0].agents().await?;
         ensure!(agents.is_empty(), "still listed: {agents:?}");
         Ok(())
     })

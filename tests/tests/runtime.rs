@@ -103,7 +103,7 @@ async fn bad_commands_are_reported_and_do_not_disturb_other_functions() -> Resul
     let mut functions = mesh.cp().functions().await?;
     let missing = ProcessFunction {
         min_instances: 1,
-        command: Some(("/nonexistent/meridian-missing".into(), Vec::new())),
+        command: Some(("/usr/bin/meridian-missing".into(), Vec::new())),
         ..ProcessFunction::sample("ghost")
     };
     let crashing = ProcessFunction {
@@ -128,7 +128,7 @@ async fn bad_commands_are_reported_and_do_not_disturb_other_functions() -> Resul
         "us-east",
         Duration::from_secs(20),
         "the missing command to be reported",
-        |s| s.error.contains("/nonexistent/meridian-missing"),
+        |s| s.error.contains("/usr/bin/meridian-missing"),
     )
     .await?;
     println!("ghost: {}", describe_scale(&ghost));

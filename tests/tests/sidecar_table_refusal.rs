@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use http::StatusCode;
-use meridian_proto::v1::ListAgentsRequest;
 use meridian_tests::{
-    backend_spec, free_port, output_text, poll_until, region_ip, Relay, SidecarOpts, TestBackend, World,
+    backend_spec, free_port, output_text, poll_until, region_ip, Relay, SidecarOpts, TestBackend,
+    World,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,15 +76,7 @@ async fn an_uncompilable_table_is_nacked_and_the_old_one_keeps_serving() -> Resu
         Duration::from_secs(10),
         "the control plane to record the sidecar's refusal as the agent's Nack",
         || async {
-            let agents = world
-                .mesh
-                .cp()
-                .mesh()
-                .await?
-                .list_agents(ListAgentsRequest::default())
-                .await?
-                .into_inner()
-                .agents;
+            let agents = world.mesh.cp().agents().await?;
             let status = agents
                 .iter()
                 .find(|a| a.region == "us-east")
@@ -106,15 +98,7 @@ async fn an_uncompilable_table_is_nacked_and_the_old_one_keeps_serving() -> Resu
         Duration::from_secs(10),
         "ListAgents to count us-east out of sync for its sidecar",
         || async {
-            let agents = world
-                .mesh
-                .cp()
-                .mesh()
-                .await?
-                .list_agents(ListAgentsRequest::default())
-                .await?
-                .into_inner()
-                .agents;
+            let agents = world.mesh.cp().agents().await?;
             let status = agents
                 .iter()
                 .find(|a| a.region == "us-east")
@@ -199,15 +183,7 @@ async fn an_uncompilable_table_is_nacked_and_the_old_one_keeps_serving() -> Resu
         Duration::from_secs(10),
         "us-east to be in sync again",
         || async {
-            let agents = world
-                .mesh
-                .cp()
-                .mesh()
-                .await?
-                .list_agents(ListAgentsRequest::default())
-                .await?
-                .into_inner()
-                .agents;
+            let agents = world.mesh.cp().agents().await?;
             ensure!(
                 agents
                     .iter()

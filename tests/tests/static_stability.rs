@@ -25,7 +25,6 @@ async fn agent_serves_last_table_with_control_plane_and_etcd_down_and_after_rest
         external_spec("steady", &[("us-east", "http://127.0.1.1:9000")]),
     )
     .await?;
-    let mut watcher = agent.watch().await?;
     // Settled: the agent holds steady with the endpoint it reported itself (the last change this
     // causes), and the control plane knows it acked exactly that table.
     let before = poll_until(
@@ -60,6 +59,9 @@ async fn agent_serves_last_table_with_control_plane_and_etcd_down_and_after_rest
         },
     )
     .await?;
+    // Watching from here on: a watcher counts as a sidecar, and one that had not read the
+    // settled table yet would keep the agent out of sync above.
+    let mut watcher = agent.watch().await?;
     watcher
         .wait_for(SLOW, "the settled table", |t| t.version == before.version)
         .await?;

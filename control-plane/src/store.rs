@@ -520,10 +520,7 @@ impl Store {
     }
 
     fn decode_kv(&self, kv: &etcd_client::KeyValue) -> Option<(RecordKey, Record)> {
-        match self.decode_entry(kv)? {
-            Ok(decoded) => Some(decoded),
-            Err(_) => None,
-        }
+        self.decode_entry(kv)?.ok()
     }
 
     /// Decodes a key-value; `None` for keys of no known kind, `Err` (logged with the key) for a

@@ -506,8 +506,8 @@ impl Proxy {
         }
 
         // A small body of known length is kept so a retry can send it again; anything else
-        // streams through once, watched so that its failures are blamed on the client.
-        let body = ClientBody::new(body, self.body_limits);
+        // streams through once, watched so that its failures are blamed on the client. (An
+        // empty body is never wrapped: most requests pay nothing for this.)
         let mut stream = None;
         let mut watch: Option<Arc<BodyWatch>> = None;
         let replay = if body.is_end_stream() {
@@ -518,6 +518,7 @@ impl Proxy {
                 .exact()
                 .is_some_and(|n| n <= MAX_REPLAY_BYTES)
         {
+            let body = ClientBody::new(body, self.body_limits);
             match tokio::time::timeout_at(deadline, body.collect()).await {
                 Ok(Ok(collected)) => {
                     let trailers = collected.trailers().cloned();
@@ -532,6 +533,7 @@ impl Proxy {
                 }
             }
         } else {
+            let body = ClientBody::new(body, self.body_limits);
             watch = Some(Arc::clone(body.watch()));
             stream = Some(body);
             None
@@ -648,15 +650,14 @@ impl Proxy {
             // A failure the client caused ends the request here: the endpoint is not blamed
             // (no failure streak, no ejection, no region marked down), nothing is retried, and
             // the client is told what it did.
-            let timeout = if Instant::now() >= deadline {
-                policy.timeout
-            } else {
-                per_try
-            };
-            if let Some(error) = watch
-                .as_deref()
-                .and_then(|watch| Self::client_fault(watch, &outcome, timeout))
-            {
+            if let Some(error) = watch.as_deref().and_then(|watch| {
+                let timeout = if Instant::now() >= deadline {
+                    policy.timeout
+                } else {
+                    per_try
+                };
+                Self::client_fault(watch, &outcome, timeout)
+            }) {
                 drop(in_flight);
                 return self.fail(
                     function,

@@ -228,6 +228,41 @@ pub fn choose<'f>(
     })
 }
 
+/// Counts a request whose client went away before it was answered: the server then drops the
+/// request's future (an HTTP/2 stream reset, a closed connection) wherever it was, so nothing
+/// else records it, and it must show as the client's doing, never an endpoint's.
+struct Abandoned<'g> {
+    global: &'g GlobalStats,
+    armed: bool,
+}
+
+impl<'g> Abandoned<'g> {
+    fn armed(global: &'g GlobalStats) -> Self {
+        Self {
+            global,
+            armed: true,
+        }
+    }
+
+    /// The request was answered (whatever the answer).
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let reason = crate::errors::Reason::ClientDisconnected;
+            self.global.client_faults.record(reason);
+            tracing::debug!(
+                blame = "client",
+                "the client went away before its request was answered"
+            );
+        }
+    }
+}
+
 /// How one attempt ended: an answer, an upstream client error, or the per-try timeout.
 type AttemptOutcome = Result<
     Result<Response<Incoming>, hyper_util::client::legacy::Error>,
@@ -325,8 +360,11 @@ impl Proxy {
         if listener == Listener::Gateway && request.uri().path() == HEALTH_PATH {
             return self.health();
         }
+        let abandoned = Abandoned::armed(&self.global);
         let Some(spans) = &self.spans else {
-            return self.serve(request, listener, None).await;
+            let response = self.serve(request, listener, None).await;
+            abandoned.disarm();
+            return response;
         };
         // A gateway request names the region it comes from in the hop header.
         let source = match listener {
@@ -339,6 +377,7 @@ impl Proxy {
         };
         let span = spans.request(request.headers(), request.method(), source);
         let response = self.serve(request, listener, Some(&span)).await;
+        abandoned.disarm();
         span.finish(response.status().as_u16());
         response
     }
@@ -1342,6 +1381,16 @@ mod tests {
             strip_internal(&mut headers, Listener::Gateway);
             assert!(headers.is_empty(), "{headers:?}");
         }
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_answer_is_counted_as_the_clients() {
+        use crate::errors::Reason;
+        let global = GlobalStats::default();
+        drop(Abandoned::armed(&global));
+        assert_eq!(global.client_faults.get(Reason::ClientDisconnected), 1);
+        Abandoned::armed(&global).disarm();
+        assert_eq!(global.client_faults.get(Reason::ClientDisconnected), 1);
     }
 
     #[test]

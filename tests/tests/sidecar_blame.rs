@@ -11,12 +11,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use http::StatusCode;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use meridian_proto::v1::RoutingPolicy;
-use meridian_tests::http::{raw_exchange, Reply};
+use meridian_tests::http::{raw_exchange, Body, Reply};
 use meridian_tests::{
-    backend_spec, free_port, function_tiers, metric_value, region_ip, Relay, SidecarOpts,
-    TestBackend, World,
+    backend_spec, free_port, function_tiers, metric_value, poll_until, region_ip, Relay,
+    SidecarOpts, TestBackend, World,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -165,6 +168,34 @@ fn ensure_client_error(reply: &Reply, status: StatusCode, cause: &str, what: &st
     Ok(())
 }
 
+/// Every response us-east's sidecar counted for `function`, whatever the tier and status.
+async fn answered(world: &World, function: &str) -> Result<f64> {
+    let metrics = world.sidecar("us-east").metrics().await?;
+    let prefix = format!(r#"meridian_requests_total{{function="{function}","#);
+    Ok(metrics
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A request body that sends a little, then fails: the client gives up on it.
+fn abandoned_body() -> Body {
+    let frames = futures::stream::unfold(0u8, |step| async move {
+        match step {
+            0 => Some((Ok(Frame::data(Bytes::from_static(b"the start"))), 1)),
+            1 => {
+                // Long enough for the sidecar to have sent the request on.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let error: Box<dyn std::error::Error + Send + Sync> = "the client gives up".into();
+                Some((Err(error), 2))
+            }
+            _ => None,
+        }
+    });
+    BodyExt::boxed(StreamBody::new(frames))
+}
+
 /// Writes `request`, closes the sending side (the client is gone mid-body), and reads
 /// whatever comes back until the sidecar closes: the sidecar has then finished with it.
 async fn send_and_vanish(addr: SocketAddr, request: &[u8]) -> Result<String> {
@@ -298,6 +329,50 @@ async fn vanished_clients_count_against_no_endpoint() -> Result<()> {
         ensure!(
             counted == 6.0,
             "meridian_client_errors_total{{cause=\"client-disconnected\"}} is {counted}, not 6"
+        );
+
+        // Six HTTP/2 clients that give up on their body part way (the stream is reset, the
+        // connection lives on).
+        let h2 = world.sidecar("us-east").client_h2();
+        let answered_before = answered(&world, "vanish").await?;
+        for _ in 0..6 {
+            let sent = h2
+                .send(
+                    Method::POST,
+                    "vanish",
+                    "/",
+                    &[],
+                    abandoned_body(),
+                    Duration::from_secs(10),
+                )
+                .await;
+            ensure!(
+                sent.is_err(),
+                "an abandoned HTTP/2 body was answered: {sent:?}"
+            );
+        }
+        // The client saw its own reset; wait until the sidecar is done with all six too: it
+        // has counted them as the clients' doing, or answered them or blamed the instance.
+        poll_until(
+            Duration::from_secs(10),
+            "the sidecar to finish six abandoned HTTP/2 requests",
+            || async {
+                let counted = client_errors(&world, "client-disconnected").await? - 6.0;
+                let answered = answered(&world, "vanish").await? - answered_before;
+                let (failures, _, ejections) = local_endpoint(&world, "us-east", "vanish").await?;
+                ensure!(
+                    counted >= 6.0 || answered >= 6.0 || failures > 0 || ejections > 0,
+                    "{counted} of 6 counted as the clients' doing, {answered} answered"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+        ensure_blameless(&world, "vanish", "6 HTTP/2 clients abandoned their bodies").await?;
+        let counted = client_errors(&world, "client-disconnected").await?;
+        ensure!(
+            counted == 12.0,
+            "meridian_client_errors_total{{cause=\"client-disconnected\"}} is {counted}, not 12"
         );
         ensure_nothing_moves(&world, "vanish", &west, west_before).await?;
         Ok(())

@@ -88,7 +88,10 @@ impl Reason {
         }
     }
 
-    /// Whether the client caused it: such failures never count against an endpoint.
+    /// Whether it is a failure the client causes with a request an endpoint is (or would be)
+    /// given: never counted against the endpoint, counted in `meridian_client_errors_total`.
+    /// (A bad Host, an unknown function or oversized headers are the client's too, but are
+    /// refused before any endpoint is chosen, and counted as unrouted.)
     pub fn is_client_fault(self) -> bool {
         matches!(
             self,

@@ -185,7 +185,9 @@ fn abandoned_body() -> Body {
         match step {
             0 => Some((Ok(Frame::data(Bytes::from_static(b"the start"))), 1)),
             1 => {
-                // Long enough for the sidecar to have sent the request on.
+                // The client's own pace, not a wait for state: it gives up a moment after it
+                // started, typically once the request is on its way upstream (if not, it is
+                // abandoned all the same).
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let error: Box<dyn std::error::Error + Send + Sync> = "the client gives up".into();
                 Some((Err(error), 2))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBodyError, ResponseBody};
 
 /// The reason header on every response the sidecar answers itself.
 pub const MERIDIAN_ERROR: HeaderName = HeaderName::from_static("meridian-error");
@@ -15,13 +15,23 @@ pub const MERIDIAN_ERROR: HeaderName = HeaderName::from_static("meridian-error")
 pub const MERIDIAN_REGION: HeaderName = HeaderName::from_static("meridian-region");
 /// Set on requests sent to another region's gateway: the region they come from.
 pub const MERIDIAN_HOP: HeaderName = HeaderName::from_static("meridian-hop");
+/// Every header whose name starts with this is the mesh's own: a client may not set one.
+pub const MERIDIAN_PREFIX: &str = "meridian-";
+
+/// The status of a request whose client went away (nginx's 499): nobody receives it, but the
+/// metrics and logs say the client ended it, not the function.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Why a request could not be served, as the `meridian-error` header spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     UnknownFunction,
     BadHost,
-    BadRequest,
+    BadRequestBody,
+    ClientDisconnected,
+    RequestBodyTimeout,
+    RequestTooLarge,
+    AmbiguousTransferEncoding,
     NoEndpoints,
     AllEjected,
     Timeout,
@@ -38,7 +48,11 @@ impl Reason {
         match self {
             Reason::UnknownFunction => "unknown-function",
             Reason::BadHost => "bad-host",
-            Reason::BadRequest => "bad-request",
+            Reason::BadRequestBody => "bad-request-body",
+            Reason::ClientDisconnected => "client-disconnected",
+            Reason::RequestBodyTimeout => "request-body-timeout",
+            Reason::RequestTooLarge => "request-too-large",
+            Reason::AmbiguousTransferEncoding => "ambiguous-transfer-encoding",
             Reason::NoEndpoints => "no-endpoints",
             Reason::AllEjected => "all-ejected",
             Reason::Timeout => "timeout",
@@ -54,7 +68,14 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Reason::UnknownFunction => StatusCode::NOT_FOUND,
-            Reason::BadHost | Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::BadHost | Reason::BadRequestBody | Reason::AmbiguousTransferEncoding => {
+                StatusCode::BAD_REQUEST
+            }
+            Reason::ClientDisconnected => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            Reason::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reason::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::NoEndpoints
             | Reason::AllEjected
             | Reason::RetryBudgetExhausted
@@ -65,6 +86,21 @@ impl Reason {
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
+    }
+
+    /// Whether it is a failure the client causes with a request an endpoint is (or would be)
+    /// given: never counted against the endpoint, counted in `meridian_client_errors_total`.
+    /// (A bad Host, an unknown function or oversized headers are the client's too, but are
+    /// refused before any endpoint is chosen, and counted as unrouted.)
+    pub fn is_client_fault(self) -> bool {
+        matches!(
+            self,
+            Reason::BadRequestBody
+                | Reason::ClientDisconnected
+                | Reason::RequestBodyTimeout
+                | Reason::RequestTooLarge
+                | Reason::AmbiguousTransferEncoding
+        )
     }
 }
 
@@ -81,8 +117,12 @@ pub enum ProxyError {
     UnknownFunction { host: String },
     #[error("request headers are {size} bytes, more than {limit}")]
     HeadersTooLarge { size: usize, limit: usize },
-    #[error("cannot read the request body")]
-    RequestBody(#[source] hyper::Error),
+    #[error(transparent)]
+    ClientBody(ClientBodyError),
+    #[error("the request declares {length} body bytes, more than the limit of {limit}")]
+    DeclaredTooLarge { length: u64, limit: u64 },
+    #[error("Transfer-Encoding {value:?} is ambiguous: only exactly \"chunked\" (and no Content-Length) is accepted")]
+    AmbiguousTransferEncoding { value: String },
     #[error("function {function} has no endpoints{where_}")]
     NoEndpoints {
         function: String,
@@ -121,7 +161,9 @@ impl ProxyError {
             ProxyError::MissingHost | ProxyError::BadHost { .. } => Reason::BadHost,
             ProxyError::UnknownFunction { .. } => Reason::UnknownFunction,
             ProxyError::HeadersTooLarge { .. } => Reason::HeadersTooLarge,
-            ProxyError::RequestBody(_) => Reason::BadRequest,
+            ProxyError::ClientBody(error) => error.reason(),
+            ProxyError::DeclaredTooLarge { .. } => Reason::RequestTooLarge,
+            ProxyError::AmbiguousTransferEncoding { .. } => Reason::AmbiguousTransferEncoding,
             ProxyError::NoEndpoints { .. } => Reason::NoEndpoints,
             ProxyError::AllEjected { .. } => Reason::AllEjected,
             ProxyError::Timeout(_) | ProxyError::TryTimeout { .. } => Reason::Timeout,
@@ -168,6 +210,15 @@ mod tests {
         let cases = [
             (Reason::UnknownFunction, "unknown-function", 404),
             (Reason::BadHost, "bad-host", 400),
+            (Reason::BadRequestBody, "bad-request-body", 400),
+            (Reason::ClientDisconnected, "client-disconnected", 499),
+            (Reason::RequestBodyTimeout, "request-body-timeout", 408),
+            (Reason::RequestTooLarge, "request-too-large", 413),
+            (
+                Reason::AmbiguousTransferEncoding,
+                "ambiguous-transfer-encoding",
+                400,
+            ),
             (Reason::NoEndpoints, "no-endpoints", 503),
             (Reason::AllEjected, "all-ejected", 503),
             (Reason::Timeout, "timeout", 504),
@@ -181,6 +232,11 @@ mod tests {
         for (reason, text, status) in cases {
             assert_eq!(reason.as_str(), text);
             assert_eq!(reason.status().as_u16(), status, "{text}");
+            // Exactly the 4xx causes are the client's: 5xx are the mesh's or an endpoint's,
+            // and a bad Host or an unknown function never reached one.
+            let client = matches!(status, 400 | 408 | 413 | 499)
+                && !matches!(reason, Reason::BadHost | Reason::UnknownFunction);
+            assert_eq!(reason.is_client_fault(), client, "{text}");
         }
     }
 

@@ -16,6 +16,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::activator::HoldStats;
+use crate::errors::Reason;
 use crate::load::{FunctionLoad, SamplerWake};
 use crate::routes::RoutingState;
 
@@ -235,9 +236,47 @@ impl StatsRegistry {
     }
 }
 
+/// The causes of failures a client brings on itself, as `meridian-error` spells them.
+pub const CLIENT_FAULTS: [Reason; 5] = [
+    Reason::BadRequestBody,
+    Reason::ClientDisconnected,
+    Reason::RequestBodyTimeout,
+    Reason::RequestTooLarge,
+    Reason::AmbiguousTransferEncoding,
+];
+
+/// Requests that failed through their client's fault, by cause: what the endpoints were spared.
+#[derive(Debug, Default)]
+pub struct ClientFaults {
+    counts: [AtomicU64; CLIENT_FAULTS.len()],
+}
+
+impl ClientFaults {
+    /// Counts one; a reason that is no client fault is ignored.
+    pub fn record(&self, reason: Reason) {
+        if let Some(count) = CLIENT_FAULTS
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.counts.get(i))
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, reason: Reason) -> u64 {
+        CLIENT_FAULTS
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.counts.get(i))
+            .map_or(0, |count| count.load(Ordering::Relaxed))
+    }
+}
+
 /// Sidecar-wide counters.
 #[derive(Debug, Default)]
 pub struct GlobalStats {
+    /// Failures caused by clients (never counted against an endpoint).
+    pub client_faults: ClientFaults,
     /// Requests that matched no function (no table, bad or unknown host, headers too large).
     pub unrouted: StatusCounts,
     pub ejections: AtomicU64,
@@ -477,6 +516,20 @@ impl Collector for MeshCollector {
             self.global.budget_exhausted.load(Ordering::Relaxed),
             exhausted,
         )?;
+        let mut faults = encoder.encode_descriptor(
+            "meridian_client_errors",
+            "Requests failed by their client (malformed, cut off, stalled or too large body; \
+             ambiguous framing), by meridian-error cause; never counted against an endpoint.",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in CLIENT_FAULTS {
+            let labels = [("cause", reason.as_str())];
+            counter(
+                self.global.client_faults.get(reason),
+                faults.encode_family(&labels)?,
+            )?;
+        }
         Ok(())
     }
 }
@@ -536,13 +589,24 @@ mod tests {
         let global = Arc::new(GlobalStats::default());
         global.unrouted.record(404);
         global.ejections.fetch_add(2, Ordering::Relaxed);
-        let registry = registry(Arc::new(ArcSwapOption::empty()), global);
+        let registry = registry(Arc::new(ArcSwapOption::empty()), Arc::clone(&global));
         let text = render(&registry).unwrap();
         assert!(
             text.contains(r#"meridian_requests_total{function="",tier="none",status="404"} 1"#),
             "{text}"
         );
         assert!(text.contains("meridian_ejections_total 2"), "{text}");
+        global.client_faults.record(Reason::BadRequestBody);
+        global.client_faults.record(Reason::NoEndpoints);
+        let text = render(&registry).unwrap();
+        assert!(
+            text.contains(r#"meridian_client_errors_total{cause="bad-request-body"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meridian_client_errors_total{cause="client-disconnected"} 0"#),
+            "{text}"
+        );
         assert!(
             text.contains("meridian_retry_budget_exhausted_total 0"),
             "{text}"

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, TE, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -27,9 +27,11 @@ use tokio::time::Instant;
 
 use crate::activator::{Activator, Released, MERIDIAN_HELD_MS};
 use crate::balance::{self, Tried};
-use crate::body::{Replayable, RequestBody, ResponseBody};
+use crate::body::{
+    BodyLimits, BodyWatch, ClientBody, ClientBodyError, Replayable, RequestBody, ResponseBody,
+};
 use crate::endpoints::{InFlight, ProbeState};
-use crate::errors::{ProxyError, MERIDIAN_HOP, MERIDIAN_REGION};
+use crate::errors::{ProxyError, MERIDIAN_HOP, MERIDIAN_PREFIX, MERIDIAN_REGION};
 use crate::health::{self, HEALTH_PATH};
 use crate::metrics::GlobalStats;
 use crate::priority::{self, MAX_TIERS};
@@ -45,6 +47,16 @@ pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 header lists accepted from peers: above our own 64 KiB check, so that check answers.
 pub const MAX_H2_HEADER_LIST: u32 = 256 * 1024;
+/// How long a client may leave an unfinished request body without sending more, by default.
+/// The function's per-try and total timeouts usually end a stalled request sooner; this one
+/// also bounds a body still streaming after the function has answered.
+pub const DEFAULT_REQUEST_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default limits on a client's request body: the idle timeout above, and no size limit
+/// (bodies are streamed, so size costs no memory).
+pub const DEFAULT_BODY_LIMITS: BodyLimits = BodyLimits {
+    idle_timeout: Some(DEFAULT_REQUEST_BODY_IDLE_TIMEOUT),
+    max_bytes: None,
+};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -90,6 +102,7 @@ pub struct Proxy {
     http2: HttpClient,
     global: Arc<GlobalStats>,
     activator: Arc<Activator>,
+    body_limits: BodyLimits,
     /// `Some` only when span export is on (decided once, at start): with `None` the request
     /// path does no tracing work at all.
     spans: Option<SpanFactory>,
@@ -215,6 +228,47 @@ pub fn choose<'f>(
     })
 }
 
+/// Counts a request whose client went away before it was answered: the server then drops the
+/// request's future (an HTTP/2 stream reset, a closed connection) wherever it was, so nothing
+/// else records it, and it must show as the client's doing, never an endpoint's.
+struct Abandoned<'g> {
+    global: &'g GlobalStats,
+    armed: bool,
+}
+
+impl<'g> Abandoned<'g> {
+    fn armed(global: &'g GlobalStats) -> Self {
+        Self {
+            global,
+            armed: true,
+        }
+    }
+
+    /// The request was answered (whatever the answer).
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let reason = crate::errors::Reason::ClientDisconnected;
+            self.global.client_faults.record(reason);
+            tracing::debug!(
+                blame = "client",
+                "the client went away before its request was answered"
+            );
+        }
+    }
+}
+
+/// How one attempt ended: an answer, an upstream client error, or the per-try timeout.
+type AttemptOutcome = Result<
+    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+>;
+
 /// What went wrong with the last attempt, kept in case no retry follows.
 enum Failure<'s> {
     /// An upstream 5xx: passed on as is if it is the final answer.
@@ -281,8 +335,15 @@ impl Proxy {
             http2: client(true),
             global,
             activator,
+            body_limits: DEFAULT_BODY_LIMITS,
             spans: SpanFactory::when_enabled(),
         })
+    }
+
+    /// Replaces [`DEFAULT_BODY_LIMITS`].
+    pub fn with_body_limits(mut self, limits: BodyLimits) -> Self {
+        self.body_limits = limits;
+        self
     }
 
     pub fn state(&self) -> &Arc<ArcSwapOption<RoutingState>> {
@@ -299,8 +360,11 @@ impl Proxy {
         if listener == Listener::Gateway && request.uri().path() == HEALTH_PATH {
             return self.health();
         }
+        let abandoned = Abandoned::armed(&self.global);
         let Some(spans) = &self.spans else {
-            return self.serve(request, listener, None).await;
+            let response = self.serve(request, listener, None).await;
+            abandoned.disarm();
+            return response;
         };
         // A gateway request names the region it comes from in the hop header.
         let source = match listener {
@@ -313,6 +377,7 @@ impl Proxy {
         };
         let span = spans.request(request.headers(), request.method(), source);
         let response = self.serve(request, listener, Some(&span)).await;
+        abandoned.disarm();
         span.finish(response.status().as_u16());
         response
     }
@@ -330,6 +395,19 @@ impl Proxy {
                 size,
                 limit: MAX_HEADER_BYTES,
             });
+        }
+        // Framing and size are the client's to get right, and are refused before anything is
+        // routed: such a request never reaches an endpoint, so it cannot count against one.
+        if let Err(error) = check_framing(request.headers()) {
+            return self.unrouted(error);
+        }
+        if let (Some(limit), Some(length)) = (
+            self.body_limits.max_bytes,
+            request.body().size_hint().exact(),
+        ) {
+            if length > limit {
+                return self.unrouted(ProxyError::DeclaredTooLarge { length, limit });
+            }
         }
         let Some(state) = self.state.load_full() else {
             return self.unrouted(ProxyError::NoTable);
@@ -450,6 +528,7 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let method_retryable = policy.retryable(&parts.method);
         strip_hop_by_hop(&mut parts.headers);
+        strip_internal(&mut parts.headers, listener);
         // The function name travels in Host: the legacy client puts the endpoint's address in
         // the URI (and, for HTTP/2, in :authority), and a remote gateway routes by Host. The
         // request was routed by an HTTP/1.x absolute-form target's authority when it had one,
@@ -466,8 +545,10 @@ impl Proxy {
         }
 
         // A small body of known length is kept so a retry can send it again; anything else
-        // streams through once.
+        // streams through once, watched so that its failures are blamed on the client. (An
+        // empty body is never wrapped: most requests pay nothing for this.)
         let mut stream = None;
+        let mut watch: Option<Arc<BodyWatch>> = None;
         let replay = if body.is_end_stream() {
             Some(Replayable::default())
         } else if policy.max_retries > 0
@@ -476,19 +557,23 @@ impl Proxy {
                 .exact()
                 .is_some_and(|n| n <= MAX_REPLAY_BYTES)
         {
+            let body = ClientBody::new(body, self.body_limits);
             match tokio::time::timeout_at(deadline, body.collect()).await {
                 Ok(Ok(collected)) => {
                     let trailers = collected.trailers().cloned();
                     Some(Replayable::new(collected.to_bytes(), trailers))
                 }
                 Ok(Err(error)) => {
-                    return self.fail(function, None, ProxyError::RequestBody(error), start)
+                    return self.fail(function, None, ProxyError::ClientBody(error), start)
                 }
                 Err(_) => {
-                    return self.fail(function, None, ProxyError::Timeout(policy.timeout), start)
+                    let error = ClientBodyError::Unfinished(policy.timeout);
+                    return self.fail(function, None, ProxyError::ClientBody(error), start);
                 }
             }
         } else {
+            let body = ClientBody::new(body, self.body_limits);
+            watch = Some(Arc::clone(body.watch()));
             stream = Some(body);
             None
         };
@@ -592,13 +677,33 @@ impl Proxy {
 
             let in_flight = endpoint.start_request();
             let sent_at = Instant::now();
-            let outcome = tokio::time::timeout(per_try, client.request(upstream)).await;
+            let outcome: AttemptOutcome =
+                tokio::time::timeout(per_try, client.request(upstream)).await;
             if let Some(span) = attempt_span {
                 match &outcome {
                     Ok(Ok(response)) => span.answered(response.status().as_u16()),
                     Ok(Err(error)) => span.failed(crate::error_chain(error)),
                     Err(_) => span.failed(format!("no response within {per_try:?}")),
                 }
+            }
+            // A failure the client caused ends the request here: the endpoint is not blamed
+            // (no failure streak, no ejection, no region marked down), nothing is retried, and
+            // the client is told what it did.
+            if let Some(error) = watch.as_deref().and_then(|watch| {
+                let timeout = if Instant::now() >= deadline {
+                    policy.timeout
+                } else {
+                    per_try
+                };
+                Self::client_fault(watch, &outcome, timeout)
+            }) {
+                drop(in_flight);
+                return self.fail(
+                    function,
+                    Some(pick.tier),
+                    ProxyError::ClientBody(error),
+                    start,
+                );
             }
             let now = state.clock().now();
             match outcome {
@@ -686,6 +791,23 @@ impl Proxy {
         }
     }
 
+    /// Whether an attempt that streamed the client's body failed through the client's fault:
+    /// the body failed (whatever the upstream client then reported, or a 5xx the endpoint
+    /// answered to a cut-off body), or a timeout passed while the proxy was waiting for the
+    /// client's next bytes. A successful answer is the endpoint's, whatever the body did later.
+    /// `timeout` is the one that ends the attempt if it timed out.
+    fn client_fault(
+        watch: &BodyWatch,
+        outcome: &AttemptOutcome,
+        timeout: Duration,
+    ) -> Option<ClientBodyError> {
+        match outcome {
+            Ok(Ok(response)) if !response.status().is_server_error() => None,
+            Ok(_) => watch.client_fault(None),
+            Err(_elapsed) => watch.client_fault(Some(timeout)),
+        }
+    }
+
     /// Passes an upstream response on, with `meridian-region` set: this region for local
     /// instances; for a remote tier the remote gateway's own header (added if missing).
     fn respond(
@@ -719,7 +841,13 @@ impl Proxy {
         error: ProxyError,
         start: Instant,
     ) -> Response<ResponseBody> {
-        tracing::debug!(function = function.label(), error = %crate::error_chain(&error), "request failed");
+        let reason = error.reason();
+        if reason.is_client_fault() {
+            self.global.client_faults.record(reason);
+            tracing::debug!(function = function.label(), blame = "client", error = %crate::error_chain(&error), "request failed by its client; no endpoint is blamed");
+        } else {
+            tracing::debug!(function = function.label(), error = %crate::error_chain(&error), "request failed");
+        }
         let response = error.to_response(&self.region_header);
         let status = response.status().as_u16();
         match tier {
@@ -731,6 +859,11 @@ impl Proxy {
     }
 
     fn unrouted(&self, error: ProxyError) -> Response<ResponseBody> {
+        let reason = error.reason();
+        if reason.is_client_fault() {
+            self.global.client_faults.record(reason);
+            tracing::debug!(blame = "client", error = %crate::error_chain(&error), "request refused");
+        }
         let response = error.to_response(&self.region_header);
         self.global.unrouted.record(response.status().as_u16());
         response
@@ -828,26 +961,111 @@ fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
+/// Refuses a request whose body framing another hop could read differently (request
+/// smuggling): hyper takes any Transfer-Encoding whose last coding is `chunked` (`identity,
+/// chunked`, `gzip, chunked`, or several lines) and silently drops a Content-Length beside it.
+/// Only a single `Transfer-Encoding: chunked` without Content-Length is let through.
+fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    let Some(first) = codings.next() else {
+        return Ok(());
+    };
+    let unambiguous = codings.next().is_none()
+        && first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked")
+        && !headers.contains_key(CONTENT_LENGTH);
+    if unambiguous {
+        return Ok(());
+    }
+    let mut value = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if headers.contains_key(CONTENT_LENGTH) {
+        value.push_str(" (with Content-Length)");
+    }
+    Err(ProxyError::AmbiguousTransferEncoding { value })
+}
+
 /// Removes connection-scoped headers (RFC 9110 §7.6.1): they describe one hop, and forwarding
-/// e.g. `Connection: close` would close the pooled upstream connection every time.
+/// e.g. `Connection: close` would close the pooled upstream connection every time. Every
+/// `Connection` line counts: a second one must not carry a header past. Transfer-Encoding is
+/// this hop's framing (the upstream client frames the body itself). `Trailer` is kept: it is
+/// end-to-end (RFC 9110 §6.6.2), and hyper sends only the trailer fields it announces.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.remove(CONNECTION) {
-        if let Ok(list) = connection.to_str() {
-            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if !name.eq_ignore_ascii_case("te") {
-                    headers.remove(name);
-                }
-            }
+    let mut lines = headers.get_all(CONNECTION).iter();
+    if let (Some(_), Some(_)) = (lines.next(), lines.next()) {
+        let lines: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+        headers.remove(CONNECTION);
+        for line in &lines {
+            strip_named(headers, line);
         }
+    } else if let Some(line) = headers.remove(CONNECTION) {
+        strip_named(headers, &line);
     }
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
+    // The proxy performs no upgrades (it has no tunnel), so Upgrade never applies upstream.
     headers.remove(UPGRADE);
+    headers.remove(TRANSFER_ENCODING);
     // gRPC needs `te: trailers` end to end; any other TE is hop-by-hop.
     if let Some(te) = headers.get(TE) {
         if te.as_bytes() != b"trailers" {
             headers.remove(TE);
         }
+    }
+}
+
+/// Removes the headers one `Connection` line names. TE is decided by [`strip_hop_by_hop`] itself,
+/// and Host is how the request is routed upstream: neither is the client's to drop.
+fn strip_named(headers: &mut HeaderMap, line: &HeaderValue) {
+    let Ok(list) = line.to_str() else {
+        return;
+    };
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if name != TE && name != HOST {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Removes the mesh's own headers (`meridian-*`) from a request before it goes on, so that
+/// nothing a client sets can pass for the mesh's word: a function, or another region's
+/// gateway, must be able to trust them. The one header the mesh forwards on purpose is
+/// `meridian-hop`, which a sidecar sets towards another region's gateway to name the region
+/// the call comes from: the gateway listener keeps it (one valid region name, else it is
+/// dropped) and passes it to the function; the outbound listener never lets a client's through
+/// (a request leaving the region gets this sidecar's own in `build_request`).
+fn strip_internal(headers: &mut HeaderMap, listener: Listener) {
+    let keep_hop = listener == Listener::Gateway && valid_hop(headers);
+    let internal = |name: &HeaderName| {
+        name.as_str().starts_with(MERIDIAN_PREFIX) && !(keep_hop && *name == MERIDIAN_HOP)
+    };
+    // Almost every request has none: look before allocating.
+    if !headers.keys().any(internal) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// Whether the request carries exactly one `meridian-hop`, and it is a region name.
+fn valid_hop(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(MERIDIAN_HOP).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .is_ok_and(|region| meridian_common::names::validate_dns_label(region).is_ok()),
+        _ => false,
     }
 }
 
@@ -1112,5 +1330,91 @@ mod tests {
         headers.insert(TE, "gzip".parse().unwrap());
         strip_hop_by_hop(&mut headers);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn every_connection_line_counts_and_host_and_framing_are_handled() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, "keep-alive".parse().unwrap());
+        headers.append(
+            CONNECTION,
+            "X-Secret, host, proxy-authenticate".parse().unwrap(),
+        );
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert("proxy-authenticate", "x".parse().unwrap());
+        headers.insert(HOST, "f".parse().unwrap());
+        headers.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(UPGRADE, "websocket".parse().unwrap());
+        headers.insert("trailer", "x-checksum".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        // Host routes the request upstream; Trailer is end-to-end.
+        assert_eq!(names, vec!["host", "trailer"]);
+    }
+
+    #[test]
+    fn clients_cannot_set_the_meshs_headers() {
+        let client_headers = || {
+            let mut headers = HeaderMap::new();
+            headers.insert(MERIDIAN_HOP, "eu-west".parse().unwrap());
+            headers.insert("meridian-region", "ap-south".parse().unwrap());
+            headers.insert("meridian-anything", "1".parse().unwrap());
+            headers.insert("x-kept", "1".parse().unwrap());
+            headers
+        };
+        let mut outbound = client_headers();
+        strip_internal(&mut outbound, Listener::Outbound);
+        assert_eq!(outbound.keys().collect::<Vec<_>>(), vec!["x-kept"]);
+        // On the gateway, the calling region's hop header is the mesh's, and goes on.
+        let mut gateway = client_headers();
+        strip_internal(&mut gateway, Listener::Gateway);
+        let mut names: Vec<&str> = gateway.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["meridian-hop", "x-kept"]);
+        // ...unless it is not one region name.
+        for bad in [vec!["eu-west", "us-east"], vec!["not a region"]] {
+            let mut headers = HeaderMap::new();
+            for value in bad {
+                headers.append(MERIDIAN_HOP, value.parse().unwrap());
+            }
+            strip_internal(&mut headers, Listener::Gateway);
+            assert!(headers.is_empty(), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_answer_is_counted_as_the_clients() {
+        use crate::errors::Reason;
+        let global = GlobalStats::default();
+        drop(Abandoned::armed(&global));
+        assert_eq!(global.client_faults.get(Reason::ClientDisconnected), 1);
+        Abandoned::armed(&global).disarm();
+        assert_eq!(global.client_faults.get(Reason::ClientDisconnected), 1);
+    }
+
+    #[test]
+    fn only_a_single_chunked_transfer_encoding_is_accepted() {
+        let framing = |values: &[&str], content_length: bool| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(TRANSFER_ENCODING, value.parse().unwrap());
+            }
+            if content_length {
+                headers.insert(CONTENT_LENGTH, "5".parse().unwrap());
+            }
+            check_framing(&headers).map_err(|e| e.reason())
+        };
+        assert_eq!(framing(&[], false), Ok(()));
+        assert_eq!(framing(&[], true), Ok(()));
+        assert_eq!(framing(&["chunked"], false), Ok(()));
+        assert_eq!(framing(&[" Chunked "], false), Ok(()));
+        let ambiguous = Err(crate::errors::Reason::AmbiguousTransferEncoding);
+        assert_eq!(framing(&["identity, chunked"], false), ambiguous);
+        assert_eq!(framing(&["gzip, chunked"], false), ambiguous);
+        assert_eq!(framing(&["gzip", "chunked"], false), ambiguous);
+        assert_eq!(framing(&["chunked", "chunked"], false), ambiguous);
+        assert_eq!(framing(&["identity"], false), ambiguous);
+        assert_eq!(framing(&["chunked"], true), ambiguous);
     }
 }

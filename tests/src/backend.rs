@@ -1,7 +1,8 @@
 //! An HTTP backend served from the test process on a region's address: registered as an
 //! `external` function's URL, it stands in for a function instance whose behaviour the test sets
 //! (answer, fail with a status, drop the connection) and counts every request that reaches it,
-//! which is how tests count what the sidecar really sends (retries included).
+//! which is how tests count what the sidecar really sends (retries included). It keeps the
+//! headers of the last request, which is how tests see what a function is sent.
 //!
 //! It speaks HTTP/1.1 and h2c (prior knowledge), like a sidecar's upstream may.
 //!
@@ -50,6 +51,7 @@ struct State {
     requests: AtomicU64,
     by_method: Mutex<Vec<(String, u64)>>,
     body_bytes: AtomicU64,
+    last_headers: Mutex<Option<http::HeaderMap>>,
 }
 
 /// One backend; stops (closing every connection, like a killed process) when dropped or
@@ -73,6 +75,7 @@ impl TestBackend {
             requests: AtomicU64::new(0),
             by_method: Mutex::new(Vec::new()),
             body_bytes: AtomicU64::new(0),
+            last_headers: Mutex::new(None),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Ok(TestBackend {
@@ -115,6 +118,15 @@ impl TestBackend {
             .iter()
             .find(|(m, _)| m == method)
             .map_or(0, |(_, n)| *n)
+    }
+
+    /// The headers of the last request that reached it (as its HTTP server parsed them).
+    pub fn last_headers(&self) -> Option<http::HeaderMap> {
+        self.state
+            .last_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Request body bytes read so far.
@@ -179,6 +191,7 @@ async fn handle(
     state: Arc<State>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, DropConnection> {
+    *state.last_headers.lock().unwrap_or_else(|e| e.into_inner()) = Some(request.headers().clone());
     let nth = state.requests.fetch_add(1, Ordering::SeqCst);
     {
         let mut by_method = state.by_method.lock().unwrap_or_else(|e| e.into_inner());

@@ -89,10 +89,11 @@ struct Options {
     /// Measure tracing's cost instead of HAProxy's figures.
     #[arg(long)]
     tracing: bool,
-    /// With --tracing, also count the sidecar's instructions per request in each mode under
-    /// valgrind (callgrind): exact and repeatable whatever else the machine does, where CPU time
-    /// on a shared machine is not.
-    #[arg(long, requires = "tracing")]
+    /// Count the sidecar's instructions per request under valgrind (callgrind): exact and
+    /// repeatable whatever else the machine does, where CPU time on a shared machine is not.
+    /// With --tracing, in each tracing mode after the wall-clock runs; alone, only that count for
+    /// the plain sidecar (no wrk runs, so wrk need not be installed).
+    #[arg(long)]
     instructions: bool,
 }
 
@@ -102,13 +103,18 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(1, usize::from) >= 2,
         "needs 2 CPUs: the proxy gets CPU 1, wrk and the backend CPU 0"
     );
-    for tool in ["wrk", "taskset"] {
+    let tools: &[&str] = if options.instructions && !options.tracing {
+        &["valgrind", "taskset"]
+    } else {
+        &["wrk", "taskset"]
+    };
+    for &tool in tools {
         ensure!(
             which(tool).is_some(),
             "{tool} is not installed (deploy/bench/sidecar.sh installs it)"
         );
     }
-    if !options.skip_haproxy && !options.tracing {
+    if !options.skip_haproxy && !options.tracing && !options.instructions {
         ensure!(
             which("haproxy").is_some(),
             "haproxy is not installed (deploy/bench/sidecar.sh installs it; or --skip-haproxy)"
@@ -477,6 +483,15 @@ async fn bench(options: Options) -> Result<()> {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(agent_listener)),
     );
 
+    if options.instructions && !options.tracing {
+        let per_request = instructions_per_request(&options, agent_addr, &[]).await?;
+        println!(
+            "instructions per request (callgrind, the whole sidecar process: the difference of the \
+             totals after {} and {} requests, one in flight, divided by the difference): {per_request:.0}",
+            INSTRUCTION_RUNS[0], INSTRUCTION_RUNS[1]
+        );
+        return Ok(());
+    }
     let mut results = Vec::new();
     results.push(measure("direct", &format!("http://{backend_addr}/"), None, &options).await?);
     if options.tracing {

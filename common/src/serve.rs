@@ -207,6 +207,8 @@ impl Clock {
 #[derive(Debug)]
 struct ConnState {
     clock: Clock,
+    /// When the connection was accepted.
+    accepted_at: u64,
     /// Requests between the service call and the end (or drop) of their response body.
     in_flight: AtomicU32,
     /// When `in_flight` last became 0 (or the connection was accepted).
@@ -228,6 +230,7 @@ impl ConnState {
     fn new(clock: Clock) -> Self {
         Self {
             clock,
+            accepted_at: clock.now(),
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(clock.now()),
             head_since: AtomicU64::new(0),
@@ -520,13 +523,15 @@ struct Connections {
 
 impl Connections {
     /// Removes the oldest connection with no request in flight and tells it to close. One that
-    /// has never sent a request goes first (an idle flood or a slowloris, and never a client
-    /// about to reuse its keep-alive connection), then the oldest idle one.
+    /// has sent no request in its first [`EVICTION_GRACE`] goes first (an idle flood or a
+    /// slowloris, and never a client about to reuse its keep-alive connection, nor one whose
+    /// first request is still on its way), then the oldest idle one.
     fn evict_oldest_idle(&mut self) -> bool {
-        let never_served = self
-            .open
-            .iter()
-            .find(|(_, state)| state.is_idle() && !state.served_any.load(Ordering::Acquire));
+        let never_served = self.open.iter().find(|(_, state)| {
+            state.is_idle()
+                && !state.served_any.load(Ordering::Acquire)
+                && state.clock.now().saturating_sub(state.accepted_at) >= EVICTION_GRACE_MS
+        });
         let Some(id) = never_served
             .or_else(|| self.open.iter().find(|(_, state)| state.is_idle()))
             .map(|(id, _)| *id)
@@ -540,6 +545,11 @@ impl Connections {
         true
     }
 }
+
+/// How long a new connection may take to send its first request before it counts as unused for
+/// eviction.
+pub const EVICTION_GRACE: Duration = Duration::from_secs(1);
+const EVICTION_GRACE_MS: u64 = 1000;
 
 /// The refusal at the connection cap, written before any byte is read.
 fn connection_limit_response(limit: usize) -> Vec<u8> {

@@ -150,7 +150,7 @@ impl ConnectionMetrics {
             self.timed_out.clone(),
         );
         registry.register(
-            "meridian_connection_accept_errors",
+            "meridian_connections_accept_errors",
             "Failed accepts (e.g. out of file descriptors), by listener.",
             self.accept_errors.clone(),
         );
@@ -675,8 +675,8 @@ pub async fn serve<H, F, B>(
                 }
                 if out_of_descriptors(&error) {
                     // Free a descriptor for the connection waiting in the backlog.
-                    if let Ok(mut open) = connections.lock() {
-                        if open.evict_oldest_idle() {
+                    if let Ok(mut registry) = connections.lock() {
+                        if registry.evict_oldest_idle() {
                             metrics.evicted.inc();
                         }
                     }
@@ -692,23 +692,23 @@ pub async fn serve<H, F, B>(
         };
         let state = Arc::new(ConnState::new(clock));
         let id = {
-            let Ok(mut open) = connections.lock() else {
+            let Ok(mut registry) = connections.lock() else {
                 // Poisoned only if a holder panicked; nothing sensible to serve with.
                 break;
             };
-            if open.open.len() >= limits.max_connections {
-                if open.evict_oldest_idle() {
+            if registry.open.len() >= limits.max_connections {
+                if registry.evict_oldest_idle() {
                     metrics.evicted.inc();
                 } else {
-                    drop(open);
+                    drop(registry);
                     metrics.refused.inc();
                     refuse(stream, Arc::clone(&refusal), Arc::clone(&lingering));
                     continue;
                 }
             }
-            let id = open.next_id;
-            open.next_id += 1;
-            open.open.insert(id, Arc::clone(&state));
+            let id = registry.next_id;
+            registry.next_id += 1;
+            registry.open.insert(id, Arc::clone(&state));
             id
         };
         metrics.accepted.inc();
@@ -727,8 +727,8 @@ pub async fn serve<H, F, B>(
         let open_gauge = metrics.open.clone();
         tokio::spawn(async move {
             task.run(stream, handler).await;
-            if let Ok(mut open) = connections.lock() {
-                open.open.remove(&id);
+            if let Ok(mut registry) = connections.lock() {
+                registry.open.remove(&id);
             }
             open_gauge.dec();
             drop(alive);
@@ -783,6 +783,9 @@ impl ConnectionTask {
         let mut draining = false;
         loop {
             tokio::select! {
+                // In this order, not at random: the connection is polled first on every wake-up
+                // (most are its IO), and no random draw is made per wake-up.
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(%error, "connection ended with an error");

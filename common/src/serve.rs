@@ -34,7 +34,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 /// The limits of one listener. [`ServeLimits::default`] is the proxy listeners' set,
@@ -222,8 +222,11 @@ struct ConnState {
     h2: AtomicBool,
     /// The first read was seen (the protocol is known).
     first_read_seen: AtomicBool,
-    /// Set when evicted; the watchdog closes the connection.
-    evict: Notify,
+    /// The serve loop is stopping: drain the connection rather than close it at once.
+    stopping: AtomicBool,
+    /// Wakes the connection's task to close it: evicted, or (with `stopping`) the loop stops.
+    /// One wake-up source rather than two, since every wake-up of the task polls each of them.
+    wake: Notify,
 }
 
 impl ConnState {
@@ -237,7 +240,8 @@ impl ConnState {
             served_any: AtomicBool::new(false),
             h2: AtomicBool::new(false),
             first_read_seen: AtomicBool::new(false),
-            evict: Notify::new(),
+            stopping: AtomicBool::new(false),
+            wake: Notify::new(),
         }
     }
 
@@ -540,7 +544,7 @@ impl Connections {
         };
         if let Some(state) = self.open.remove(&id) {
             // notify_one stores a permit, so a watchdog that is not waiting yet still sees it.
-            state.evict.notify_one();
+            state.wake.notify_one();
         }
         true
     }
@@ -646,7 +650,6 @@ pub async fn serve<H, F, B>(
     let metrics = config.metrics.clone();
     let refusal: Arc<[u8]> = connection_limit_response(limits.max_connections).into();
     let lingering = Arc::new(AtomicU32::new(0));
-    let (stop, stopped) = watch::channel(false);
     // Every connection task holds a sender; when all are gone, every connection has closed.
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -719,7 +722,6 @@ pub async fn serve<H, F, B>(
             limits: Arc::clone(&limits),
             metrics: metrics.clone(),
             state,
-            stopped: stopped.clone(),
         };
         let handler = handler.clone();
         let connections = Arc::clone(&connections);
@@ -735,7 +737,12 @@ pub async fn serve<H, F, B>(
         });
     }
     drop(listener);
-    let _ = stop.send(true);
+    if let Ok(registry) = connections.lock() {
+        for state in registry.open.values() {
+            state.stopping.store(true, Ordering::Release);
+            state.wake.notify_one();
+        }
+    }
     drop(alive);
     if tokio::time::timeout(config.limits.shutdown_grace, all_closed.recv())
         .await
@@ -751,11 +758,10 @@ struct ConnectionTask {
     limits: Arc<ServeLimits>,
     metrics: ListenerMetrics,
     state: Arc<ConnState>,
-    stopped: watch::Receiver<bool>,
 }
 
 impl ConnectionTask {
-    async fn run<I, H, F, B>(mut self, io: I, handler: H)
+    async fn run<I, H, F, B>(self, io: I, handler: H)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -812,8 +818,11 @@ impl ConnectionTask {
                         }
                     }
                 }
-                _ = self.state.evict.notified() => return,
-                _ = self.stopped.wait_for(|s| *s), if !draining => {
+                _ = self.state.wake.notified(), if !draining => {
+                    if !self.state.stopping.load(Ordering::Acquire) {
+                        // Evicted: idle, so there is nothing to finish.
+                        return;
+                    }
                     connection.as_mut().graceful_shutdown();
                     draining = true;
                 }
@@ -1015,6 +1024,26 @@ mod tests {
             assert!(Instant::now() < deadline, "condition not met within 5 s");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_stop_lets_requests_in_flight_finish_and_closes_idle_connections() {
+        let (address, metrics, stop, server) =
+            start(ServeLimits::default(), Duration::from_millis(300)).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let request = tokio::spawn(get(address));
+        wait_for(|| metrics.open.get() == 2).await;
+        // The request has reached the service (300 ms) well within this.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped_at = std::time::Instant::now();
+        let _ = stop.send(());
+        assert!(request.await.unwrap().starts_with("HTTP/1.1 200"));
+        assert_eq!(read_all(&mut idle).await, "");
+        server.await.unwrap();
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(2),
+            "the loop returns once its connections are closed, not after the grace period"
+        );
     }
 
     #[tokio::test(start_paused = true)]

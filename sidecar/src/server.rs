@@ -1,6 +1,7 @@
 //! The listeners (outbound and gateway: HTTP/1.1 and h2c on one port; admin: HTTP/1.1 for
-//! `/ready`, `/metrics`, `/routes`, and gRPC over h2c for `SidecarAdminService.Explain`) and the
-//! start-up and shutdown of the whole sidecar.
+//! `/ready`, `/metrics`, `/routes`, and gRPC over h2c for `SidecarAdminService.Explain`), each
+//! served by `meridian_common::serve` with the limits of `Config`, and the start-up and shutdown of
+//! the whole sidecar.
 
 use std::future::Future;
 use std::net::SocketAddr;

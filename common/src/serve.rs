@@ -215,8 +215,13 @@ struct ConnState {
     idle_since: AtomicU64,
     /// When the first byte of a request head arrived while no request was in flight; 0: none.
     head_since: AtomicU64,
-    /// Some request reached the service: from then on hyper's writes are not inspected.
+    /// Some request reached the service (for eviction: a connection never used goes first).
     served_any: AtomicBool,
+    /// How many times `in_flight` became 0.
+    idle_seq: AtomicU64,
+    /// `idle_seq` at the last flush with no request in flight: equal to it when every byte of
+    /// the finished responses has been written out.
+    flushed_seq: AtomicU64,
     /// The connection speaks HTTP/2 (prior knowledge preface seen): no header-read timeout,
     /// since its frames are not request heads.
     h2: AtomicBool,
@@ -238,6 +243,8 @@ impl ConnState {
             idle_since: AtomicU64::new(clock.now()),
             head_since: AtomicU64::new(0),
             served_any: AtomicBool::new(false),
+            idle_seq: AtomicU64::new(0),
+            flushed_seq: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             first_read_seen: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -285,6 +292,7 @@ impl Drop for InFlight {
             self.0
                 .idle_since
                 .store(self.0.clock.now(), Ordering::Release);
+            self.0.idle_seq.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -357,19 +365,23 @@ fn with_meridian_error(head: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The accepted stream as hyper sees it: reads and writes pass through, noting what the
-/// watchdog needs; the first write on a connection no request has reached yet (which can only
-/// be hyper's automatic 400/414/431 answer to a request it could not parse) gets
-/// `meridian-error`. Later answers of that kind, on a keep-alive connection that has already
-/// served a request, go out as hyper writes them: past the first request, a write boundary is no
-/// longer known to be a response's start without parsing hyper's output.
+/// watchdog needs, and hyper's automatic 400/414/431 answer to a request head it could not parse
+/// gets `meridian-error`.
+///
+/// Such an answer is told from a service's response, without parsing hyper's output, by when it
+/// is written (HTTP/1 only): no request is in flight, every byte of the previous responses has
+/// been written out (hyper flushes its IO only once its buffer is empty, and a response's bytes
+/// are all in that buffer by the time its body is dropped), and bytes of a new head have been
+/// read since the last request reached the service. A service's response is never written in
+/// that state: its request reached the service after those bytes, or its body ended after the
+/// last flush. What this misses (a malformed request pipelined behind another, already read with
+/// it) goes out as hyper writes it; nothing is ever rewritten wrongly.
 #[derive(Debug)]
 struct TrackedIo<T> {
     inner: T,
     state: Arc<ConnState>,
-    /// The first write has been looked at.
-    first_write_seen: bool,
-    /// A rewritten first write still being written: the bytes, how many are out, and how many
-    /// bytes of hyper's buffer it stands for (reported once all are out).
+    /// A rewritten write still being written: the bytes, how many are out, and how many bytes of
+    /// hyper's buffer it stands for (reported once all are out).
     pending: Option<(Vec<u8>, usize, usize)>,
 }
 
@@ -378,7 +390,6 @@ impl<T> TrackedIo<T> {
         Self {
             inner,
             state,
-            first_write_seen: false,
             pending: None,
         }
     }
@@ -428,13 +439,14 @@ impl<T: AsyncWrite + Unpin> TrackedIo<T> {
         Poll::Ready(Ok(0))
     }
 
-    /// Whether this write is the one to inspect (the first, before any request was served).
-    fn inspect(&mut self, buf: &[u8]) -> bool {
-        if self.first_write_seen || buf.is_empty() {
-            return false;
-        }
-        self.first_write_seen = true;
-        !self.state.served_any.load(Ordering::Acquire) && !self.state.h2.load(Ordering::Acquire)
+    /// Whether `buf` is one of hyper's automatic answers (see the type's documentation).
+    fn is_automatic_answer(&self, buf: &[u8]) -> bool {
+        let state = &self.state;
+        buf.starts_with(b"HTTP/1.1 4")
+            && !state.h2.load(Ordering::Acquire)
+            && state.is_idle()
+            && state.head_since.load(Ordering::Acquire) != 0
+            && state.flushed_seq.load(Ordering::Acquire) == state.idle_seq.load(Ordering::Acquire)
     }
 }
 
@@ -449,7 +461,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
             // hyper calls again with the same buffer until it is reported written.
             return this.poll_pending(cx);
         }
-        if this.inspect(buf) {
+        if this.is_automatic_answer(buf) {
             if let Some(bytes) = with_meridian_error(buf) {
                 this.pending = Some((bytes, 0, buf.len()));
                 return this.poll_pending(cx);
@@ -464,10 +476,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.pending.is_some() || !this.first_write_seen {
-            // The inspected write goes through `poll_write` with the first non-empty slice: a
-            // head that hyper wrote is in one slice.
-            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+        if this.pending.is_some() || this.is_automatic_answer(first) {
+            // Through `poll_write` with the first slice alone: a head hyper wrote is in one.
             return Pin::new(this).poll_write(cx, first);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
@@ -478,7 +489,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = result {
+            let state = &this.state;
+            if state.is_idle() {
+                // Everything of the responses finished so far is out.
+                state
+                    .flushed_seq
+                    .store(state.idle_seq.load(Ordering::Acquire), Ordering::Release);
+            }
+        }
+        result
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -919,6 +941,21 @@ mod tests {
         let answer = get(address).await;
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(!answer.contains("meridian-error"), "{answer}");
+        // On a keep-alive connection, after a request served: the same.
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 512];
+        let n = stream.read(&mut first).await.unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
+        let _ = stream.write_all(request.as_bytes()).await;
+        let answer = read_all(&mut stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\nmeridian-error: headers-too-large\r\n"),
+            "{answer}"
+        );
         let _ = stop.send(());
         server.await.unwrap();
     }
@@ -1096,41 +1133,79 @@ mod tests {
         ));
     }
 
+    /// Writes `bytes` through `io` and returns what reached the other end.
+    async fn through(
+        io: &mut TrackedIo<tokio::io::DuplexStream>,
+        client: &mut tokio::io::DuplexStream,
+        bytes: &[u8],
+    ) -> String {
+        let (written, received) = tokio::join!(
+            async {
+                let n = io.write(bytes).await.unwrap();
+                io.flush().await.unwrap();
+                n
+            },
+            async {
+                let mut out = Vec::new();
+                let mut chunk = [0u8; 7];
+                while !out.ends_with(b"\r\n\r\n") {
+                    let n = client.read(&mut chunk).await.unwrap();
+                    out.extend_from_slice(&chunk[..n]);
+                }
+                out
+            }
+        );
+        assert_eq!(written, bytes.len(), "hyper is told its own length");
+        String::from_utf8(received).unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn tracked_io_rewrites_only_the_first_unserved_write() {
+    async fn tracked_io_rewrites_hypers_answers_and_never_a_services() {
+        const AUTO_431: &[u8] =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        const WITH_ERROR: &str = "HTTP/1.1 431 Request Header Fields Too Large\r\nmeridian-error: headers-too-large\r\ncontent-length: 0\r\n\r\n";
         let clock = Clock(Instant::now());
-        // hyper's 431 on a fresh connection gets the header, written out whole even through a
-        // tiny pipe that takes a few bytes at a time.
-        let (client, server) = tokio::io::duplex(7);
+        // A pipe that takes 7 bytes at a time: the rewritten head goes out whole all the same.
+        let (mut client, server) = tokio::io::duplex(7);
         let state = Arc::new(ConnState::new(clock));
         let mut io = TrackedIo::new(server, Arc::clone(&state));
-        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
-        let reader = tokio::spawn(async move {
-            let mut client = client;
-            let mut out = Vec::new();
-            client.read_to_end(&mut out).await.unwrap();
-            out
-        });
-        let n = io.write(head).await.unwrap();
-        assert_eq!(n, head.len(), "hyper is told its own length");
-        io.shutdown().await.unwrap();
-        drop(io);
-        let out = String::from_utf8(reader.await.unwrap()).unwrap();
-        assert_eq!(
-            out,
-            "HTTP/1.1 431 Request Header Fields Too Large\r\nmeridian-error: headers-too-large\r\ncontent-length: 0\r\n\r\n"
-        );
-        // Once a request reached the service, writes pass untouched, even a body that looks like
-        // an answer.
+        // A fresh connection: a head arrives, hyper cannot parse it and answers 431.
+        state.bytes_read(b"GET / HTTP/1.1\r\nx-1: a\r\n");
+        assert_eq!(through(&mut io, &mut client, AUTO_431).await, WITH_ERROR);
+
+        // Keep-alive: a request reaches the service, which answers 404 with an empty body
+        // (dropped before hyper writes the head), while the next request's bytes already arrive.
         let (mut client, server) = tokio::io::duplex(1024);
         let state = Arc::new(ConnState::new(clock));
         let mut io = TrackedIo::new(server, Arc::clone(&state));
-        let _in_flight = state.request_started();
-        io.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let n = client.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        state.bytes_read(b"GET / HTTP/1.1\r\n\r\n");
+        drop(state.request_started());
+        state.bytes_read(b"GET /next HTTP/1.1\r\n");
+        let service_404 = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            through(&mut io, &mut client, service_404).await,
+            String::from_utf8_lossy(service_404)
+        );
+        // Once that is out, the next head is refused by hyper: that answer gets the header.
+        assert_eq!(through(&mut io, &mut client, AUTO_431).await, WITH_ERROR);
+
+        // A body that looks like an answer, written while its request is in flight, passes.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let state = Arc::new(ConnState::new(clock));
+        let mut io = TrackedIo::new(server, Arc::clone(&state));
+        state.bytes_read(b"POST /echo HTTP/1.1\r\n");
+        let in_flight = state.request_started();
+        state.bytes_read(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        let echoed = b"HTTP/1.1 400 Bad Request\r\n\r\n";
+        assert_eq!(
+            through(&mut io, &mut client, echoed).await,
+            String::from_utf8_lossy(echoed)
+        );
+        drop(in_flight);
+        // Its last bytes written after the body ended (before any flush) pass as well.
+        assert_eq!(
+            through(&mut io, &mut client, echoed).await,
+            String::from_utf8_lossy(echoed)
+        );
     }
 }

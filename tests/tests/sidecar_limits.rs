@@ -348,6 +348,36 @@ async fn ten_thousand_headers_get_431_with_meridian_error() -> Result<()> {
                 .any(|l| l == "meridian-error: headers-too-large"),
             "the 431 must carry meridian-error: headers-too-large: {answer:?}"
         );
+        // The same on a keep-alive connection that has served a request first.
+        let mut stream = TcpStream::connect(outbound).await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: known\r\n\r\n")
+            .await?;
+        let mut first = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&first).ends_with("known\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+                .await
+                .context("no answer to the first request within 10 s")??;
+            ensure!(n > 0, "closed before the first answer: {:?}", String::from_utf8_lossy(&first));
+            first.extend_from_slice(&chunk[..n]);
+        }
+        ensure!(first.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&first));
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut second = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await {
+                Err(_) => bail!("no close within 10 s"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => second.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let second = String::from_utf8_lossy(&second).to_lowercase();
+        ensure!(
+            second.starts_with("http/1.1 431 ")
+                && second.lines().any(|l| l == "meridian-error: headers-too-large"),
+            "10,000 headers after a served request: expected 431 with meridian-error, got {second:?}"
+        );
         // The listener still serves normal requests.
         let reply = world.sidecar("us-east").client().get("known", "/").await?;
         ensure!(reply.status == StatusCode::OK, "{}", reply.describe());

@@ -1,9 +1,8 @@
 //! The admin listener every server binary runs (plain HTTP/1.1, apart from the gRPC port so that
 //! scrapers and load balancers need no gRPC): `/metrics` (Prometheus text from a registry) and
 //! `/ready` (200 or 503 as the binary's own readiness check says), and `parse_address` for the
-//! `--admin` flag.
+//! `--admin` flag. Served by the one accept/serve loop (`crate::serve`) with the admin limits.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,12 +14,12 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::serve::{ListenerMetrics, ServeConfig, ServeLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -126,7 +125,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// How long open admin connections may finish after shutdown before they are dropped (a scrape
 /// cut short is retried by Prometheus).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: Duration = crate::serve::DEFAULT_SHUTDOWN_GRACE;
 
 /// Serves `admin` on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
@@ -139,8 +138,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
 
 /// Serves HTTP/1.1 and h2c (so a gRPC service can share the port) on `listener`, every request
 /// answered by `handler`, until `shutdown` resolves; open connections then get
-/// [`SHUTDOWN_GRACE`] to finish. Binaries with admin paths of their own (the sidecar's `/routes`
-/// and its gRPC explain service) bring their handler and share this loop.
+/// [`SHUTDOWN_GRACE`] to finish. The admin limits ([`ServeLimits::admin`]) apply, through the one
+/// serve loop of [`crate::serve`]; its connection metrics are registered nowhere (a binary that
+/// wants them uses [`serve_http_with`]).
 pub async fn serve_http<H, F, B>(
     listener: TcpListener,
     handler: H,
@@ -148,43 +148,27 @@ pub async fn serve_http<H, F, B>(
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let config = ServeConfig::new("admin", ServeLimits::admin(), ListenerMetrics::default());
+    serve_http_with(listener, config, handler, shutdown).await;
+}
+
+/// [`serve_http`] with the caller's limits and metrics.
+pub async fn serve_http_with<H, F, B>(
+    listener: TcpListener,
+    config: ServeConfig,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let handler = handler.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = handler(request);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
-    }
+    crate::serve::serve(listener, builder, config, handler, shutdown).await;
 }
 
 #[cfg(test)]

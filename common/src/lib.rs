@@ -1,9 +1,11 @@
 //! What every Meridian binary shares: logging set-up, the admin listener (`/metrics`, `/ready`),
-//! shutdown signals, reconnect backoff and the naming rule for regions, namespaces and functions.
+//! shutdown signals, reconnect backoff, the naming rule for regions, namespaces and functions, and
+//! the one accept/serve loop of every HTTP listener (`serve`).
 
 pub mod admin;
 pub mod backoff;
 pub mod names;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 

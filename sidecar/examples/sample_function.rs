@@ -12,11 +12,11 @@
 //! `x-ready-unix-us` (when it began listening) and `x-arrived-unix-us` (when the request
 //! arrived), so a caller can split a cold start into process start, start-up and queueing; and
 //! `x-seen-traceparent`, the request's W3C `traceparent` when it had one.
-//! Stops cleanly on SIGTERM/SIGINT.
+//! Served by Meridian's one serve loop (`meridian_common::serve`) with the proxy listeners'
+//! default limits. Stops cleanly on SIGTERM/SIGINT.
 //!
 //! Run: `PORT=9000 REGION=us-east INSTANCE_ID=a cargo run -p meridian-sidecar --example sample_function`
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,10 +28,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use meridian_common::serve::{self, ServeConfig, ServeLimits};
 use tokio::net::TcpListener;
 
 /// Who this instance is, and its timings.
@@ -216,42 +215,17 @@ async fn main() -> anyhow::Result<()> {
     });
     tracing::info!(%region, %instance, "listening on {}", listener.local_addr()?);
 
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let shutdown = meridian_common::shutdown::signal();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let identity = Arc::clone(&identity);
-        let service = service_fn(move |request| {
-            let identity = Arc::clone(&identity);
-            async move { Ok::<_, Infallible>(answer(identity, request).await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-    }
+    let handler = move |request: Request<Incoming>| answer(Arc::clone(&identity), request);
+    // The proxy listeners' limits: an instance faces the same clients through its sidecar.
+    let config = ServeConfig::new("function", ServeLimits::default(), Default::default());
+    serve::serve(
+        listener,
+        auto::Builder::new(TokioExecutor::new()),
+        config,
+        handler,
+        meridian_common::shutdown::signal(),
+    )
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -51,6 +51,14 @@ impl Admin {
         }
     }
 
+    /// Adds the listeners' connection metrics to `/metrics`.
+    pub fn register_connections(
+        &mut self,
+        connections: &meridian_common::serve::ConnectionMetrics,
+    ) {
+        connections.register(&mut self.registry);
+    }
+
     pub async fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use meridian_common::names::validate_dns_label;
+use meridian_common::serve::{self, ServeLimits};
 use meridian_sidecar::{Bound, Config};
 
 /// Exit code for bad flags.
@@ -57,6 +58,32 @@ struct Args {
     /// Window of the load reports sent to the agent's autoscaler, in milliseconds.
     #[arg(long, env = "MERIDIAN_LOAD_REPORT_INTERVAL_MS", default_value_t = 1000)]
     load_report_interval_ms: u64,
+    /// Every listener: a request head must arrive within this many milliseconds of its first
+    /// byte, else the connection is closed (slowloris).
+    #[arg(long, env = "MERIDIAN_HEADER_READ_TIMEOUT_MS", default_value_t = serve::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
+    header_read_timeout_ms: u64,
+    /// Every listener: a connection with no request in flight for this many milliseconds is
+    /// closed.
+    #[arg(long, env = "MERIDIAN_IDLE_TIMEOUT_MS", default_value_t = serve::DEFAULT_IDLE_TIMEOUT.as_millis() as u64)]
+    idle_timeout_ms: u64,
+    /// Open connections at most on each proxy listener (outbound, gateway). At the cap a new
+    /// connection evicts the oldest idle one; with none idle it gets 503 connection-limit.
+    #[arg(long, env = "MERIDIAN_MAX_CONNECTIONS", default_value_t = serve::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Open connections at most on the admin listener.
+    #[arg(long, env = "MERIDIAN_ADMIN_MAX_CONNECTIONS", default_value_t = serve::DEFAULT_ADMIN_MAX_CONNECTIONS)]
+    admin_max_connections: usize,
+    /// HTTP/2 streams in flight per connection at most.
+    #[arg(long, env = "MERIDIAN_H2_MAX_CONCURRENT_STREAMS", default_value_t = serve::DEFAULT_H2_MAX_CONCURRENT_STREAMS)]
+    h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before they are accepted, at most at a time; beyond,
+    /// GOAWAY (rapid reset).
+    #[arg(long, env = "MERIDIAN_H2_MAX_PENDING_RESETS", default_value_t = serve::DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS)]
+    h2_max_pending_resets: usize,
+    /// HTTP/2 streams reset for a client's protocol errors, at most per connection; beyond,
+    /// GOAWAY.
+    #[arg(long, env = "MERIDIAN_H2_MAX_LOCAL_ERROR_RESETS", default_value_t = serve::DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS)]
+    h2_max_local_error_resets: usize,
 }
 
 impl Args {
@@ -89,6 +116,43 @@ impl Args {
         if self.load_report_interval_ms < 10 {
             return Err("invalid --load-report-interval-ms: must be at least 10".into());
         }
+        for (flag, value) in [
+            ("--header-read-timeout-ms", self.header_read_timeout_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
+        ] {
+            if value < 100 {
+                return Err(format!("invalid {flag}: must be at least 100"));
+            }
+        }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            ("--admin-max-connections", self.admin_max_connections),
+            ("--h2-max-pending-resets", self.h2_max_pending_resets),
+            (
+                "--h2-max-local-error-resets",
+                self.h2_max_local_error_resets,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("invalid {flag}: must be at least 1"));
+            }
+        }
+        if self.h2_max_concurrent_streams == 0 {
+            return Err("invalid --h2-max-concurrent-streams: must be at least 1".into());
+        }
+        let proxy_limits = ServeLimits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+            h2_max_pending_accept_reset_streams: self.h2_max_pending_resets,
+            h2_max_local_error_reset_streams: self.h2_max_local_error_resets,
+            ..ServeLimits::default()
+        };
+        let admin_limits = ServeLimits {
+            max_connections: self.admin_max_connections,
+            ..proxy_limits.clone()
+        };
         Ok(Config {
             region: self.region,
             agent,
@@ -101,6 +165,8 @@ impl Args {
             hold_queue: self.hold_queue,
             hold_timeout: Duration::from_millis(self.hold_timeout_ms),
             load_report_interval: Duration::from_millis(self.load_report_interval_ms),
+            proxy_limits,
+            admin_limits,
         })
     }
 }

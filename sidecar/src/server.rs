@@ -1,8 +1,8 @@
 //! The listeners (outbound and gateway: HTTP/1.1 and h2c on one port; admin: HTTP/1.1 for
-//! `/ready`, `/metrics`, `/routes`, and gRPC over h2c for `SidecarAdminService.Explain`) and the
-//! start-up and shutdown of the whole sidecar.
+//! `/ready`, `/metrics`, `/routes`, and gRPC over h2c for `SidecarAdminService.Explain`), each
+//! served by `meridian_common::serve` with the limits of `Config`, and the start-up and shutdown of
+//! the whole sidecar.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use meridian_common::serve::{ConnectionMetrics, ServeConfig, ServeLimits};
 use meridian_proto::v1::sidecar_admin_service_server::SidecarAdminServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -30,7 +29,7 @@ use crate::routes::Compiler;
 use crate::watch::Watcher;
 
 /// How long open connections get to finish once shutdown starts.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: Duration = meridian_common::serve::DEFAULT_SHUTDOWN_GRACE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -70,6 +69,10 @@ pub struct Config {
     pub hold_timeout: Duration,
     /// The load report window.
     pub load_report_interval: Duration,
+    /// Limits of each proxy listener (outbound and gateway, each its own connection cap).
+    pub proxy_limits: ServeLimits,
+    /// Limits of the admin listener.
+    pub admin_limits: ServeLimits,
 }
 
 /// Bound listeners, before serving (so a caller knows the actual addresses).
@@ -142,12 +145,18 @@ pub async fn run(
     )
     .map_err(|e| ServerError::Region(config.region.clone(), e))?;
     let proxy = Arc::new(proxy);
-    let admin = Arc::new(Admin::new(
+    let connections = ConnectionMetrics::default();
+    let mut admin = Admin::new(
         config.region.clone(),
         Arc::clone(&state),
         Arc::clone(&refused),
         Arc::clone(&global),
-    ));
+    );
+    admin.register_connections(&connections);
+    let admin = Arc::new(admin);
+    let listener_config = |name: &str, limits: &ServeLimits| {
+        ServeConfig::new(name, limits.clone(), connections.listener(name))
+    };
     let compiler = Compiler::new(config.region.clone());
     let reporter = Reporter::new(
         config.client_id.clone(),
@@ -194,18 +203,21 @@ pub async fn run(
             bound.outbound,
             Arc::clone(&proxy),
             Listener::Outbound,
+            listener_config("outbound", &config.proxy_limits),
             until_stopped(stopped.clone()),
         )),
         tokio::spawn(serve_proxy(
             bound.gateway,
             proxy,
             Listener::Gateway,
+            listener_config("gateway", &config.proxy_limits),
             until_stopped(stopped.clone()),
         )),
         tokio::spawn(serve_admin(
             bound.admin,
             admin,
             explainer,
+            listener_config("admin", &config.admin_limits),
             until_stopped(stopped.clone()),
         )),
         tokio::spawn(watcher.run(until_stopped(stopped.clone()))),
@@ -234,10 +246,13 @@ fn log_listening(what: &str, listener: &TcpListener) {
     }
 }
 
-/// The HTTP server settings of both proxy listeners.
+/// The HTTP protocol settings of both proxy listeners; the limits (timeouts, connection cap,
+/// HTTP/2 streams and resets) are the serve loop's, from `Config::proxy_limits`.
 fn proxy_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No h1 timer: a header-read timeout would arm a timer for every request on the hot path.
+    // No hyper h1 timer: the serve loop's watchdog times heads and idle connections out, where
+    // hyper's header-read timer would be armed for every request on the hot path (and would
+    // also close idle keep-alive connections at the header-read timeout).
     builder.http1().keep_alive(true);
     builder
         .http2()
@@ -251,47 +266,14 @@ async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     kind: Listener,
+    config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = proxy_builder();
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let handler = move |request: http::Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(request, kind).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!("connections still open after the shutdown grace period");
-        }
-    }
+        async move { proxy.handle(request, kind).await }
+    };
+    meridian_common::serve::serve(listener, proxy_builder(), config, handler, shutdown).await;
 }
 
 /// The admin address the agent is told to dial: an unspecified bind address (`0.0.0.0`)
@@ -324,6 +306,7 @@ async fn serve_admin(
     listener: TcpListener,
     admin: Arc<Admin>,
     explainer: SidecarAdminServiceServer<ExplainService>,
+    config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     // HTTP/1.1 for people and Prometheus, h2c for the agent's gRPC calls.
@@ -344,7 +327,7 @@ async fn serve_admin(
             }
         }
     };
-    meridian_common::admin::serve_http(listener, handler, shutdown).await;
+    meridian_common::admin::serve_http_with(listener, config, handler, shutdown).await;
 }
 
 #[cfg(test)]

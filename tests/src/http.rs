@@ -134,13 +134,23 @@ impl MeshClient {
         MeshClient::build(target, true)
     }
 
+    /// HTTP/1.1 whose pool drops a connection idle for `idle`: below a server's idle timeout, so
+    /// that the client never reuses a connection the server is closing.
+    pub fn http1_with_pool_idle(target: SocketAddr, idle: Duration) -> MeshClient {
+        MeshClient::build_with(target, false, idle)
+    }
+
     fn build(target: SocketAddr, http2: bool) -> MeshClient {
+        MeshClient::build_with(target, http2, Duration::from_secs(30))
+    }
+
+    fn build_with(target: SocketAddr, http2: bool, pool_idle: Duration) -> MeshClient {
         let mut connector = HttpConnector::new_with_resolver(FixedResolver(target));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .http2_only(http2)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(pool_idle)
             .build(connector);
         MeshClient {
             client,

@@ -268,6 +268,8 @@ pub async fn start_sidecar_with(
         hold_queue: options.hold_queue,
         hold_timeout: options.hold_timeout,
         load_report_interval: options.load_report_interval,
+        proxy_limits: meridian_common::serve::ServeLimits::default(),
+        admin_limits: meridian_common::serve::ServeLimits::admin(),
     };
     let bound = Bound::bind(&config).await?;
     let (outbound, gateway, admin) = (

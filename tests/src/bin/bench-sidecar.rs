@@ -89,11 +89,18 @@ struct Options {
     /// Measure tracing's cost instead of HAProxy's figures.
     #[arg(long)]
     tracing: bool,
-    /// With --tracing, also count the sidecar's instructions per request in each mode under
-    /// valgrind (callgrind): exact and repeatable whatever else the machine does, where CPU time
-    /// on a shared machine is not.
-    #[arg(long, requires = "tracing")]
+    /// Count the sidecar's instructions per request under valgrind (callgrind): exact and
+    /// repeatable whatever else the machine does, where CPU time on a shared machine is not.
+    /// With --tracing, in each tracing mode after the wall-clock runs; alone, only that count for
+    /// the plain sidecar (no wrk runs, so wrk need not be installed).
+    #[arg(long)]
     instructions: bool,
+    /// Normal-request latency under attack instead: one request at a time for --duration
+    /// seconds, without an attack and then under 500 slowloris and 500 idle connections that
+    /// reconnect as the sidecar closes them (header-read timeout 2 s, idle 3 s, so that the
+    /// attack churns during the run). No wrk needed.
+    #[arg(long, conflicts_with_all = ["tracing", "instructions"])]
+    attack: bool,
 }
 
 fn main() -> Result<()> {
@@ -102,13 +109,20 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(1, usize::from) >= 2,
         "needs 2 CPUs: the proxy gets CPU 1, wrk and the backend CPU 0"
     );
-    for tool in ["wrk", "taskset"] {
+    let tools: &[&str] = if options.attack {
+        &["taskset"]
+    } else if options.instructions && !options.tracing {
+        &["valgrind", "taskset"]
+    } else {
+        &["wrk", "taskset"]
+    };
+    for &tool in tools {
         ensure!(
             which(tool).is_some(),
             "{tool} is not installed (deploy/bench/sidecar.sh installs it)"
         );
     }
-    if !options.skip_haproxy && !options.tracing {
+    if !options.skip_haproxy && !options.tracing && !options.instructions && !options.attack {
         ensure!(
             which("haproxy").is_some(),
             "haproxy is not installed (deploy/bench/sidecar.sh installs it; or --skip-haproxy)"
@@ -477,6 +491,18 @@ async fn bench(options: Options) -> Result<()> {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(agent_listener)),
     );
 
+    if options.attack {
+        return bench_attack(&options, agent_addr).await;
+    }
+    if options.instructions && !options.tracing {
+        let per_request = instructions_per_request(&options, agent_addr, &[]).await?;
+        println!(
+            "instructions per request (callgrind, the whole sidecar process: the difference of the \
+             totals after {} and {} requests, one in flight, divided by the difference): {per_request:.0}",
+            INSTRUCTION_RUNS[0], INSTRUCTION_RUNS[1]
+        );
+        return Ok(());
+    }
     let mut results = Vec::new();
     results.push(measure("direct", &format!("http://{backend_addr}/"), None, &options).await?);
     if options.tracing {
@@ -919,4 +945,128 @@ fn print_report(options: &Options, results: &[Figures], table_rss_kib: u64, hapr
             ),
         );
     }
+}
+
+/// Sequential `GET bench/` through `outbound` for `duration`: the latencies of the answers and
+/// the number of failures.
+async fn sequential(outbound: SocketAddr, duration: Duration) -> (Vec<Duration>, usize) {
+    let client = meridian_tests::http::MeshClient::http1(outbound);
+    let until = Instant::now() + duration;
+    let (mut latencies, mut failures) = (Vec::new(), 0);
+    while Instant::now() < until {
+        let started = Instant::now();
+        match client.get("bench", "/").await {
+            Ok(reply) if reply.status.is_success() => latencies.push(started.elapsed()),
+            _ => failures += 1,
+        }
+    }
+    latencies.sort();
+    (latencies, failures)
+}
+
+/// One attacker connection after another until `stop`: a slowloris (a header byte every
+/// 500 ms) or an idle connection; counts the connections the sidecar closed.
+async fn attacker(
+    outbound: SocketAddr,
+    slow: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    closed: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(outbound).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if slow
+            && stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nx: ")
+                .await
+                .is_err()
+        {
+            continue;
+        }
+        let mut buf = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            tokio::select! {
+                read = stream.read(&mut buf) => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if slow && stream.write_all(b"x").await.is_err() {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Normal-request latency without and under a slowloris and idle-connection attack.
+async fn bench_attack(options: &Options, agent: SocketAddr) -> Result<()> {
+    let env = [
+        ("MERIDIAN_HEADER_READ_TIMEOUT_MS", "2000".to_string()),
+        ("MERIDIAN_IDLE_TIMEOUT_MS", "3000".to_string()),
+    ];
+    let mut sidecar = Sidecar::start(agent, &env, options, Launch::Pinned).await?;
+    let duration = Duration::from_secs(options.duration);
+    let quiet = sequential(sidecar.outbound, duration).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed = Arc::new(AtomicU64::new(0));
+    let attackers: Vec<_> = (0..1000)
+        .map(|i| {
+            tokio::spawn(attacker(
+                sidecar.outbound,
+                i % 2 == 0,
+                Arc::clone(&stop),
+                Arc::clone(&closed),
+            ))
+        })
+        .collect();
+    let attacked = sequential(sidecar.outbound, duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in attackers {
+        task.abort();
+    }
+    sidecar.check_alive()?;
+    sidecar.stop().await?;
+    let at = |latencies: &[Duration], p: f64| -> String {
+        if latencies.is_empty() {
+            return "-".into();
+        }
+        let index = ((latencies.len() - 1) as f64 * p / 100.0).round() as usize;
+        micros(latencies[index])
+    };
+    println!();
+    println!(
+        "bench-sidecar --attack: one request at a time for {} s each; sidecar on CPU 1, client, \
+         attackers and backend on CPU 0; header-read timeout 2 s, idle timeout 3 s",
+        options.duration
+    );
+    println!();
+    println!(
+        "| | requests | failed | p50 | p99 | max | attacker connections closed by the sidecar |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, (latencies, failures), closes) in [
+        ("no attack", &quiet, 0),
+        (
+            "500 slowloris + 500 idle",
+            &attacked,
+            closed.load(Ordering::Relaxed),
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {failures} | {} | {} | {} | {closes} |",
+            latencies.len() + failures,
+            at(latencies, 50.0),
+            at(latencies, 99.0),
+            at(latencies, 100.0),
+        );
+    }
+    Ok(())
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use meridian_common::names::validate_dns_label;
 use meridian_common::serve::{self, ServeLimits};
-use meridian_sidecar::{Bound, Config};
+use meridian_sidecar::body::BodyLimits;
+use meridian_sidecar::{proxy, Bound, Config};
 
 /// Exit code for bad flags.
 const EXIT_USAGE: u8 = 2;
@@ -84,6 +85,14 @@ struct Args {
     /// GOAWAY.
     #[arg(long, env = "MERIDIAN_H2_MAX_LOCAL_ERROR_RESETS", default_value_t = serve::DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS)]
     h2_max_local_error_resets: usize,
+    /// Longest wait for more of an unfinished request body, in milliseconds (beyond: 408
+    /// request-body-timeout, the client's fault); 0: only the function's timeouts apply.
+    #[arg(long, env = "MERIDIAN_REQUEST_BODY_IDLE_TIMEOUT_MS", default_value_t = proxy::DEFAULT_REQUEST_BODY_IDLE_TIMEOUT.as_millis() as u64)]
+    request_body_idle_timeout_ms: u64,
+    /// Largest request body accepted, in bytes (beyond: 413 request-too-large); 0: no limit
+    /// (bodies are streamed, so size costs no memory).
+    #[arg(long, env = "MERIDIAN_MAX_REQUEST_BODY_BYTES", default_value_t = 0)]
+    max_request_body_bytes: u64,
 }
 
 impl Args {
@@ -167,6 +176,11 @@ impl Args {
             load_report_interval: Duration::from_millis(self.load_report_interval_ms),
             proxy_limits,
             admin_limits,
+            body_limits: BodyLimits {
+                idle_timeout: (self.request_body_idle_timeout_ms > 0)
+                    .then(|| Duration::from_millis(self.request_body_idle_timeout_ms)),
+                max_bytes: (self.max_request_body_bytes > 0).then_some(self.max_request_body_bytes),
+            },
         })
     }
 }

@@ -20,6 +20,7 @@ use tower::ServiceExt;
 
 use crate::activator::{self, Activator};
 use crate::admin::Admin;
+use crate::body::BodyLimits;
 use crate::explain::ExplainService;
 use crate::health::Prober;
 use crate::load::Reporter;
@@ -73,6 +74,8 @@ pub struct Config {
     pub proxy_limits: ServeLimits,
     /// Limits of the admin listener.
     pub admin_limits: ServeLimits,
+    /// Limits on the clients' request bodies.
+    pub body_limits: BodyLimits,
 }
 
 /// Bound listeners, before serving (so a caller knows the actual addresses).
@@ -143,7 +146,8 @@ pub async fn run(
         Arc::clone(&global),
         Arc::new(activator),
     )
-    .map_err(|e| ServerError::Region(config.region.clone(), e))?;
+    .map_err(|e| ServerError::Region(config.region.clone(), e))?
+    .with_body_limits(config.body_limits);
     let proxy = Arc::new(proxy);
     let connections = ConnectionMetrics::default();
     let mut admin = Admin::new(

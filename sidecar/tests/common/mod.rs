@@ -270,6 +270,7 @@ pub async fn start_sidecar_with(
         load_report_interval: options.load_report_interval,
         proxy_limits: meridian_common::serve::ServeLimits::default(),
         admin_limits: meridian_common::serve::ServeLimits::admin(),
+        body_limits: meridian_sidecar::proxy::DEFAULT_BODY_LIMITS,
     };
     let bound = Bound::bind(&config).await?;
     let (outbound, gateway, admin) = (

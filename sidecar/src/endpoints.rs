@@ -262,6 +262,16 @@ impl EndpointState {
             .saturating_add(1)
     }
 
+    /// Counts a failure that says nothing is there (the address refused or never answered the
+    /// connection): the streak jumps to [`FAILURE_THRESHOLD`]. Unlike a slow or failed answer,
+    /// it does not depend on load, and waiting for a streak of them only sends more requests to
+    /// an endpoint known to be gone.
+    pub fn record_unreachable(&self) -> u32 {
+        self.consecutive_failures
+            .fetch_max(FAILURE_THRESHOLD - 1, Ordering::Relaxed);
+        self.record_failure()
+    }
+
     pub fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
     }
@@ -442,6 +452,16 @@ mod tests {
     fn ejection_backs_off_and_caps() {
         let levels: Vec<u64> = (0..8).map(|l| ejection_duration(l).as_secs()).collect();
         assert_eq!(levels, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_reaches_the_threshold_at_once() {
+        let e = endpoint();
+        assert_eq!(e.record_failure(), 1);
+        assert_eq!(e.record_unreachable(), FAILURE_THRESHOLD);
+        assert_eq!(e.record_unreachable(), FAILURE_THRESHOLD + 1);
+        e.record_success(1);
+        assert_eq!(e.record_unreachable(), FAILURE_THRESHOLD);
     }
 
     #[test]

@@ -57,6 +57,29 @@ pub fn record_failure(
     global: &GlobalStats,
 ) -> Option<Duration> {
     let streak = endpoint.record_failure();
+    judge(tier, endpoint, streak, now, global)
+}
+
+/// Like [`record_failure`] for a connection that could not be made at all: the endpoint is
+/// ejected at once, by the same rule on how much of a tier may go
+/// ([`EndpointState::record_unreachable`] says why).
+pub fn record_unreachable(
+    tier: &Tier,
+    endpoint: &EndpointState,
+    now: u64,
+    global: &GlobalStats,
+) -> Option<Duration> {
+    let streak = endpoint.record_unreachable();
+    judge(tier, endpoint, streak, now, global)
+}
+
+fn judge(
+    tier: &Tier,
+    endpoint: &EndpointState,
+    streak: u32,
+    now: u64,
+    global: &GlobalStats,
+) -> Option<Duration> {
     if streak < FAILURE_THRESHOLD || endpoint.is_ejected(now) {
         return None;
     }

@@ -729,7 +729,9 @@ impl Proxy {
                 Ok(Err(source)) => {
                     drop(in_flight);
                     let connect = source.is_connect();
-                    if pick.tier.local {
+                    if pick.tier.local && connect {
+                        health::record_unreachable(pick.tier, endpoint, now, &self.global);
+                    } else if pick.tier.local {
                         health::record_failure(pick.tier, endpoint, now, &self.global);
                     } else {
                         // A gateway we cannot connect to: its region looks gone. Stop sending

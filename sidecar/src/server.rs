@@ -78,6 +78,11 @@ pub struct Config {
     pub body_limits: BodyLimits,
 }
 
+/// Largest `SidecarAdminService` request decoded.
+const EXPLAIN_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest `SidecarAdminService` answer sent.
+const EXPLAIN_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Bound listeners, before serving (so a caller knows the actual addresses).
 #[derive(Debug)]
 pub struct Bound {
@@ -171,7 +176,11 @@ pub async fn run(
         Arc::clone(&global),
         Arc::clone(compiler.sampler_wake()),
     );
-    let explainer = SidecarAdminServiceServer::new(ExplainService::new(Arc::clone(&state)));
+    // Explicit gRPC limits: a request names one function, and an answer lists one function's
+    // tiers and endpoints; connections, streams and timeouts are the admin listener's.
+    let explainer = SidecarAdminServiceServer::new(ExplainService::new(Arc::clone(&state)))
+        .max_decoding_message_size(EXPLAIN_REQUEST_BYTES)
+        .max_encoding_message_size(EXPLAIN_RESPONSE_BYTES);
     let watcher = Watcher::new(
         config.agent.clone(),
         config.client_id.clone(),

@@ -76,6 +76,9 @@ pub enum SessionError {
     OpenTimeout(Duration),
     #[error("control plane stopped reading the stream")]
     SendStalled,
+    /// The replica's tables are older than the one held (its cache lags etcd): try another.
+    #[error("control plane is behind: its table version {version} is older than the held version {held}")]
+    Behind { version: i64, held: i64 },
 }
 
 impl SessionError {
@@ -543,6 +546,12 @@ impl OpenStream<'_> {
                         Some(Ok(msg)) => msg,
                     };
                     deadline = Instant::now() + timing.silence;
+                    if let Some(control_message::Kind::Behind(behind)) = &msg.kind {
+                        return SessionError::Behind {
+                            version: behind.version,
+                            held: behind.held_version,
+                        };
+                    }
                     if let Some(control_message::Kind::Update(update)) = msg.kind {
                         self.received_update = true;
                         let update = match self.assemble(update) {
@@ -583,6 +592,16 @@ impl OpenStream<'_> {
             .and_then(|spans| spans.start(&update, &state.identity));
         let table = match table::apply(state.held.as_ref(), &state.identity.region, &update) {
             Ok(table) => table,
+            // Versions never go back: keep the held table and find a replica that is not behind.
+            Err(table::TableError::Older { version, held }) => {
+                drop(trace);
+                tracing::warn!(
+                    version,
+                    held,
+                    "control plane sent an older table; keeping the held one"
+                );
+                return Err(SessionError::Behind { version, held });
+            }
             Err(error) => return self.refuse(trace, version, error.reason()).await,
         };
         let wire = Arc::new(table.to_wire());
@@ -1153,6 +1172,71 @@ mod tests {
         drop(cp);
         let (state, _) = session.await.unwrap();
         assert!(state.held().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_older_table_is_never_accepted_and_the_session_ends_as_behind() {
+        let held = table::apply_full("us-east", &full(10, vec![])).unwrap();
+        let Harness {
+            state,
+            routes,
+            _dir,
+        } = harness(Some(held));
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, mut agent) = attempts.recv().await.unwrap().accept();
+        agent.next().await; // hello
+        cp.send(update(full(
+            9,
+            vec![external("back", &["http://127.0.1.1:9000"])],
+        )))
+        .await
+        .unwrap();
+        let (state, outcome) = session.await.unwrap();
+        assert!(
+            matches!(
+                outcome.error,
+                SessionError::Behind {
+                    version: 9,
+                    held: 10
+                }
+            ),
+            "{:?}",
+            outcome.error
+        );
+        assert_eq!(state.held().unwrap().version(), 10);
+        assert_eq!(routes.borrow().as_ref().unwrap().version, 10);
+    }
+
+    #[tokio::test]
+    async fn behind_from_the_control_plane_ends_the_session_keeping_the_table() {
+        let held = table::apply_full("us-east", &full(10, vec![])).unwrap();
+        let Harness { state, _dir, .. } = harness(Some(held));
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, mut agent) = attempts.recv().await.unwrap().accept();
+        agent.next().await; // hello
+        cp.send(Ok(ControlMessage {
+            kind: Some(control_message::Kind::Behind(meridian_proto::v1::Behind {
+                version: 7,
+                held_version: 10,
+            })),
+        }))
+        .await
+        .unwrap();
+        let (state, outcome) = session.await.unwrap();
+        assert!(
+            matches!(
+                outcome.error,
+                SessionError::Behind {
+                    version: 7,
+                    held: 10
+                }
+            ),
+            "{:?}",
+            outcome.error
+        );
+        assert_eq!(state.held().unwrap().version(), 10);
     }
 
     #[tokio::test(start_paused = true)]

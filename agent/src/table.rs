@@ -17,6 +17,9 @@ pub type FunctionKey = (String, String);
 pub enum TableError {
     #[error("delta base {base} does not match held version {held}")]
     BaseMismatch { base: i64, held: i64 },
+    /// A table older than the one held: its sender is behind (e.g. a replica whose cache lags).
+    #[error("table version {version} is older than the held version {held}")]
+    Older { version: i64, held: i64 },
     #[error("table is for region {got:?}, this agent serves region {want:?}")]
     WrongRegion { got: String, want: String },
     #[error("duplicate function {namespace}/{name}")]
@@ -97,6 +100,15 @@ pub fn apply(
     region: &str,
     update: &RoutingUpdate,
 ) -> Result<Table, TableError> {
+    // Versions never go back: a table older than the one held would route on older state (a
+    // deleted function back, a new one gone).
+    let held_version = held.map_or(0, Table::version);
+    if update.version < held_version {
+        return Err(TableError::Older {
+            version: update.version,
+            held: held_version,
+        });
+    }
     if update.full {
         apply_full(region, update)
     } else {
@@ -275,6 +287,38 @@ mod tests {
             .functions()
             .map(|f| format!("{}/{}@{}", f.namespace, f.name, f.function_version))
             .collect()
+    }
+
+    #[test]
+    fn an_older_table_is_refused() {
+        let held = apply_full(
+            "us-east",
+            &RoutingUpdate {
+                version: 10,
+                full: true,
+                region: "us-east".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let older = RoutingUpdate {
+            version: 9,
+            full: true,
+            region: "us-east".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(Some(&held), "us-east", &older),
+            Err(TableError::Older {
+                version: 9,
+                held: 10
+            })
+        );
+        let same = RoutingUpdate {
+            version: 10,
+            ..older
+        };
+        assert!(apply(Some(&held), "us-east", &same).is_ok());
     }
 
     #[test]

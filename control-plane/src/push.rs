@@ -42,6 +42,9 @@ pub struct PushConfig {
     /// restart thousands of agents want one at the same moment, and this bounds the memory
     /// they take (deltas are small and never wait).
     pub max_full_syncs: usize,
+    /// How long a session waits for this replica's tables to reach the version the agent says
+    /// it holds before it tells the agent `Behind` (versions never go back).
+    pub behind_wait: Duration,
 }
 
 impl Default for PushConfig {
@@ -53,6 +56,7 @@ impl Default for PushConfig {
             silence_timeout: Duration::from_secs(15),
             ack_timeout: Duration::from_secs(30),
             max_full_syncs: 64,
+            behind_wait: Duration::from_secs(5),
         }
     }
 }
@@ -542,6 +546,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             status: record,
             acked: None,
             held_version: hello.last_version,
+            behind_since: None,
             in_flight: None,
             nacked_version: 0,
             endpoints_desired: BTreeMap::new(),
@@ -595,6 +600,8 @@ struct Session {
     acked: Option<Arc<RegionTable>>,
     /// The version the agent said it holds in its hello, until something is acked.
     held_version: i64,
+    /// Since when this replica's newest table has been older than `held_version`.
+    behind_since: Option<Instant>,
     in_flight: Option<InFlight>,
     /// A full table of this version was refused; wait for a newer one.
     nacked_version: i64,
@@ -613,6 +620,14 @@ struct Session {
 enum Flow {
     Continue,
     End(&'static str),
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Session-end reasons after which the agent's records are left alone: the replica lost its
@@ -671,6 +686,10 @@ impl Session {
                 },
                 _ = shutdown.changed() => Flow::End("control plane stopping"),
                 _ = self.outbound.closed() => Flow::End("agent went away"),
+                // The wait for this replica to catch up with the agent's table ran out.
+                () = until(self.behind_since.map(|since| since + self.config.behind_wait)) => {
+                    Flow::Continue
+                }
             };
             if let Flow::End(reason) = flow {
                 break reason;
@@ -753,6 +772,29 @@ impl Session {
         if current.version <= self.nacked_version {
             return Ok(());
         }
+        if self.acked.is_none() && current.version < self.held_version {
+            // Versions never go back: a full table older than what the agent holds would route
+            // it on older state. Wait (bounded) for the cache to catch up; heartbeats re-check.
+            let since = *self.behind_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.config.behind_wait {
+                return Ok(());
+            }
+            tracing::warn!(
+                agent = %self.identity.agent_id,
+                version = current.version,
+                held = self.held_version,
+                "this replica is behind the agent's table; telling it to try another replica"
+            );
+            let behind = pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Behind(pb::Behind {
+                    version: current.version,
+                    held_version: self.held_version,
+                })),
+            };
+            let _ = self.outbound.send(Ok(behind)).await;
+            return Err("replica behind the agent");
+        }
+        self.behind_since = None;
         let update = match &self.acked {
             Some(acked) if acked.version == current.version => return Ok(()),
             Some(acked) => current.delta_from(acked),

@@ -227,7 +227,54 @@ impl Watcher {
                     return Err(WatchError::Protocol(reason));
                 }
             };
+            let held = self
+                .state
+                .load()
+                .as_ref()
+                .map_or(0, |state| state.version());
+            if table.version < held {
+                // Versions never go back, here as between the control plane and the agent: an
+                // older table (an agent whose state was lost) is refused and the held one kept.
+                // It stays the stream's base: the agent's next delta applies to it.
+                let reason = format!(
+                    "table version {} is older than the held version {held}",
+                    table.version
+                );
+                self.refuse(&mut client, &table, reason).await;
+                received = Some(table);
+                continue;
+            }
             received = Some(self.apply(&mut client, table).await?);
+        }
+    }
+
+    /// Keeps the table in force, records the refusal (`/routes`) and reports it.
+    async fn refuse(
+        &self,
+        client: &mut LocalRoutingServiceClient<Channel>,
+        table: &RoutingTable,
+        reason: String,
+    ) {
+        tracing::warn!(version = table.version, %reason, "routing table refused; keeping the previous one");
+        self.refused.store(Some(Arc::new(Refusal {
+            version: table.version,
+            reason: reason.clone(),
+        })));
+        let report = TableReport {
+            client: self.client_id.clone(),
+            version: table.version,
+            accepted: false,
+            reason,
+            local_generation: table.local_generation,
+        };
+        if tokio::time::timeout(REPORT_TIMEOUT, client.report_table(report))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                version = table.version,
+                "reporting the table verdict to the agent timed out"
+            );
         }
     }
 
@@ -516,6 +563,21 @@ mod tests {
                 .address(),
             "127.0.1.1:9001"
         );
+
+        // Versions never go back: an older full table is refused and the held one kept.
+        let mut older = good.clone();
+        older.version = 6;
+        older.local_generation = 2;
+        table_tx.send(Ok(updates::full(&older))).await.unwrap();
+        let report = report_rx.recv().await.unwrap();
+        assert!(!report.accepted);
+        assert_eq!(report.version, 6);
+        assert!(
+            report.reason.contains("older than the held version 7"),
+            "{}",
+            report.reason
+        );
+        assert_eq!(state.load().as_ref().unwrap().version(), 7);
 
         // The agent ends the stream (and refuses the next watch): no longer connected.
         drop(table_tx);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use meridian_proto::v1::agent_message::Kind as AgentKind;
 use meridian_proto::v1::agent_service_client::AgentServiceClient;
 use meridian_proto::v1::control_message::Kind as ControlKind;
@@ -208,6 +208,9 @@ impl RawAgent {
                 .context("waiting for a routing update")?;
             match message.kind {
                 Some(ControlKind::Update(update)) => return Ok(update),
+                Some(ControlKind::Behind(behind)) => {
+                    bail!("the control plane says it is behind the agent: {behind:?}")
+                }
                 Some(ControlKind::Heartbeat(_)) | None => continue,
             }
         }

@@ -14,8 +14,9 @@
 #                      us-east<->ap-south 120 ms, eu-west<->ap-south 100 ms); each sidecar reads
 #                      its tables through the relay (:7101), control API on 127.0.0.1:7199
 # then applies deploy/local/sample-function.yaml, waits until us-east's sidecar serves `hello`,
-# prints what to try (a call, a crash, a partition, scale up and down) and keeps running until
-# Ctrl-C, which stops everything.
+# prints what to try (a call, a crash, an etcd outage, a partition, scale up and down) and keeps
+# running until Ctrl-C, which stops everything. A component that dies is reported and the rest
+# keep running, so that routing without etcd or a control plane can be tried.
 # Traces: with OTEL_EXPORTER_OTLP_ENDPOINT set (e.g. http://127.0.0.1:4317, a Jaeger), every
 # component exports its spans there as meridian-<component>[-<region>].
 #
@@ -197,7 +198,7 @@ ln "$BIN_DIR/examples/sample_function" "$FUNCTIONS_DIR/" 2>/dev/null ||
     install -m 0755 "$BIN_DIR/examples/sample_function" "$FUNCTIONS_DIR/"
 
 # Started processes, in start order; stopped in reverse order (the agents stop their function
-# instances). The script ends when one of the WATCHED ones dies.
+# instances). One of the WATCHED ones that dies is reported; the rest keep running.
 NAMES=()
 PIDS=()
 WATCHED=()
@@ -382,6 +383,11 @@ calls keep working meanwhile (the sidecar retries elsewhere):
   $CALL
   meridianctl describe function hello
 
+Outage: kill etcd (and the control planes, if you like); the agents and sidecars keep routing
+on the tables they hold, and the script keeps the rest running:
+  kill -9 ${PIDS[0]}   # etcd
+  $CALL
+
 Partition: cut us-east off from eu-west; within a second ap-south answers. Then heal it:
   curl -X POST http://$RELAY_CONTROL/links/us-east/eu-west/blackhole
   $CALL
@@ -419,14 +425,25 @@ The control plane:
 
 EOF
 
-# Until Ctrl-C, or until one of the watched processes dies (then say which, and stop the rest).
+# Until Ctrl-C. A component that dies is reported and the rest keep running: the mesh is built
+# to keep routing when etcd or a control plane is gone, and this is where to try it.
 set +e
-wait -n "${WATCHED[@]}"
-status=$?
-set -e
-for i in "${!PIDS[@]}"; do
-    if [[ " ${WATCHED[*]} " == *" ${PIDS[i]} "* ]] && ! kill -0 "${PIDS[i]}" 2>/dev/null; then
-        log "${NAMES[i]} exited (status $status); see $LOGS/${NAMES[i]}.log"
-    fi
+while [ "${#WATCHED[@]}" -gt 0 ]; do
+    wait -n "${WATCHED[@]}"
+    status=$?
+    alive=()
+    for pid in "${WATCHED[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            alive+=("$pid")
+            continue
+        fi
+        for i in "${!PIDS[@]}"; do
+            if [ "${PIDS[i]}" = "$pid" ]; then
+                log "${NAMES[i]} exited (status $status); the rest keep running (Ctrl-C stops them). Its log: $LOGS/${NAMES[i]}.log"
+            fi
+        done
+    done
+    WATCHED=("${alive[@]}")
 done
+log "every component has exited"
 exit 1

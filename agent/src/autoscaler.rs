@@ -2,8 +2,14 @@
 //! window over per-second concurrency, scale to zero after idle, activation from held requests),
 //! and the [`Scaler`] loop that feeds it the sidecars' load and sets the runtime's instance
 //! counts from the routing table's bounds.
+//!
+//! A function that stays in the table but is no longer placed in this region is kept running
+//! for the region grace after a (re)connection to the control plane: a control plane that has
+//! just recovered may not have seen this agent yet, and its first tables are not evidence that
+//! the region should stop serving (Kuma's zones deleting resources after a disconnect). A
+//! function deleted from the table is removed at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -446,7 +452,13 @@ pub struct ScalerConfig {
     pub region: String,
     pub agent_id: String,
     pub windows: Windows,
+    /// How long after a stream to the control plane opens an unplacement of a function with
+    /// ready instances is put off (`--region-grace`).
+    pub region_grace: Duration,
 }
+
+/// `--region-grace`'s default, the control plane's own.
+pub const DEFAULT_REGION_GRACE: Duration = Duration::from_secs(60);
 
 /// One process function with scale bounds in the table.
 #[derive(Debug)]
@@ -455,6 +467,9 @@ struct Scaled {
     process: ProcessRuntime,
     /// What the workloads were last told, so that an unchanged decision is not sent again.
     applied: Option<(ProcessRuntime, u32)>,
+    /// Unplaced by a table that arrived within the region grace of a reconnection: removed at
+    /// this instant unless placed again before.
+    unplace_at: Option<Instant>,
 }
 
 /// The process functions of the table and what the autoscaler wants for them.
@@ -492,6 +507,8 @@ pub struct Scaler<W> {
     epoch: Instant,
     functions: BTreeMap<FunctionKey, Scaled>,
     status: watch::Sender<ScaleStatus>,
+    /// When the current (or last) stream to the control plane opened; `None`: never.
+    session_opened: Option<watch::Receiver<Option<Instant>>>,
 }
 
 impl<W: Workloads> Scaler<W> {
@@ -509,8 +526,15 @@ impl<W: Workloads> Scaler<W> {
             epoch: Instant::now(),
             functions: BTreeMap::new(),
             status,
+            session_opened: None,
         };
         (scaler, status_rx)
+    }
+
+    /// Unplacements within the region grace after a stream opens are put off (see the module).
+    pub fn with_sessions(mut self, opened: watch::Receiver<Option<Instant>>) -> Self {
+        self.session_opened = Some(opened);
+        self
     }
 
     /// Runs until the table channel closes (agent shutdown). Functions still running then are
@@ -556,8 +580,20 @@ impl<W: Workloads> Scaler<W> {
 
     /// Brings the set of functions in line with the table: new ones get an autoscaler, gone
     /// ones (or ones without bounds any more) are removed from the runtime.
-    fn sync(&mut self, table: Option<&RoutingTable>) {
+    fn sync(&mut self, table: Option<&RoutingTable>, snapshot: &Snapshot, now: Instant) {
         let routes = scaled_routes(table);
+        let in_table: BTreeSet<FunctionKey> = table
+            .map(|t| t.functions.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| FunctionKey::new(r.namespace.clone(), r.name.clone()))
+            .collect();
+        // Until this instant an unplacement is put off.
+        let grace_ends = self
+            .session_opened
+            .as_ref()
+            .and_then(|opened| *opened.borrow())
+            .map(|opened| opened + self.config.region_grace);
         let gone: Vec<FunctionKey> = self
             .functions
             .keys()
@@ -565,6 +601,21 @@ impl<W: Workloads> Scaler<W> {
             .cloned()
             .collect();
         for key in gone {
+            let ready = snapshot
+                .functions
+                .get(&key)
+                .map_or(0, FunctionRuntime::ready);
+            let scaled = self.functions.get_mut(&key);
+            if let (Some(scaled), Some(grace_ends)) = (scaled, grace_ends) {
+                let first = scaled.unplace_at.is_none();
+                let unplace_at = *scaled.unplace_at.get_or_insert(grace_ends);
+                if in_table.contains(&key) && ready > 0 && now < unplace_at {
+                    if first {
+                        tracing::info!(function = %key, ready, keep_for = ?unplace_at.duration_since(now), "unplaced here within the region grace of a reconnection; keeping its instances until the grace ends");
+                    }
+                    continue;
+                }
+            }
             tracing::info!(function = %key, "function no longer runs here; removing its instances");
             self.functions.remove(&key);
             self.workloads.remove(&key);
@@ -576,12 +627,14 @@ impl<W: Workloads> Scaler<W> {
                 Some(scaled) => {
                     scaled.autoscaler.set_bounds(bounds);
                     scaled.process = process;
+                    scaled.unplace_at = None;
                 }
                 None => {
                     let scaled = Scaled {
                         autoscaler: Autoscaler::new(bounds, windows, epoch),
                         process,
                         applied: None,
+                        unplace_at: None,
                     };
                     self.functions.insert(key, scaled);
                 }
@@ -600,7 +653,7 @@ impl<W: Workloads> Scaler<W> {
     ) {
         let table = tables.borrow().clone();
         let snapshot = Arc::clone(&snapshots.borrow());
-        self.sync(table.as_deref());
+        self.sync(table.as_deref(), &snapshot, now.instant);
         for (key, scaled) in &mut self.functions {
             if let Some(load) = load {
                 let seen = load.get(key).copied().unwrap_or_default();
@@ -630,7 +683,7 @@ impl<W: Workloads> Scaler<W> {
     ) {
         let table = tables.borrow().clone();
         let snapshot = Arc::clone(&snapshots.borrow());
-        self.sync(table.as_deref());
+        self.sync(table.as_deref(), &snapshot, now.instant);
         let Activation { key, reply } = activation;
         let instances = match self.functions.get_mut(&key) {
             Some(scaled) => {
@@ -1140,6 +1193,7 @@ mod tests {
             snapshots: watch::Sender<Arc<Snapshot>>,
             activations: mpsc::Sender<Activation>,
             status: watch::Receiver<ScaleStatus>,
+            sessions: watch::Sender<Option<Instant>>,
             task: tokio::task::JoinHandle<()>,
         }
 
@@ -1150,8 +1204,11 @@ mod tests {
                 region: "us-east".into(),
                 agent_id: "us-east-1".into(),
                 windows: Windows::default(),
+                region_grace: DEFAULT_REGION_GRACE,
             };
             let (scaler, status) = Scaler::new(config, calls.clone(), Arc::clone(&book));
+            let (sessions, sessions_rx) = watch::channel(None);
+            let scaler = scaler.with_sessions(sessions_rx);
             let (tables, tables_rx) = watch::channel(initial);
             let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
             let (activations, activations_rx) = mpsc::channel(8);
@@ -1163,8 +1220,91 @@ mod tests {
                 snapshots,
                 activations,
                 status,
+                sessions,
                 task,
             }
+        }
+
+        fn ready_snapshot(name: &str) -> Arc<Snapshot> {
+            let mut snapshot = Snapshot::default();
+            snapshot.functions.insert(
+                FunctionKey::new("default", name),
+                FunctionRuntime {
+                    instances: vec![InstanceInfo {
+                        id: format!("{name}-abcdef"),
+                        address: "127.0.1.1:4000".parse().unwrap(),
+                        state: InstanceState::Ready,
+                        pid: 42,
+                        started: UNIX_EPOCH,
+                        ready: Some(UNIX_EPOCH),
+                        restarts: 0,
+                    }],
+                    ..Default::default()
+                },
+            );
+            Arc::new(snapshot)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unplacement_soon_after_reconnecting_waits_for_the_region_grace() {
+            let l = start(table(vec![
+                route("f", scale(1, 5)),
+                route("g", scale(1, 5)),
+            ]));
+            let calls = next_calls(&l.calls, Duration::from_millis(100)).await;
+            assert_eq!(calls, [set("f", 1), set("g", 1)]);
+            let mut snapshot = (*ready_snapshot("f")).clone();
+            snapshot
+                .functions
+                .extend(ready_snapshot("g").functions.clone());
+            l.snapshots.send_replace(Arc::new(snapshot));
+            // The agent reconnects; the first table no longer places f here and deletes g.
+            let opened = Instant::now();
+            l.sessions.send_replace(Some(opened));
+            l.tables.send_replace(table(vec![route("f", None)]));
+            let calls = next_calls(&l.calls, Duration::from_millis(100)).await;
+            assert_eq!(calls, [Call::Remove("g".into())], "a deletion is at once");
+            let kept = next_calls(&l.calls, Duration::from_secs(58)).await;
+            assert!(kept.is_empty(), "f stopped within the grace: {kept:?}");
+            let calls = next_calls(&l.calls, Duration::from_secs(3)).await;
+            assert_eq!(calls, [Call::Remove("f".into())]);
+            assert!(opened.elapsed() >= DEFAULT_REGION_GRACE);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn placed_again_within_the_grace_keeps_running_untouched() {
+            let l = start(table(vec![route("f", scale(1, 5))]));
+            next_calls(&l.calls, Duration::from_millis(100)).await;
+            l.snapshots.send_replace(ready_snapshot("f"));
+            l.sessions.send_replace(Some(Instant::now()));
+            l.tables.send_replace(table(vec![route("f", None)]));
+            assert!(next_calls(&l.calls, Duration::from_secs(5))
+                .await
+                .is_empty());
+            l.tables.send_replace(table(vec![route("f", scale(1, 5))]));
+            // Placed again with the same bounds: nothing to tell the runtime, then or later.
+            assert!(next_calls(&l.calls, Duration::from_secs(120))
+                .await
+                .is_empty());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unplacement_long_after_connecting_or_without_ready_instances_is_at_once() {
+            let l = start(table(vec![route("f", scale(1, 5))]));
+            next_calls(&l.calls, Duration::from_millis(100)).await;
+            l.sessions.send_replace(Some(Instant::now()));
+            // Nothing ready: nothing to protect.
+            l.tables.send_replace(table(vec![route("f", None)]));
+            let calls = next_calls(&l.calls, Duration::from_millis(100)).await;
+            assert_eq!(calls, [Call::Remove("f".into())]);
+
+            l.tables.send_replace(table(vec![route("f", scale(1, 5))]));
+            next_calls(&l.calls, Duration::from_millis(100)).await;
+            l.snapshots.send_replace(ready_snapshot("f"));
+            tokio::time::sleep(DEFAULT_REGION_GRACE).await;
+            l.tables.send_replace(table(vec![route("f", None)]));
+            let calls = next_calls(&l.calls, Duration::from_millis(100)).await;
+            assert_eq!(calls, [Call::Remove("f".into())]);
         }
 
         /// Polls `calls` until it is not empty, for at most `within` of paused time.

@@ -88,6 +88,13 @@ struct Args {
     /// Autoscaler: seconds of concurrency averaged to detect a burst (panic mode).
     #[arg(long, env = "MERIDIAN_PANIC_WINDOW_SECS", default_value_t = 6)]
     panic_window_secs: u64,
+    /// Seconds after a stream to the control plane opens during which a table that no longer
+    /// places a function here does not stop its ready instances (they stop when the grace
+    /// ends, unless placed again): a recovering control plane may not have seen this agent
+    /// yet. A function deleted from the table stops at once. Keep it equal to the control
+    /// plane's --region-grace.
+    #[arg(long, env = "MERIDIAN_REGION_GRACE", default_value_t = 60)]
+    region_grace: u64,
     /// Longest wait, in seconds, for sidecars to stop using a draining instance before it is
     /// stopped.
     #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
@@ -136,6 +143,7 @@ struct Config {
     api_address: Option<String>,
     instance_host: IpAddr,
     windows: Windows,
+    region_grace: Duration,
     drain_timeout: Duration,
     stop_grace: Duration,
     backoff: Backoff,
@@ -164,6 +172,7 @@ impl Config {
             instance_host,
             stable_window_secs,
             panic_window_secs,
+            region_grace,
             drain_timeout_secs,
             stop_grace_secs,
             reconnect_base_ms,
@@ -240,6 +249,7 @@ impl Config {
                 stable: Duration::from_secs(stable_window_secs),
                 panic: Duration::from_secs(panic_window_secs),
             },
+            region_grace: Duration::from_secs(region_grace),
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             stop_grace: Duration::from_secs(stop_grace_secs),
             backoff: Backoff::new(
@@ -339,6 +349,7 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
         api_address,
         instance_host,
         windows,
+        region_grace,
         drain_timeout,
         stop_grace,
         backoff,
@@ -374,6 +385,8 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
     let (publisher, accepted) = watch::channel(None);
     let state = AgentState::new(identity.clone(), store, publisher, held)
         .with_connected(metrics.connected_flag());
+    let (session_clock, session_opened) = watch::channel(None);
+    let state = state.with_session_clock(session_clock);
 
     // 2. The runtime: first it kills what a previous agent left running.
     let book = Arc::new(LoadBook::new());
@@ -402,6 +415,8 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
             listen,
             api_address,
             windows,
+            region_grace,
+            session_opened,
             backoff,
             stop_signal,
             admin,
@@ -478,6 +493,9 @@ struct Serving {
     listen: SocketAddr,
     api_address: Option<String>,
     windows: Windows,
+    region_grace: Duration,
+    /// When each stream to a control plane opened (see `AgentState::with_session_clock`).
+    session_opened: watch::Receiver<Option<tokio::time::Instant>>,
     backoff: Backoff,
     /// Resolves on SIGTERM or SIGINT.
     stop_signal: tokio::task::JoinHandle<()>,
@@ -501,6 +519,8 @@ async fn serve(
         listen,
         api_address,
         windows,
+        region_grace,
+        session_opened,
         backoff,
         mut stop_signal,
         admin,
@@ -529,10 +549,12 @@ async fn serve(
             region: identity.region.clone(),
             agent_id: identity.agent_id.clone(),
             windows,
+            region_grace,
         },
         runtime.clone(),
         Arc::clone(&book),
     );
+    let scaler = scaler.with_sessions(session_opened);
     let admin_listener = match admin {
         Some(address) => match TcpListener::bind(address).await {
             Ok(listener) => Some(listener),

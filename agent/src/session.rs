@@ -201,6 +201,8 @@ pub struct AgentState {
     scale: Option<watch::Receiver<ScaleStatus>>,
     /// Set while a stream to a control plane is open (the `meridian_agent_connected` gauge).
     connected: Arc<AtomicBool>,
+    /// When the last stream opened (the autoscaler's region grace counts from it).
+    session_opened: Option<watch::Sender<Option<Instant>>>,
     /// Spans of traced updates; `None` when export is off (decided once, at start).
     spans: Option<spans::UpdateSpans>,
     /// What instances may run, told in the Hello so the API can refuse what never starts.
@@ -230,6 +232,7 @@ impl AgentState {
             instances: None,
             scale: None,
             connected: Arc::new(AtomicBool::new(false)),
+            session_opened: None,
             spans: spans::UpdateSpans::when_enabled(),
             command_policy: None,
             sidecars: None,
@@ -254,6 +257,12 @@ impl AgentState {
     /// Kept true while a stream to a control plane is open.
     pub fn with_connected(mut self, connected: Arc<AtomicBool>) -> Self {
         self.connected = connected;
+        self
+    }
+
+    /// Told the instant every stream to a control plane opens.
+    pub fn with_session_clock(mut self, opened: watch::Sender<Option<Instant>>) -> Self {
+        self.session_opened = Some(opened);
         self
     }
 
@@ -383,6 +392,9 @@ pub async fn run(state: &mut AgentState, dialer: &dyn Dialer, address: &str) -> 
     tracing::info!(%address, agent_id = %state.identity.agent_id, "connected to control plane");
     // Cleared however the session ends, including its future being dropped at shutdown.
     let _connected = ConnectedFlag::raise(Arc::clone(&state.connected));
+    if let Some(opened) = &state.session_opened {
+        opened.send_replace(Some(Instant::now()));
+    }
     let mut stream = OpenStream {
         state,
         tx,

@@ -51,6 +51,13 @@ struct Args {
     #[arg(long, env = "MERIDIAN_AGENT_LEASE_TTL", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     agent_lease_ttl: u64,
+    /// Seconds a region that is placed must be without agents, as seen by the scheduler leader
+    /// while it reaches etcd, before its instances are unplaced; at least twice
+    /// --agent-lease-ttl. A leader that comes back after losing etcd, or a new leader, waits
+    /// this long before it concludes that a region is gone.
+    #[arg(long, env = "MERIDIAN_REGION_GRACE", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    region_grace: u64,
     /// Milliseconds to wait for more changes before pushing a burst of them.
     #[arg(long, env = "MERIDIAN_COALESCE_MS", default_value_t = 10)]
     coalesce_ms: u64,
@@ -141,6 +148,14 @@ async fn run() -> anyhow::Result<()> {
     }
     let admin_address = admin::parse_address(args.admin.as_deref().unwrap_or(DEFAULT_ADMIN))
         .context("invalid --admin")?;
+    // Shorter, and an agent whose stream merely moved between replicas could be unplaced.
+    if args.region_grace < args.agent_lease_ttl.saturating_mul(2) {
+        anyhow::bail!(
+            "--region-grace {} s must be at least twice --agent-lease-ttl ({} s)",
+            args.region_grace,
+            args.agent_lease_ttl
+        );
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -228,7 +243,9 @@ async fn run() -> anyhow::Result<()> {
         ElectionConfig {
             replica_id: replica_id.clone(),
             lease_ttl: Duration::from_secs(args.leader_lease_ttl),
-            scheduler: SchedulerConfig::new(replica_id.clone()).with_tracing(tracing.clone()),
+            scheduler: SchedulerConfig::new(replica_id.clone())
+                .with_tracing(tracing.clone())
+                .with_region_grace(Duration::from_secs(args.region_grace)),
         },
         views_rx,
         shutdown_rx.clone(),

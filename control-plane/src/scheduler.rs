@@ -8,6 +8,12 @@
 //! nothing). A fenced write means another replica leads: the loop ends and the caller campaigns
 //! again.
 //!
+//! A region leaves a placement only after its agents have been absent for the region grace
+//! (`--region-grace`, default 60 s), counted from when this leader's term began or when it saw
+//! the region's last agent go, whichever is later. Lease expiry while etcd or the control plane
+//! was down is not evidence that a region is gone: a leader that comes back (or a new one)
+//! first waits for agents to reconnect, so a recovery never removes warm instances.
+//!
 //! When tracing is on and the view comes from a traced change (an Apply), the placements it
 //! causes are written under a `meridian.schedule` span in that change's trace, with the span's
 //! context in the same fenced transaction, so the pushes of the placed tables join the trace too.
@@ -56,7 +62,13 @@ pub struct SchedulerConfig {
     pub conflict_retry: Duration,
     /// Spans of placements caused by traced changes; `None` when export is off.
     pub tracing: Option<Arc<Tracing>>,
+    /// How long a placed region's agents must be absent, while this leader sees etcd, before
+    /// the region is removed from placements.
+    pub region_grace: Duration,
 }
+
+/// `--region-grace`'s default: a region must be gone a minute before its instances are.
+pub const DEFAULT_REGION_GRACE: Duration = Duration::from_secs(60);
 
 impl SchedulerConfig {
     pub fn new(replica_id: impl Into<String>) -> Self {
@@ -65,7 +77,14 @@ impl SchedulerConfig {
             resync: Duration::from_secs(10),
             conflict_retry: Duration::from_millis(200),
             tracing: None,
+            region_grace: DEFAULT_REGION_GRACE,
         }
+    }
+
+    /// See [`SchedulerConfig::region_grace`].
+    pub fn with_region_grace(mut self, grace: Duration) -> Self {
+        self.region_grace = grace;
+        self
     }
 
     /// Traces the placements caused by traced changes (see [`crate::trace`]).
@@ -156,11 +175,13 @@ pub struct OwnWrite {
     pub placement: Option<pb::FunctionPlacement>,
 }
 
-/// The writes that bring the stored placements to what the view asks for. `own` holds this
+/// The writes that bring the stored placements to what the view asks for, placing functions in
+/// `regions` (the regions with agents, plus those still within their grace). `own` holds this
 /// term's writes, which win over the view until the view has caught up with them (otherwise
 /// every write would be followed by a conflicting rewrite while the watch lags).
 pub fn plan(
     view: &SchedulerView,
+    regions: &BTreeSet<String>,
     own: &BTreeMap<FunctionKey, OwnWrite>,
     leader: &str,
 ) -> Vec<PlacementWrite> {
@@ -179,7 +200,7 @@ pub fn plan(
     };
     let mut writes = Vec::new();
     for (key, function) in &view.functions {
-        let desired = compute_placement(function, &view.agent_regions, leader);
+        let desired = compute_placement(function, regions, leader);
         let (version, current) = known(key);
         let unchanged = match (&desired, current) {
             (Some(desired), Some(current)) => same_placement(desired, current),
@@ -211,6 +232,63 @@ pub fn plan(
         }
     }
     writes
+}
+
+/// Which placed regions are kept although no agent of theirs is registered, for one term.
+///
+/// A region counts as absent from the first pass of the term that finds it placed without
+/// agents (the term's start, for regions already placed then), and is kept until it has been
+/// absent for the grace. An agent that registers again ends the absence.
+#[derive(Debug)]
+pub struct RegionGrace {
+    grace: Duration,
+    absent_since: BTreeMap<String, Instant>,
+}
+
+impl RegionGrace {
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            absent_since: BTreeMap::new(),
+        }
+    }
+
+    /// The regions to place in at `now`, and when the next kept region's grace runs out.
+    pub fn regions(
+        &mut self,
+        view: &SchedulerView,
+        own: &BTreeMap<FunctionKey, OwnWrite>,
+        now: Instant,
+    ) -> (BTreeSet<String>, Option<Instant>) {
+        let placed: BTreeSet<&str> = view
+            .placements
+            .values()
+            .map(|p| &p.placement)
+            .chain(own.values().filter_map(|w| w.placement.as_ref()))
+            .flat_map(|p| p.regions.iter().map(|r| r.region.as_str()))
+            .collect();
+        self.absent_since
+            .retain(|region, _| !view.agent_regions.contains(region));
+        for region in placed {
+            if !view.agent_regions.contains(region) {
+                self.absent_since.entry(region.to_owned()).or_insert(now);
+            }
+        }
+        let mut regions = view.agent_regions.clone();
+        let mut next_expiry: Option<Instant> = None;
+        let grace = self.grace;
+        self.absent_since.retain(|region, since| {
+            let until = *since + grace;
+            if now >= until {
+                tracing::info!(%region, absent_for = ?now.duration_since(*since), "no agent for the region grace: removing the region from placements");
+                return false;
+            }
+            regions.insert(region.clone());
+            next_expiry = Some(next_expiry.map_or(until, |at| at.min(until)));
+            true
+        });
+        (regions, next_expiry)
+    }
 }
 
 /// The election key is no longer ours: a write was refused, the term is over.
@@ -249,6 +327,10 @@ pub async fn run(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut retry_at: Option<Instant> = None;
+    // The grace is counted within this term only: a new leader knows nothing of how long a
+    // region was gone before it led, so it waits the whole grace.
+    let mut grace = RegionGrace::new(config.region_grace);
+    let mut grace_ends_at: Option<Instant> = None;
     // The newest view revision whose trace was used: a resync or a retry of the same view must
     // not put later writes into an old change's trace.
     let mut traced_revision = 0;
@@ -264,6 +346,7 @@ pub async fn run(
             }
             _ = resync.tick() => {}
             _ = sleep_until_some(retry_at) => {}
+            _ = sleep_until_some(grace_ends_at) => {}
         }
         let view = views.borrow_and_update().clone();
         if !view.loaded {
@@ -277,13 +360,15 @@ pub async fn run(
             .as_deref()
             .filter(|_| view.revision > traced_revision);
         traced_revision = traced_revision.max(view.revision);
+        let (regions, next_expiry) = grace.regions(&view, &own, Instant::now());
+        grace_ends_at = next_expiry;
         let pass = Reconcile {
             store,
             config,
             elected_version,
             counters,
         };
-        match pass.run(&view, trace, &mut own).await {
+        match pass.run(&view, &regions, trace, &mut own).await {
             Ok(Ok(Pass::Done)) => backoff.reset(),
             Ok(Ok(Pass::Conflict)) => retry_at = Some(Instant::now() + config.conflict_retry),
             Ok(Err(Fenced)) => {
@@ -327,11 +412,12 @@ impl Reconcile<'_> {
     async fn run(
         &self,
         view: &SchedulerView,
+        regions: &BTreeSet<String>,
         trace: Option<&pb::ChangeTrace>,
         own: &mut BTreeMap<FunctionKey, OwnWrite>,
     ) -> Result<Result<Pass, Fenced>, StoreError> {
         own.retain(|_, write| write.revision > view.revision);
-        let writes = plan(view, own, &self.config.replica_id);
+        let writes = plan(view, regions, own, &self.config.replica_id);
         let span = match (&self.config.tracing, trace) {
             (Some(tracing), Some(trace)) if !writes.is_empty() => {
                 Some(tracing.schedule(trace, writes.len()))
@@ -619,7 +705,7 @@ mod tests {
         let mut view = view(vec![hello.clone(), external("ext")], &["us-east"], 100);
 
         // Nothing stored: one put, none for the external function.
-        let writes = plan(&view, &BTreeMap::new(), "cp-1");
+        let writes = plan(&view, &view.agent_regions, &BTreeMap::new(), "cp-1");
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].function, key("hello"));
         assert_eq!(writes[0].expected_version, 0);
@@ -628,12 +714,12 @@ mod tests {
         let mut by_other = compute_placement(&hello, &view.agent_regions, "cp-0").expect("process");
         view.placements
             .insert(key("hello"), stored(by_other.clone(), 90));
-        assert!(plan(&view, &BTreeMap::new(), "cp-1").is_empty());
+        assert!(plan(&view, &view.agent_regions, &BTreeMap::new(), "cp-1").is_empty());
 
         // Content differs: rewritten, guarded by the stored mod revision.
         by_other.regions.clear();
         view.placements.insert(key("hello"), stored(by_other, 90));
-        let writes = plan(&view, &BTreeMap::new(), "cp-1");
+        let writes = plan(&view, &view.agent_regions, &BTreeMap::new(), "cp-1");
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].expected_version, 90);
         assert_eq!(
@@ -646,7 +732,7 @@ mod tests {
             .insert(key("gone"), stored(pb::FunctionPlacement::default(), 80));
         view.placements
             .insert(key("ext"), stored(pb::FunctionPlacement::default(), 81));
-        let writes = plan(&view, &BTreeMap::new(), "cp-1");
+        let writes = plan(&view, &view.agent_regions, &BTreeMap::new(), "cp-1");
         let deletes: Vec<(&str, i64)> = writes
             .iter()
             .filter(|w| w.placement.is_none())
@@ -668,7 +754,7 @@ mod tests {
             },
         )]);
         // The view (revision 100) does not show our write at 101 yet: nothing to do.
-        assert!(plan(&view, &own, "cp-1").is_empty());
+        assert!(plan(&view, &view.agent_regions, &own, "cp-1").is_empty());
 
         // Our delete of a function's placement that the view still shows.
         own.insert(
@@ -678,12 +764,12 @@ mod tests {
                 placement: None,
             },
         );
-        assert!(plan(&view, &own, "cp-1").is_empty());
+        assert!(plan(&view, &view.agent_regions, &own, "cp-1").is_empty());
 
         // A put of ours for a function deleted since: deleted, guarded by our revision.
         let mut later = view.clone();
         later.functions.clear();
-        let writes = plan(&later, &own, "cp-1");
+        let writes = plan(&later, &later.agent_regions, &own, "cp-1");
         assert_eq!(writes.len(), 1);
         assert_eq!(
             (writes[0].function.name.as_str(), writes[0].expected_version),
@@ -702,5 +788,80 @@ mod tests {
         let mut relabeled = one.clone();
         relabeled.leader = "other".into();
         assert!(same_placement(&one, &relabeled));
+    }
+
+    #[test]
+    fn a_placed_region_without_agents_is_kept_for_the_grace_only() {
+        let hello = process("hello", None, pb::Scaling::default());
+        let grace = Duration::from_secs(60);
+        let start = Instant::now();
+        // A recovered control plane: the placement names both regions, no agent registered.
+        let mut view = view(vec![hello.clone()], &[], 100);
+        let both =
+            compute_placement(&hello, &regions(&["eu-west", "us-east"]), "cp-0").expect("process");
+        view.placements.insert(key("hello"), stored(both, 90));
+        let own = BTreeMap::new();
+        let mut kept = RegionGrace::new(grace);
+
+        let (placed, next) = kept.regions(&view, &own, start);
+        assert_eq!(placed, regions(&["eu-west", "us-east"]));
+        assert_eq!(next, Some(start + grace));
+        assert!(
+            plan(&view, &placed, &own, "cp-1").is_empty(),
+            "nothing is removed within the grace"
+        );
+
+        // us-east's agent is back; eu-west is still gone after 59 s, then past the grace.
+        view.agent_regions = regions(&["us-east"]);
+        let (placed, _) = kept.regions(&view, &own, start + Duration::from_secs(59));
+        assert_eq!(placed, regions(&["eu-west", "us-east"]));
+        let (placed, next) = kept.regions(&view, &own, start + grace);
+        assert_eq!(placed, regions(&["us-east"]));
+        assert_eq!(next, None);
+        let writes = plan(&view, &placed, &own, "cp-1");
+        let regions_written: Vec<&str> = writes[0]
+            .placement
+            .as_ref()
+            .map(|p| p.regions.iter().map(|r| r.region.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(regions_written, vec!["us-east"]);
+    }
+
+    #[test]
+    fn an_agent_that_returns_ends_the_absence_and_a_new_one_counts_afresh() {
+        let hello = process("hello", None, pb::Scaling::default());
+        let grace = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut view = view(vec![hello.clone()], &["us-east"], 100);
+        let placed_once =
+            compute_placement(&hello, &regions(&["us-east"]), "cp-0").expect("process");
+        view.placements
+            .insert(key("hello"), stored(placed_once, 90));
+        let own = BTreeMap::new();
+        let mut kept = RegionGrace::new(grace);
+        assert_eq!(kept.regions(&view, &own, start).1, None);
+
+        // Gone at 10 s, back at 50 s, gone again at 100 s: kept until 160 s, not 70 s.
+        view.agent_regions.clear();
+        kept.regions(&view, &own, start + Duration::from_secs(10));
+        view.agent_regions = regions(&["us-east"]);
+        kept.regions(&view, &own, start + Duration::from_secs(50));
+        view.agent_regions.clear();
+        let (_, next) = kept.regions(&view, &own, start + Duration::from_secs(100));
+        assert_eq!(next, Some(start + Duration::from_secs(160)));
+        let (placed, _) = kept.regions(&view, &own, start + Duration::from_secs(159));
+        assert!(placed.contains("us-east"));
+
+        // A region never placed (no agent ever) gets no grace: its problem is reported at once.
+        let view = view_with_problem(&hello);
+        let (placed, next) = RegionGrace::new(grace).regions(&view, &own, start);
+        assert!(placed.is_empty() && next.is_none(), "{placed:?}");
+    }
+
+    fn view_with_problem(hello: &CachedFunction) -> SchedulerView {
+        let mut view = view(vec![hello.clone()], &[], 100);
+        let unplaced = compute_placement(hello, &BTreeSet::new(), "cp-0").expect("process");
+        view.placements.insert(key("hello"), stored(unplaced, 90));
+        view
     }
 }

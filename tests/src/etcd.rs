@@ -96,6 +96,34 @@ impl Etcd {
         self.wait_ready().await
     }
 
+    /// The keys under `prefix`, read with the real `etcdctl` (Debian package etcd-client).
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let output = tokio::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.url(),
+                "get",
+                prefix,
+                "--prefix",
+                "--keys-only",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running etcdctl (Debian package etcd-client)")?;
+        ensure!(
+            output.status.success(),
+            "etcdctl failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Whether the etcd process is alive.
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()

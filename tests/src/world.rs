@@ -52,13 +52,24 @@ impl World {
         relay: Relay,
         template: SidecarOpts,
     ) -> Result<World> {
+        World::start_with_replicas(1, regions, relay, template).await
+    }
+
+    /// Like [`World::start_with`], with `replicas` control-plane replicas (`cp-0`, ...), every
+    /// agent pointed at all of them.
+    pub async fn start_with_replicas(
+        replicas: usize,
+        regions: &[&str],
+        relay: Relay,
+        template: SidecarOpts,
+    ) -> Result<World> {
         let mut gateways: Vec<(String, SocketAddr)> = Vec::new();
         for region in regions {
             let index = region_index(region).ok_or_else(|| anyhow!("unknown region {region}"))?;
             let ip = region_ip(index);
             gateways.push((region.to_string(), SocketAddr::from((ip, free_port(ip)?))));
         }
-        let mesh = Mesh::start_with(1, regions, |_, region| AgentOpts {
+        let mesh = Mesh::start_with(replicas, regions, |_, region| AgentOpts {
             gateway: gateways
                 .iter()
                 .find(|(r, _)| r == region)

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Result};
 use futures::future::try_join_all;
 use meridian_proto::v1::control_plane_service_client::ControlPlaneServiceClient;
 use meridian_proto::v1::{
@@ -58,34 +58,6 @@ async fn start_cp(etcd: &Etcd, id: &str, receiver: Option<&OtlpReceiver>) -> Res
         },
     )
     .await
-}
-
-/// The keys under `prefix` in etcd, read with the real `etcdctl`.
-async fn etcd_keys(etcd: &Etcd, prefix: &str) -> Result<Vec<String>> {
-    let output = tokio::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.url(),
-            "get",
-            prefix,
-            "--prefix",
-            "--keys-only",
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("running etcdctl (Debian package etcd-client)")?;
-    ensure!(
-        output.status.success(),
-        "etcdctl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(str::to_owned)
-        .collect())
 }
 
 /// Starts one agent per (region, replica) in `plan`, each knowing only that replica and
@@ -541,7 +513,7 @@ async fn an_apply_is_one_trace_with_a_push_and_an_ack_span_from_every_agent() ->
 
     // The context crossed etcd in the changes' own transactions, as one key.
     ensure!(
-        etcd_keys(&etcd, &format!("{KEY_PREFIX}propagation/")).await? == vec![TRACE_KEY.to_owned()],
+        etcd.keys(&format!("{KEY_PREFIX}propagation/")).await? == vec![TRACE_KEY.to_owned()],
         "trace keys in etcd"
     );
     drop(agents);
@@ -563,7 +535,7 @@ async fn with_otel_unset_no_trace_key_is_written_and_updates_carry_no_context() 
         "trace context without tracing: {update:?}"
     );
     probe.ack(update.version).await?;
-    let keys = etcd_keys(&etcd, KEY_PREFIX).await?;
+    let keys = etcd.keys(KEY_PREFIX).await?;
     ensure!(
         keys.iter().any(|k| k.ends_with("/functions/default/hello")),
         "the function is not in etcd: {keys:?}"

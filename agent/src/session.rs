@@ -428,6 +428,33 @@ impl Drop for ConnectedFlag {
     }
 }
 
+/// The request stream closed under a send: the control plane ended the call, and what it sent
+/// last may still be in the response stream (a `Behind`, or the status it ended with). Read it,
+/// for at most `within`, so that the session ends for the reason the control plane gave.
+async fn why_closed(inbound: &mut ControlStream, within: Duration) -> SessionError {
+    let drain = async {
+        while let Some(next) = inbound.next().await {
+            match next {
+                Err(status) => return SessionError::from_status(status),
+                Ok(ControlMessage {
+                    kind: Some(control_message::Kind::Behind(behind)),
+                }) => {
+                    return SessionError::Behind {
+                        version: behind.version,
+                        held: behind.held_version,
+                    }
+                }
+                // An update or heartbeat sent before the end is moot now.
+                Ok(_) => {}
+            }
+        }
+        SessionError::Closed
+    };
+    time::timeout(within, drain)
+        .await
+        .unwrap_or(SessionError::Closed)
+}
+
 fn outcome(received_update: bool, error: SessionError) -> SessionOutcome {
     SessionOutcome {
         received_update,
@@ -485,6 +512,13 @@ struct OpenStream<'a> {
 
 impl OpenStream<'_> {
     async fn run(&mut self, mut inbound: ControlStream) -> SessionError {
+        match self.serve(&mut inbound).await {
+            SessionError::Closed => why_closed(&mut inbound, self.state.timing.silence).await,
+            error => error,
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut ControlStream) -> SessionError {
         let timing = self.state.timing;
         let mut heartbeat = time::interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1249,6 +1283,41 @@ mod tests {
             outcome.error
         );
         assert_eq!(state.held().unwrap().version(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_behind_that_races_a_send_still_ends_the_session_as_behind() {
+        // The replica sends Behind and ends the call just as the agent sends a heartbeat: the
+        // send fails first, and the reason must still be read from what the replica sent.
+        let held = table::apply_full("us-east", &full(10, vec![])).unwrap();
+        let Harness { state, _dir, .. } = harness(Some(held));
+        let (dialer, mut attempts) = dialer();
+        let session = spawn_session(state, dialer);
+        let (cp, mut agent) = attempts.recv().await.unwrap().accept();
+        agent.next().await; // hello
+        drop(agent); // the call is over for the agent's sends
+        tokio::time::sleep(Duration::from_secs(6)).await; // past the 5 s heartbeat
+        cp.send(Ok(ControlMessage {
+            kind: Some(control_message::Kind::Behind(meridian_proto::v1::Behind {
+                version: 7,
+                held_version: 10,
+            })),
+        }))
+        .await
+        .unwrap();
+        drop(cp);
+        let (_, outcome) = session.await.unwrap();
+        assert!(
+            matches!(
+                outcome.error,
+                SessionError::Behind {
+                    version: 7,
+                    held: 10
+                }
+            ),
+            "{:?}",
+            outcome.error
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -322,6 +322,8 @@ pub fn remote(region: &str, gateway: SocketAddr) -> pb::Tier {
 pub fn function(name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
     pb::FunctionRoute {
         cold_start_ms: 0,
+        local_failed_starts: 0,
+        local_restart_backoff: false,
         namespace: "default".into(),
         name: name.into(),
         function_version: 1,

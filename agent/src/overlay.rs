@@ -1,7 +1,8 @@
 //! The table the agent serves its sidecars: the accepted table with the local tier of every
 //! `process` function filled from the runtime's live instances (all states, so sidecars stop
-//! sending to a DRAINING one), its expected cold start, and a `local_generation` that grows with
-//! every change of what is served.
+//! sending to a DRAINING one), its expected cold start, its failed starts in a row and whether
+//! it waits out a restart backoff (so that sidecars do not hold requests for a crash loop), and a
+//! `local_generation` that grows with every change of what is served.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -49,6 +50,9 @@ pub fn overlay(accepted: &RoutingTable, snapshot: &Snapshot, zone: &str) -> Rout
         let endpoints = instance_endpoints(function, zone);
         let ready = function.ready();
         route.cold_start_ms = function.cold_start_ms();
+        let crash = snapshot.crashes.get(&key).copied().unwrap_or_default();
+        route.local_failed_starts = crash.failed_starts;
+        route.local_restart_backoff = crash.restart_backoff;
         let local = match route.tiers.iter().position(|t| t.local) {
             Some(index) => &mut route.tiers[index],
             None => {
@@ -200,7 +204,7 @@ mod tests {
     use meridian_proto::v1::{EndpointState, LocalWorkload, ProcessRuntime, ScaleBounds};
 
     use crate::fixtures::{endpoint_summary, instance};
-    use crate::runtime::InstanceInfo;
+    use crate::runtime::{CrashState, InstanceInfo};
 
     fn process_route(name: &str, tiers: Vec<Tier>) -> FunctionRoute {
         FunctionRoute {
@@ -329,6 +333,30 @@ mod tests {
         assert!(tiers[1].endpoints.is_empty());
         assert_eq!(tiers[1].ready_instances, 0);
         assert_eq!(served.functions[0].cold_start_ms, 0);
+    }
+
+    #[test]
+    fn failed_starts_and_restart_backoff_come_from_the_runtime() {
+        let accepted = table(vec![process_route("f", vec![remote_tier("eu-west")])]);
+        let mut snap = snapshot("f", Vec::new(), Some(12));
+        snap.crashes.insert(
+            FunctionKey::new("default", "f"),
+            CrashState {
+                failed_starts: 3,
+                restart_backoff: true,
+            },
+        );
+        let route = &overlay(&accepted, &snap, "us-east-a").functions[0];
+        assert_eq!(
+            (route.local_failed_starts, route.local_restart_backoff),
+            (3, true)
+        );
+        // A function the runtime does not know (yet): nothing failed, no backoff.
+        let route = &overlay(&accepted, &Snapshot::default(), "us-east-a").functions[0];
+        assert_eq!(
+            (route.local_failed_starts, route.local_restart_backoff),
+            (0, false)
+        );
     }
 
     #[test]

@@ -244,6 +244,8 @@ fn routes() -> wire::RoutingTable {
         functions: vec![
             wire::FunctionRoute {
                 cold_start_ms: 42,
+                local_failed_starts: 0,
+                local_restart_backoff: false,
                 namespace: "batch".into(),
                 name: "worker".into(),
                 function_version: 214,
@@ -276,6 +278,8 @@ fn routes() -> wire::RoutingTable {
             },
             wire::FunctionRoute {
                 cold_start_ms: 0,
+                local_failed_starts: 0,
+                local_restart_backoff: false,
                 namespace: "default".into(),
                 name: "hello".into(),
                 function_version: 231,
@@ -333,6 +337,8 @@ fn routes() -> wire::RoutingTable {
             },
             wire::FunctionRoute {
                 cold_start_ms: 0,
+                local_failed_starts: 0,
+                local_restart_backoff: false,
                 namespace: "default".into(),
                 name: "idle".into(),
                 function_version: 40,
@@ -473,6 +479,8 @@ fn describe_external_function_with_routes() {
         region: "eu-west".into(),
         functions: vec![wire::FunctionRoute {
             cold_start_ms: 0,
+            local_failed_starts: 0,
+            local_restart_backoff: false,
             namespace: "default".into(),
             name: "hello".into(),
             function_version: 231,

@@ -284,7 +284,10 @@ pub fn build_route(
         policy: Some((&spec.routing).into()),
         tiers,
         workload,
+        // The local region's agent fills these in for its sidecars.
         cold_start_ms: 0,
+        local_failed_starts: 0,
+        local_restart_backoff: false,
     }
 }
 

@@ -1,16 +1,24 @@
 //! The activator: what happens to a request for a process function that has no READY local
-//! instance (scaled to zero, or all instances still starting).
+//! instance (scaled to zero, all instances still starting, or crashed).
 //!
-//! - On the outbound listener, when a remote region has ready instances behind an available
-//!   gateway whose measured RTT beats the function's expected cold start (or the cold start is
-//!   unknown), the request is routed there at once by the normal plan, and the agent is asked
-//!   to start an instance here.
-//! - Otherwise (gateway listener, no warm remote region, or the remote is slower than a cold
-//!   start) the request is HELD in a bounded per-function queue until a new routing state has a
-//!   ready local instance, and the agent is asked to start one. Held requests wake on every
-//!   state swap (a `watch` channel the table watcher bumps), then take the normal path; a
-//!   request held too long gets 503 `cold-start-timeout`, one that finds the queue full 503
-//!   `hold-queue-full`.
+//! On the outbound listener ([`HoldRules::plan`], which `explain` calls too):
+//! - When the local instances crash-loop (at least `--crash-loop-failed-starts` failed starts in
+//!   a row, or the agent waits out a restart backoff: `FunctionRoute.local_failed_starts` and
+//!   `local_restart_backoff`, set by the agent) and a healthy remote tier exists (ready
+//!   instances behind a gateway that may take traffic), the request is routed there at once.
+//! - When a remote region has ready instances behind an available gateway whose measured RTT
+//!   beats the function's expected cold start (or the cold start is unknown), likewise.
+//! - Otherwise the request is HELD; while a healthy remote tier exists, at most
+//!   min(per-try timeout, that tier's measured RTT + `--hold-remote-margin-ms`) (the per-try
+//!   timeout alone while the RTT is not measured yet), then it is routed to the remote tier
+//!   instead (a "spill"). A hold timeout that comes first still ends the hold.
+//!
+//! On the gateway listener (a request from another region, which must stay here) and on the
+//! outbound one without a healthy remote tier, the request is held in a bounded per-function
+//! queue until a new routing state has a ready local instance, and the agent is asked to start
+//! one. Held requests wake on every state swap (a `watch` channel the table watcher bumps), then
+//! take the normal path; a request held too long gets 503 `cold-start-timeout`, one that finds
+//! the queue full 503 `hold-queue-full`.
 //!
 //! `LoadService.Activate` is sent at most once per function per [`ACTIVATION_INTERVAL`] while
 //! the condition lasts, from a background task: the request path only flips an atomic stamp.
@@ -30,8 +38,9 @@ use tonic::transport::Channel;
 
 use crate::endpoints::ProbeState;
 use crate::metrics::FunctionStats;
+use crate::priority::{self, MAX_TIERS};
 use crate::proxy::{available, Listener};
-use crate::routes::{FunctionRoute, RoutingState};
+use crate::routes::{FunctionRoute, RoutingState, Tier};
 
 /// Response header on every response to a request that was held: how long, in ms.
 pub const MERIDIAN_HELD_MS: HeaderName = HeaderName::from_static("meridian-held-ms");
@@ -41,6 +50,15 @@ pub const ACTIVATION_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_HOLD_QUEUE: u32 = 1000;
 /// `--hold-timeout-ms` default (the function's policy timeout caps it).
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--crash-loop-failed-starts` default: from this many failed starts in a row, the local
+/// instances crash-loop and requests go to a healthy remote tier at once.
+pub const DEFAULT_CRASH_LOOP_FAILED_STARTS: u32 = 2;
+/// `--hold-remote-margin-ms` default: a hold lasts at most a healthy remote tier's round trip
+/// plus this (and at most the per-try timeout).
+pub const DEFAULT_HOLD_REMOTE_MARGIN: Duration = Duration::from_millis(50);
+/// How often a held outbound request looks again while remote regions have ready instances but
+/// none of their gateways may take traffic: probes bring a gateway back without a new table.
+pub const HOLD_RECHECK_INTERVAL: Duration = Duration::from_millis(250);
 pub const ACTIVATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Activations waiting to be sent; beyond this the newest are dropped (and resent by the next
 /// held request or load report, which also counts as activation at the agent).
@@ -67,6 +85,12 @@ pub struct HoldStats {
     pub queue_full: AtomicU64,
     /// Held requests answered 503 because no instance became ready in time.
     pub cold_start_timeouts: AtomicU64,
+    /// Requests sent to a remote region at once (or released from a hold) because the local
+    /// instances crash-loop.
+    pub crash_loop_remote: AtomicU64,
+    /// Held requests sent to a remote region when their hold reached its bound (RTT + margin,
+    /// or the per-try timeout).
+    pub spills: AtomicU64,
     /// Activate calls sent to the agent, and those that failed.
     pub activations: AtomicU64,
     pub activation_failures: AtomicU64,
@@ -109,14 +133,141 @@ pub fn warm_remote(function: &FunctionRoute, now: u64) -> bool {
         })
 }
 
+/// The first remote tier, in the order the normal plan tries tiers, that may take a request
+/// now (ready instances behind a gateway that is routable, not ejected and not down), with the
+/// best measured round trip of its available gateways (`None`: not measured yet).
+pub fn healthy_remote(function: &FunctionRoute, now: u64) -> Option<(usize, Option<Duration>)> {
+    let mut order = [0; MAX_TIERS];
+    let len = priority::order(&function.tiers, &mut order);
+    order[..len].iter().find_map(|&index| {
+        let tier: &Tier = function.tiers.get(index)?;
+        if tier.local || tier.ready_instances == 0 {
+            return None;
+        }
+        let mut available_gateways = tier
+            .endpoints
+            .iter()
+            .filter(|endpoint| available(tier, endpoint, now))
+            .peekable();
+        available_gateways.peek()?;
+        Some((
+            index,
+            available_gateways.filter_map(|e| e.shared.rtt()).min(),
+        ))
+    })
+}
+
+/// Why a request with no ready local instance goes to a remote region at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoRemote {
+    /// The local instances crash-loop, and a healthy remote tier exists.
+    CrashLoop {
+        failed_starts: u32,
+        restart_backoff: bool,
+    },
+    /// A warm region is nearer than a cold start ([`warm_remote`]).
+    Warm,
+}
+
+/// How long a hold may last before the request goes to a healthy remote tier instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spill {
+    /// From the start of the hold.
+    pub after: Duration,
+    /// The healthy remote tier the bound comes from (index in the function's tiers): the first
+    /// the normal plan tries.
+    pub tier: usize,
+    /// Its measured round trip; `None` (not measured yet): the per-try timeout is the bound.
+    pub rtt: Option<Duration>,
+}
+
+/// What the activator does with a request for a function that needs activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdPlan {
+    /// Route it now by the normal plan (a remote region takes it).
+    Remote(GoRemote),
+    /// Hold it for a local instance; with a spill, at most that long.
+    Hold(Option<Spill>),
+}
+
+/// The activator's settings (the sidecar's flags) and its rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldRules {
+    /// Requests held per function at most (`--hold-queue`).
+    pub queue: u32,
+    /// The longest hold (`--hold-timeout-ms`; the function's timeout caps it).
+    pub timeout: Duration,
+    /// Failed starts in a row from which the local instances crash-loop
+    /// (`--crash-loop-failed-starts`, at least 1).
+    pub crash_loop_failed_starts: u32,
+    /// Added to a healthy remote tier's round trip to bound a hold (`--hold-remote-margin-ms`).
+    pub remote_margin: Duration,
+}
+
+impl Default for HoldRules {
+    fn default() -> Self {
+        Self {
+            queue: DEFAULT_HOLD_QUEUE,
+            timeout: DEFAULT_HOLD_TIMEOUT,
+            crash_loop_failed_starts: DEFAULT_CRASH_LOOP_FAILED_STARTS,
+            remote_margin: DEFAULT_HOLD_REMOTE_MARGIN,
+        }
+    }
+}
+
+impl HoldRules {
+    /// The longest hold of a request for `function`: the hold timeout, capped by the function's
+    /// own timeout.
+    pub fn hold_limit(&self, function: &FunctionRoute) -> Duration {
+        self.timeout.min(function.policy.timeout)
+    }
+
+    /// Whether the agent says the local instances crash-loop: it waits out a restart backoff
+    /// (after any crash, before or after ready), or the last starts failed often enough.
+    pub fn crash_looping(&self, function: &FunctionRoute) -> bool {
+        function.local_restart_backoff
+            || function.local_failed_starts >= self.crash_loop_failed_starts.max(1)
+    }
+
+    /// The activator's decision for a request on `listener` for `function`, which needs
+    /// activation (no ready local instance). The request path and `explain` both call this.
+    pub fn plan(&self, function: &FunctionRoute, now: u64, listener: Listener) -> ColdPlan {
+        if listener != Listener::Outbound {
+            // A gateway request must stay in this region.
+            return ColdPlan::Hold(None);
+        }
+        let healthy = healthy_remote(function, now);
+        if healthy.is_some() && self.crash_looping(function) {
+            return ColdPlan::Remote(GoRemote::CrashLoop {
+                failed_starts: function.local_failed_starts,
+                restart_backoff: function.local_restart_backoff,
+            });
+        }
+        if warm_remote(function, now) {
+            return ColdPlan::Remote(GoRemote::Warm);
+        }
+        let Some((tier, rtt)) = healthy else {
+            return ColdPlan::Hold(None);
+        };
+        let per_try = function.policy.per_try_timeout;
+        let after = rtt.map_or(per_try, |rtt| {
+            per_try.min(rtt.saturating_add(self.remote_margin))
+        });
+        if after >= self.hold_limit(function) {
+            // The hold timeout ends the hold first.
+            return ColdPlan::Hold(None);
+        }
+        ColdPlan::Hold(Some(Spill { after, tier, rtt }))
+    }
+}
+
 /// Shared by every connection: decides, holds, and queues activations.
 #[derive(Debug)]
 pub struct Activator {
     state: Arc<ArcSwapOption<RoutingState>>,
     swaps: Arc<watch::Sender<u64>>,
     activations: mpsc::Sender<Arc<FunctionStats>>,
-    hold_queue: u32,
-    hold_timeout: Duration,
+    rules: HoldRules,
 }
 
 impl Activator {
@@ -124,28 +275,30 @@ impl Activator {
     pub fn new(
         state: Arc<ArcSwapOption<RoutingState>>,
         swaps: Arc<watch::Sender<u64>>,
-        hold_queue: u32,
-        hold_timeout: Duration,
+        rules: HoldRules,
     ) -> (Self, mpsc::Receiver<Arc<FunctionStats>>) {
         let (activations, receiver) = mpsc::channel(ACTIVATION_QUEUE);
         let activator = Self {
             state,
             swaps,
             activations,
-            hold_queue,
-            hold_timeout,
+            rules,
         };
         (activator, receiver)
     }
 
+    pub fn rules(&self) -> &HoldRules {
+        &self.rules
+    }
+
     pub fn hold_queue(&self) -> u32 {
-        self.hold_queue
+        self.rules.queue
     }
 
     /// How long a request for `function` that arrived at `start` may be held: the hold timeout,
     /// capped by the function's own timeout.
     pub fn hold_deadline(&self, function: &FunctionRoute, start: Instant) -> Instant {
-        start + self.hold_timeout.min(function.policy.timeout)
+        start + self.rules.hold_limit(function)
     }
 
     /// Asks the agent for an instance of `function`, unless this sidecar did so less than
@@ -181,38 +334,72 @@ impl Activator {
     }
 
     /// Waits until the function (named by its `label`) can take the normal path, re-checking
-    /// on every state swap, at most until `deadline`. Asks for an instance again (deduplicated)
-    /// after each swap that still has none ready.
+    /// on every state swap, at most until `deadline`: until it has a ready local instance, or
+    /// (outbound) the rules send it to a remote region, or the hold that began at `since`
+    /// reached its bound while a healthy remote tier exists ([`HoldRules::plan`]). Asks for an
+    /// instance again (deduplicated) after each look that still finds none ready.
     pub async fn hold(
         &self,
         label: &str,
         listener: Listener,
+        since: Instant,
         deadline: Instant,
     ) -> Result<Released, HoldTimeout> {
         // Subscribe before looking at the state: a swap after the look is then never missed.
         let mut swaps = self.swaps.subscribe();
         loop {
+            let mut wake = deadline;
             if let Some(state) = self.state.load_full() {
                 let function = match state.lookup(label) {
                     Ok(function) => Arc::clone(function),
                     Err(_) => return Ok(Released::Gone),
                 };
-                let now = state.clock().now();
-                if !function.needs_activation()
-                    || (listener == Listener::Outbound && warm_remote(&function, now))
-                {
+                if !function.needs_activation() {
                     return Ok(Released::Route(state, function));
+                }
+                let now = state.clock().now();
+                match self.rules.plan(&function, now, listener) {
+                    ColdPlan::Remote(why) => {
+                        if matches!(why, GoRemote::CrashLoop { .. }) {
+                            let hold = &function.stats().hold;
+                            hold.crash_loop_remote.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Ok(Released::Route(state, function));
+                    }
+                    ColdPlan::Hold(Some(spill)) => {
+                        let at = since + spill.after;
+                        if Instant::now() >= at {
+                            function.stats().hold.spills.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Released::Route(state, function));
+                        }
+                        wake = wake.min(at);
+                    }
+                    ColdPlan::Hold(None) => {
+                        // A gateway that probes bring back changes no table: look again.
+                        let may_recover = listener == Listener::Outbound
+                            && function
+                                .tiers
+                                .iter()
+                                .any(|tier| !tier.local && tier.ready_instances > 0);
+                        if may_recover {
+                            wake = wake.min(Instant::now() + HOLD_RECHECK_INTERVAL);
+                        }
+                    }
                 }
                 self.activate(&function, now);
             }
-            match tokio::time::timeout_at(deadline, swaps.changed()).await {
+            match tokio::time::timeout_at(wake, swaps.changed()).await {
                 Ok(Ok(())) => {}
-                // No more swaps can come (shutting down): wait out the deadline.
+                // No more swaps can come (shutting down): wait for the next look, or out the
+                // deadline.
                 Ok(Err(_)) => {
-                    tokio::time::sleep_until(deadline).await;
-                    return Err(HoldTimeout);
+                    tokio::time::sleep_until(wake).await;
+                    if wake >= deadline {
+                        return Err(HoldTimeout);
+                    }
                 }
-                Err(_) => return Err(HoldTimeout),
+                Err(_) if wake >= deadline => return Err(HoldTimeout),
+                Err(_) => {}
             }
         }
     }
@@ -317,6 +504,14 @@ pub(crate) mod tests {
         t
     }
 
+    /// [`f_table`] whose agent reports `failed_starts` failed starts in a row and, with
+    /// `backoff`, a restart backoff.
+    fn crashing(mut t: pb::RoutingTable, failed_starts: u32, backoff: bool) -> pb::RoutingTable {
+        t.functions[0].local_failed_starts = failed_starts;
+        t.functions[0].local_restart_backoff = backoff;
+        t
+    }
+
     struct Fixture {
         compiler: Compiler,
         state: Arc<ArcSwapOption<RoutingState>>,
@@ -326,17 +521,22 @@ pub(crate) mod tests {
     }
 
     fn fixture(table: &pb::RoutingTable) -> Fixture {
+        fixture_with(
+            table,
+            HoldRules {
+                timeout: Duration::from_millis(500),
+                ..HoldRules::default()
+            },
+        )
+    }
+
+    fn fixture_with(table: &pb::RoutingTable, rules: HoldRules) -> Fixture {
         let compiler = Compiler::new("us-east");
         let state = Arc::new(ArcSwapOption::from_pointee(
             compiler.compile(table).unwrap(),
         ));
         let swaps = Arc::new(watch::channel(0).0);
-        let (activator, queued) = Activator::new(
-            Arc::clone(&state),
-            Arc::clone(&swaps),
-            DEFAULT_HOLD_QUEUE,
-            Duration::from_millis(500),
-        );
+        let (activator, queued) = Activator::new(Arc::clone(&state), Arc::clone(&swaps), rules);
         Fixture {
             compiler,
             state,
@@ -364,8 +564,9 @@ pub(crate) mod tests {
             listener: Listener,
         ) -> tokio::task::JoinHandle<Result<Released, HoldTimeout>> {
             let activator = Arc::clone(&self.activator);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            tokio::spawn(async move { activator.hold("f", listener, deadline).await })
+            let since = Instant::now();
+            let deadline = since + Duration::from_secs(5);
+            tokio::spawn(async move { activator.hold("f", listener, since, deadline).await })
         }
     }
 
@@ -481,7 +682,10 @@ pub(crate) mod tests {
         let start = Instant::now();
         let deadline = fx.activator.hold_deadline(&fx.f(), start);
         assert_eq!(deadline - start, Duration::from_millis(500));
-        let result = fx.activator.hold("f", Listener::Gateway, deadline).await;
+        let result = fx
+            .activator
+            .hold("f", Listener::Gateway, start, deadline)
+            .await;
         assert!(matches!(result, Err(HoldTimeout)));
         assert_eq!(Instant::now(), deadline);
 
@@ -521,5 +725,237 @@ pub(crate) mod tests {
             fx.activator.hold_deadline(&fx.f(), start) - start,
             Duration::from_millis(200)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_loop_goes_to_a_healthy_remote_tier_at_once() {
+        let compiler = Compiler::new("us-east");
+        let rules = HoldRules::default();
+        // Cold start 10 ms, eu-west 80 ms away: without a crash loop, a hold.
+        let plan = |t: &pb::RoutingTable, rules: &HoldRules, listener: Listener| {
+            let state = compiler.compile(t).unwrap();
+            let f = state.lookup("f").unwrap();
+            f.tiers[1].endpoints[0]
+                .shared
+                .probe_succeeded(Duration::from_millis(80));
+            rules.plan(f, state.clock().now(), listener)
+        };
+        let calm = f_table(false, 10, 1);
+        assert!(matches!(
+            plan(&calm, &rules, Listener::Outbound),
+            ColdPlan::Hold(Some(_))
+        ));
+        // One failed start is not a loop yet; two are (the default threshold).
+        assert!(matches!(
+            plan(
+                &crashing(calm.clone(), 1, false),
+                &rules,
+                Listener::Outbound
+            ),
+            ColdPlan::Hold(Some(_))
+        ));
+        assert_eq!(
+            plan(
+                &crashing(calm.clone(), 2, false),
+                &rules,
+                Listener::Outbound
+            ),
+            ColdPlan::Remote(GoRemote::CrashLoop {
+                failed_starts: 2,
+                restart_backoff: false
+            })
+        );
+        // A restart backoff alone (e.g. an instance killed after it was ready) is one too.
+        assert_eq!(
+            plan(&crashing(calm.clone(), 0, true), &rules, Listener::Outbound),
+            ColdPlan::Remote(GoRemote::CrashLoop {
+                failed_starts: 0,
+                restart_backoff: true
+            })
+        );
+        // The threshold is the sidecar's setting.
+        let patient = HoldRules {
+            crash_loop_failed_starts: 3,
+            ..rules
+        };
+        assert!(matches!(
+            plan(
+                &crashing(calm.clone(), 2, false),
+                &patient,
+                Listener::Outbound
+            ),
+            ColdPlan::Hold(Some(_))
+        ));
+        // The gateway listener never sends a request on to a third region.
+        assert_eq!(
+            plan(&crashing(calm.clone(), 3, true), &rules, Listener::Gateway),
+            ColdPlan::Hold(None)
+        );
+        // Without a healthy remote tier, a crash loop is held like any cold start.
+        let mut no_ready = crashing(calm.clone(), 3, true);
+        no_ready.functions[0].tiers[1].ready_instances = 0;
+        assert_eq!(
+            plan(&no_ready, &rules, Listener::Outbound),
+            ColdPlan::Hold(None)
+        );
+        let state = compiler.compile(&crashing(calm, 3, true)).unwrap();
+        let f = state.lookup("f").unwrap();
+        f.tiers[1].endpoints[0].shared.mark_down();
+        assert_eq!(
+            rules.plan(f, state.clock().now(), Listener::Outbound),
+            ColdPlan::Hold(None)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_at_the_remote_round_trip_plus_the_margin_then_goes_there() {
+        let mut fx = fixture_with(&f_table(false, 10, 1), HoldRules::default());
+        let f = fx.f();
+        f.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let now = fx.state.load_full().unwrap().clock().now();
+        assert_eq!(
+            fx.activator.rules().plan(&f, now, Listener::Outbound),
+            ColdPlan::Hold(Some(Spill {
+                after: Duration::from_millis(130),
+                tier: 1,
+                rtt: Some(Duration::from_millis(80)),
+            }))
+        );
+        let start = Instant::now();
+        let held = fx.hold_in_task(Listener::Outbound);
+        assert_eq!(fx.queued.recv().await.unwrap().name, "f");
+        tokio::time::advance(Duration::from_millis(129)).await;
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished(), "released before the bound");
+        let released = held.await.unwrap();
+        assert!(matches!(released, Ok(Released::Route(_, ref f)) if !f.local_ready));
+        assert_eq!(Instant::now() - start, Duration::from_millis(130));
+        assert_eq!(f.stats().hold.spills.load(Ordering::Relaxed), 1);
+
+        // The gateway listener holds on: the request must stay in this region.
+        let held = fx.hold_in_task(Listener::Gateway);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        held.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hold_bound_is_at_most_the_per_try_timeout() {
+        let mut t = f_table(false, 10, 1);
+        t.functions[0].policy = Some(pb::RoutingPolicy {
+            per_try_timeout_ms: Some(100),
+            ..Default::default()
+        });
+        let fx = fixture_with(&t, HoldRules::default());
+        let f = fx.f();
+        let now = fx.state.load_full().unwrap().clock().now();
+        // Not measured yet: the per-try timeout alone.
+        assert_eq!(
+            fx.activator.rules().plan(&f, now, Listener::Outbound),
+            ColdPlan::Hold(Some(Spill {
+                after: Duration::from_millis(100),
+                tier: 1,
+                rtt: None,
+            }))
+        );
+        // Measured, but farther than the per-try timeout allows.
+        f.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let plan = fx.activator.rules().plan(&f, now, Listener::Outbound);
+        assert!(
+            matches!(plan, ColdPlan::Hold(Some(Spill { after, .. })) if after == Duration::from_millis(100)),
+            "{plan:?}"
+        );
+        let start = Instant::now();
+        let released = fx
+            .activator
+            .hold(
+                "f",
+                Listener::Outbound,
+                start,
+                start + Duration::from_secs(5),
+            )
+            .await;
+        assert!(matches!(released, Ok(Released::Route(..))));
+        assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_timeout_shorter_than_the_bound_still_ends_the_hold() {
+        let rules = HoldRules {
+            timeout: Duration::from_millis(100),
+            ..HoldRules::default()
+        };
+        let fx = fixture_with(&f_table(false, 10, 1), rules);
+        let f = fx.f();
+        f.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let now = fx.state.load_full().unwrap().clock().now();
+        assert_eq!(
+            fx.activator.rules().plan(&f, now, Listener::Outbound),
+            ColdPlan::Hold(None)
+        );
+        let start = Instant::now();
+        let deadline = fx.activator.hold_deadline(&f, start);
+        let result = fx
+            .activator
+            .hold("f", Listener::Outbound, start, deadline)
+            .await;
+        assert!(matches!(result, Err(HoldTimeout)));
+        assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_leaves_when_the_agent_reports_a_crash_loop() {
+        // A margin that keeps the request held until the agent's word arrives.
+        let rules = HoldRules {
+            remote_margin: Duration::from_secs(10),
+            ..HoldRules::default()
+        };
+        let fx = fixture_with(&f_table(false, 10, 1), rules);
+        fx.f().tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let held = fx.hold_in_task(Listener::Outbound);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        let start = Instant::now();
+        fx.swap(&crashing(f_table(false, 10, 2), 0, true));
+        let released = held.await.unwrap();
+        assert!(matches!(released, Ok(Released::Route(_, ref f)) if f.local_restart_backoff));
+        assert_eq!(Instant::now(), start, "at once");
+        assert_eq!(
+            fx.f()
+                .stats()
+                .hold
+                .crash_loop_remote
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_looks_again_when_a_down_gateway_may_have_come_back() {
+        let fx = fixture_with(&f_table(false, 10, 1), HoldRules::default());
+        let gateway = Arc::clone(&fx.f().tiers[1].endpoints[0].shared);
+        gateway.mark_down();
+        let start = Instant::now();
+        let held = fx.hold_in_task(Listener::Outbound);
+        // The first look, at once.
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_millis(100)).await;
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        // A probe brings it back (no new table); the next look bounds the hold from its start.
+        gateway.probe_succeeded(Duration::from_millis(20));
+        let released = held.await.unwrap();
+        assert!(matches!(released, Ok(Released::Route(..))));
+        assert_eq!(Instant::now() - start, HOLD_RECHECK_INTERVAL);
     }
 }

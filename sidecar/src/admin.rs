@@ -165,6 +165,8 @@ fn function_view(function: &FunctionRoute, now: u64) -> FunctionView<'_> {
         activatable: function.workload == (Workload::Process { activatable: true }),
         local_ready: function.local_ready,
         cold_start_ms: function.cold_start.as_millis(),
+        local_failed_starts: function.local_failed_starts,
+        local_restart_backoff: function.local_restart_backoff,
         held: function.stats().load.held(),
         policy: PolicyView {
             timeout_ms: policy.timeout.as_millis(),
@@ -284,6 +286,9 @@ struct FunctionView<'a> {
     local_ready: bool,
     /// Expected cold start from the table (0: unknown).
     cold_start_ms: u128,
+    /// The agent's word on the local instances: failed starts in a row, and a restart backoff.
+    local_failed_starts: u32,
+    local_restart_backoff: bool,
     /// Requests held now, waiting for a local instance.
     held: u32,
     policy: PolicyView<'a>,

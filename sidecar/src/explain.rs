@@ -1,8 +1,9 @@
 //! `explain`: how the outbound listener would route the next request for a function, and why.
 //! Computed from the live routing state (the compiled table, ejections, probe results, in-flight
-//! counts, latency estimates, the activator's rule) with the very functions the request path
-//! uses (`plan`, `available`, `warm_remote`), and without changing anything: no pick, no
-//! counter, no activation. Served as `SidecarAdminService.Explain` on the admin listener.
+//! counts, latency estimates, the activator's rules with the sidecar's own settings) with the
+//! very functions the request path uses (`plan`, `available`, `HoldRules::plan`), and without
+//! changing anything: no pick, no counter, no activation. Served as
+//! `SidecarAdminService.Explain` on the admin listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,10 @@ use meridian_proto::v1 as pb;
 use meridian_proto::v1::sidecar_admin_service_server::SidecarAdminService;
 use tonic::{Request, Response, Status};
 
-use crate::activator::warm_remote;
+use crate::activator::{healthy_remote, ColdPlan, GoRemote, HoldRules, Spill};
 use crate::balance::Tried;
 use crate::endpoints::ProbeState;
-use crate::proxy::{available, plan, Plan};
+use crate::proxy::{available, plan, Listener, Plan};
 use crate::routes::{FunctionRoute, HostError, RoutingState, Tier, DEFAULT_NAMESPACE};
 
 /// Why a function cannot be explained.
@@ -48,9 +49,11 @@ impl From<ExplainError> for Status {
     }
 }
 
-/// Explains the next request for `namespace`/`name` (empty namespace: the default one).
+/// Explains the next request for `namespace`/`name` (empty namespace: the default one), under
+/// the activator's `rules`.
 pub fn explain(
     state: &RoutingState,
+    rules: &HoldRules,
     namespace: &str,
     name: &str,
 ) -> Result<pb::Explanation, ExplainError> {
@@ -94,7 +97,7 @@ pub fn explain(
     for (explained, tier) in tiers.iter_mut().zip(&function.tiers) {
         explained.note = tier_note(tier, explained, now);
     }
-    let decision = decide(function, &plan, &tiers, now);
+    let decision = decide(function, rules, &plan, &tiers, now);
     Ok(pb::Explanation {
         region: state.region().to_owned(),
         table_version: state.version(),
@@ -256,9 +259,44 @@ fn best_rtt(tier: &Tier) -> Option<Duration> {
     tier.endpoints.iter().filter_map(|e| e.shared.rtt()).min()
 }
 
+/// `3 failed starts, restart backoff`.
+fn crash_loop_detail(failed_starts: u32, restart_backoff: bool) -> String {
+    let mut parts = Vec::new();
+    if failed_starts > 0 {
+        let plural = if failed_starts == 1 { "" } else { "s" };
+        parts.push(format!("{failed_starts} failed start{plural}"));
+    }
+    if restart_backoff {
+        parts.push("restart backoff".to_owned());
+    }
+    parts.join(", ")
+}
+
+/// `; held at most 90 ms (eu-west RTT 40 ms + 50 ms margin), then sent to eu-west`.
+fn spill_note(function: &FunctionRoute, rules: &HoldRules, spill: &Spill) -> String {
+    let region = function
+        .tiers
+        .get(spill.tier)
+        .map_or("?", |tier| tier.region.as_str());
+    let bound = match spill.rtt {
+        Some(rtt) if rtt.saturating_add(rules.remote_margin) <= spill.after => format!(
+            "{region} RTT {} + {} margin",
+            human(rtt),
+            human(rules.remote_margin)
+        ),
+        Some(_) => "the per-try timeout".to_owned(),
+        None => format!("the per-try timeout; {region} RTT not yet measured"),
+    };
+    format!(
+        "; held at most {} ({bound}), then sent to {region}",
+        human(spill.after)
+    )
+}
+
 /// Where the next request goes and why.
 fn decide(
     function: &FunctionRoute,
+    rules: &HoldRules,
     plan: &Plan,
     tiers: &[pb::ExplainedTier],
     now: u64,
@@ -270,33 +308,69 @@ fn decide(
     };
     let mut prefix = String::new();
     if function.needs_activation() {
-        if warm_remote(function, now) {
-            prefix = format!(
-                "no ready local instance ({cold}): sent to a warm region at once while the agent \
-                 starts one; "
-            );
-        } else {
-            let mut reason = format!(
-                "no ready local instance: would hold ({cold}) and ask the agent to start one"
-            );
-            let slower: Vec<String> = function
-                .tiers
-                .iter()
-                .filter(|t| !t.local && t.ready_instances > 0)
-                .filter_map(|t| best_rtt(t).map(|rtt| (t, rtt)))
-                .map(|(t, rtt)| format!("{} RTT {}", t.region, human(rtt)))
-                .collect();
-            if !slower.is_empty() {
-                reason.push_str(&format!(
-                    "; warm regions are farther than a cold start ({})",
-                    slower.join(", ")
-                ));
+        match rules.plan(function, now, Listener::Outbound) {
+            ColdPlan::Remote(GoRemote::CrashLoop {
+                failed_starts,
+                restart_backoff,
+            }) => {
+                prefix = format!(
+                    "crash loop here ({}): sent to a healthy region at once while the agent \
+                     restarts it; ",
+                    crash_loop_detail(failed_starts, restart_backoff)
+                );
             }
-            return pb::ExplainDecision {
-                action: "hold".into(),
-                reason,
-                ..Default::default()
-            };
+            ColdPlan::Remote(GoRemote::Warm) => {
+                prefix = format!(
+                    "no ready local instance ({cold}): sent to a warm region at once while the \
+                     agent starts one; "
+                );
+            }
+            ColdPlan::Hold(spill) => {
+                let mut reason = format!(
+                    "no ready local instance: would hold ({cold}) and ask the agent to start one"
+                );
+                let slower: Vec<String> = function
+                    .tiers
+                    .iter()
+                    .filter(|t| !t.local && t.ready_instances > 0)
+                    .filter_map(|t| best_rtt(t).map(|rtt| (t, rtt)))
+                    .map(|(t, rtt)| format!("{} RTT {}", t.region, human(rtt)))
+                    .collect();
+                if !slower.is_empty() {
+                    reason.push_str(&format!(
+                        "; warm regions are farther than a cold start ({})",
+                        slower.join(", ")
+                    ));
+                }
+                match spill {
+                    Some(spill) => reason.push_str(&spill_note(function, rules, &spill)),
+                    None if rules.crash_looping(function) => reason.push_str(&format!(
+                        "; crash loop here ({}), but no healthy remote region",
+                        crash_loop_detail(
+                            function.local_failed_starts,
+                            function.local_restart_backoff
+                        )
+                    )),
+                    None => {
+                        if let Some((index, _)) = healthy_remote(function, now) {
+                            let region = function
+                                .tiers
+                                .get(index)
+                                .map_or("?", |tier| tier.region.as_str());
+                            reason.push_str(&format!(
+                                "; the hold timeout ({}) comes before the bound that would send \
+                                 it to {region}",
+                                human(rules.hold_limit(function))
+                            ));
+                        }
+                    }
+                }
+                return pb::ExplainDecision {
+                    action: "hold".into(),
+                    reason,
+                    ..Default::default()
+                };
+            }
         }
     }
     let loads = &plan.load[..plan.len];
@@ -418,15 +492,16 @@ fn passed_over(
     }
 }
 
-/// `SidecarAdminService`, read from the state the proxy uses.
+/// `SidecarAdminService`, read from the state the proxy uses, under the activator's rules.
 #[derive(Debug, Clone)]
 pub struct ExplainService {
     state: Arc<ArcSwapOption<RoutingState>>,
+    rules: HoldRules,
 }
 
 impl ExplainService {
-    pub fn new(state: Arc<ArcSwapOption<RoutingState>>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<ArcSwapOption<RoutingState>>, rules: HoldRules) -> Self {
+        Self { state, rules }
     }
 }
 
@@ -440,6 +515,7 @@ impl SidecarAdminService for ExplainService {
         let state = self.state.load_full().ok_or(ExplainError::NoTable)?;
         Ok(Response::new(explain(
             &state,
+            &self.rules,
             &request.namespace,
             &request.name,
         )?))
@@ -477,7 +553,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn healthy_local_tier_takes_the_next_request() {
         let state = compile(vec![hello(&["127.0.1.1:9000", "127.0.1.1:9001"])]);
-        let e = explain(&state, "", "hello").unwrap();
+        let e = explain(&state, &HoldRules::default(), "", "hello").unwrap();
         assert_eq!((e.table_version, e.region.as_str()), (7, "us-east"));
         assert_eq!(e.tiers.len(), 3);
         assert_eq!(e.tiers[0].priority, Some(0));
@@ -505,7 +581,7 @@ mod tests {
             .probe_succeeded(Duration::from_millis(3));
         tokio::time::advance(Duration::from_millis(400)).await;
 
-        let e = explain(&state, "default", "hello").unwrap();
+        let e = explain(&state, &HoldRules::default(), "default", "hello").unwrap();
         let local = &e.tiers[0].endpoints[0];
         assert!(local.ejected && !local.available);
         assert_eq!(local.ejected_for_ms, 600);
@@ -528,7 +604,7 @@ mod tests {
         );
         // Back from ejection: local again.
         tokio::time::advance(Duration::from_millis(600)).await;
-        let e = explain(&state, "default", "hello").unwrap();
+        let e = explain(&state, &HoldRules::default(), "default", "hello").unwrap();
         assert_eq!(decision(&e).region, "us-east");
     }
 
@@ -544,7 +620,7 @@ mod tests {
         let now = state.clock().now();
         f.tiers[0].endpoints[0].shared.eject(now);
         f.tiers[0].endpoints[1].shared.eject(now);
-        let e = explain(&state, "default", "hello").unwrap();
+        let e = explain(&state, &HoldRules::default(), "default", "hello").unwrap();
         assert_eq!(
             (e.tiers[0].load_permille, e.tiers[1].load_permille),
             (700, 300)
@@ -569,7 +645,7 @@ mod tests {
         f.tiers[2].endpoints[0]
             .shared
             .probe_succeeded(Duration::from_micros(2500));
-        let e = explain(&state, "default", "hello").unwrap();
+        let e = explain(&state, &HoldRules::default(), "default", "hello").unwrap();
         assert_eq!(e.tiers[1].endpoints[0].probe, "down");
         assert_eq!(e.tiers[1].endpoints[0].probe_error, "connection refused");
         assert_eq!(e.tiers[1].note, "down (probe failed: connection refused)");
@@ -583,7 +659,7 @@ mod tests {
 
         // Everything gone: the request would fail at once, and says why.
         f.tiers[2].endpoints[0].shared.mark_down();
-        let d = explain(&state, "default", "hello")
+        let d = explain(&state, &HoldRules::default(), "default", "hello")
             .unwrap()
             .decision
             .unwrap();
@@ -614,7 +690,7 @@ mod tests {
         f.tiers[1].endpoints[0]
             .shared
             .probe_succeeded(Duration::from_millis(40));
-        let e = explain(&state, "default", "slow").unwrap();
+        let e = explain(&state, &HoldRules::default(), "default", "slow").unwrap();
         assert_eq!(e.workload, "process");
         assert_eq!(e.cold_start_ms, 10);
         assert_eq!(e.tiers[0].note, "no local instance");
@@ -623,7 +699,25 @@ mod tests {
         assert_eq!(
             d.reason,
             "no ready local instance: would hold (cold start ~10 ms) and ask the agent to start \
-             one; warm regions are farther than a cold start (eu-west RTT 40 ms)"
+             one; warm regions are farther than a cold start (eu-west RTT 40 ms); held at most \
+             90 ms (eu-west RTT 40 ms + 50 ms margin), then sent to eu-west"
+        );
+        // A hold timeout below that bound ends the hold first, and says so.
+        let short = HoldRules {
+            timeout: Duration::from_millis(60),
+            ..HoldRules::default()
+        };
+        let d = explain(&state, &short, "default", "slow")
+            .unwrap()
+            .decision
+            .unwrap();
+        assert_eq!(d.action, "hold");
+        assert!(
+            d.reason.ends_with(
+                "; the hold timeout (60 ms) comes before the bound that would send it to eu-west"
+            ),
+            "{}",
+            d.reason
         );
         // Explaining asks the agent for nothing and holds nothing.
         assert_eq!(f.stats().hold.activations.load(Ordering::Relaxed), 0);
@@ -635,7 +729,7 @@ mod tests {
         f.tiers[1].endpoints[0]
             .shared
             .probe_succeeded(Duration::from_millis(40));
-        let d = explain(&state, "default", "slow")
+        let d = explain(&state, &HoldRules::default(), "default", "slow")
             .unwrap()
             .decision
             .unwrap();
@@ -644,6 +738,83 @@ mod tests {
             d.reason.starts_with(
                 "no ready local instance (cold start ~500 ms): sent to a warm region at once"
             ),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_loop_goes_to_a_healthy_region_and_says_why() {
+        let mut crashy = process(hello(&[]), 10);
+        crashy.name = "crashy".into();
+        crashy.local_failed_starts = 3;
+        crashy.local_restart_backoff = true;
+        let state = compile(vec![crashy]);
+        let f = state.lookup("crashy").unwrap();
+        f.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let rules = HoldRules::default();
+        // The request path's own rule.
+        assert_eq!(
+            rules.plan(f, state.clock().now(), Listener::Outbound),
+            ColdPlan::Remote(GoRemote::CrashLoop {
+                failed_starts: 3,
+                restart_backoff: true
+            })
+        );
+        let d = explain(&state, &rules, "default", "crashy")
+            .unwrap()
+            .decision
+            .unwrap();
+        assert_eq!((d.action.as_str(), d.region.as_str()), ("route", "eu-west"));
+        assert_eq!(
+            d.reason,
+            "crash loop here (3 failed starts, restart backoff): sent to a healthy region at once \
+             while the agent restarts it; us-east: no local instance → eu-west (explicit order), \
+             RTT 80 ms"
+        );
+        // Below the sidecar's threshold, without a backoff: held, within the bound.
+        let patient = HoldRules {
+            crash_loop_failed_starts: 4,
+            ..rules
+        };
+        let mut starting = process(hello(&[]), 10);
+        starting.name = "crashy".into();
+        starting.local_failed_starts = 3;
+        let state = compile(vec![starting]);
+        let f = state.lookup("crashy").unwrap();
+        f.tiers[1].endpoints[0]
+            .shared
+            .probe_succeeded(Duration::from_millis(80));
+        let d = explain(&state, &patient, "default", "crashy")
+            .unwrap()
+            .decision
+            .unwrap();
+        assert_eq!(d.action, "hold");
+        assert!(
+            d.reason.ends_with(
+                "; held at most 130 ms (eu-west RTT 80 ms + 50 ms margin), then sent to eu-west"
+            ),
+            "{}",
+            d.reason
+        );
+        // No healthy region: held, and the crash loop is named.
+        let d = explain(&state, &rules, "default", "crashy")
+            .unwrap()
+            .decision
+            .unwrap();
+        assert_eq!(d.action, "route");
+        f.tiers[1].endpoints[0].shared.mark_down();
+        f.tiers[2].endpoints[0].shared.mark_down();
+        let d = explain(&state, &rules, "default", "crashy")
+            .unwrap()
+            .decision
+            .unwrap();
+        assert_eq!(d.action, "hold");
+        assert!(
+            d.reason
+                .ends_with("; crash loop here (3 failed starts), but no healthy remote region"),
             "{}",
             d.reason
         );
@@ -668,18 +839,21 @@ mod tests {
         };
         let before = counters();
         for _ in 0..3 {
-            explain(&state, "default", "hello").unwrap();
+            explain(&state, &HoldRules::default(), "default", "hello").unwrap();
         }
         let after = counters();
         assert_eq!(before, after);
         assert_eq!(f.stats().retries.load(Ordering::Relaxed), 0);
 
         assert_eq!(
-            explain(&state, "team", "hello").unwrap_err().to_string(),
+            explain(&state, &HoldRules::default(), "team", "hello")
+                .unwrap_err()
+                .to_string(),
             "function team/hello is not in this sidecar's table (version 7)"
         );
         assert_eq!(
-            Status::from(explain(&state, "", "Bad_Name").unwrap_err()).code(),
+            Status::from(explain(&state, &HoldRules::default(), "", "Bad_Name").unwrap_err())
+                .code(),
             tonic::Code::InvalidArgument
         );
     }

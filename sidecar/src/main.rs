@@ -9,7 +9,7 @@ use clap::Parser;
 use meridian_common::names::validate_dns_label;
 use meridian_common::serve::{self, ServeLimits};
 use meridian_sidecar::body::BodyLimits;
-use meridian_sidecar::{proxy, Bound, Config};
+use meridian_sidecar::{activator, proxy, Bound, Config};
 
 /// Exit code for bad flags.
 const EXIT_USAGE: u8 = 2;
@@ -56,6 +56,17 @@ struct Args {
     /// function's timeout caps it; beyond: 503 cold-start-timeout).
     #[arg(long, env = "MERIDIAN_HOLD_TIMEOUT_MS", default_value_t = 30_000)]
     hold_timeout_ms: u64,
+    /// Failed starts in a row (local instances that exited before they became ready, as the
+    /// agent counts them) from which the function crash-loops here: its requests then go to a
+    /// healthy remote region at once instead of being held, as they do while the agent waits
+    /// out a restart backoff.
+    #[arg(long, env = "MERIDIAN_CRASH_LOOP_FAILED_STARTS", default_value_t = activator::DEFAULT_CRASH_LOOP_FAILED_STARTS)]
+    crash_loop_failed_starts: u32,
+    /// While a healthy remote region exists, a request is held for a local instance at most
+    /// that region's measured round trip plus this many milliseconds (and at most the
+    /// function's per-try timeout), then sent there.
+    #[arg(long, env = "MERIDIAN_HOLD_REMOTE_MARGIN_MS", default_value_t = activator::DEFAULT_HOLD_REMOTE_MARGIN.as_millis() as u64)]
+    hold_remote_margin_ms: u64,
     /// Window of the load reports sent to the agent's autoscaler, in milliseconds.
     #[arg(long, env = "MERIDIAN_LOAD_REPORT_INTERVAL_MS", default_value_t = 1000)]
     load_report_interval_ms: u64,
@@ -122,6 +133,9 @@ impl Args {
         if self.hold_timeout_ms == 0 {
             return Err("invalid --hold-timeout-ms: must be at least 1".into());
         }
+        if self.crash_loop_failed_starts == 0 {
+            return Err("invalid --crash-loop-failed-starts: must be at least 1".into());
+        }
         if self.load_report_interval_ms < 10 {
             return Err("invalid --load-report-interval-ms: must be at least 10".into());
         }
@@ -173,6 +187,8 @@ impl Args {
             client_id,
             hold_queue: self.hold_queue,
             hold_timeout: Duration::from_millis(self.hold_timeout_ms),
+            crash_loop_failed_starts: self.crash_loop_failed_starts,
+            hold_remote_margin: Duration::from_millis(self.hold_remote_margin_ms),
             load_report_interval: Duration::from_millis(self.load_report_interval_ms),
             proxy_limits,
             admin_limits,

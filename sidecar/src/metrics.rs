@@ -447,7 +447,7 @@ impl Collector for MeshCollector {
                 ConstGauge::new(held).encode(family.encode_family(&labels)?)?;
             }
         }
-        let per_function: [HoldCounter; 5] = [
+        let per_function: [HoldCounter; 7] = [
             (
                 "meridian_holds",
                 "Requests held for want of a ready local instance, by function.",
@@ -462,6 +462,18 @@ impl Collector for MeshCollector {
                 "meridian_cold_start_timeouts",
                 "Held requests answered 503 cold-start-timeout, by function.",
                 |h| &h.cold_start_timeouts,
+            ),
+            (
+                "meridian_crash_loop_remote",
+                "Requests sent to a healthy remote region instead of being held, because the \
+                 local instances crash-loop, by function.",
+                |h| &h.crash_loop_remote,
+            ),
+            (
+                "meridian_hold_spills",
+                "Held requests sent to a healthy remote region when their hold reached its bound \
+                 (its round trip plus the margin, or the per-try timeout), by function.",
+                |h| &h.spills,
             ),
             (
                 "meridian_activations",

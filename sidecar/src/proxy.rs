@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use crate::activator::{Activator, Released, MERIDIAN_HELD_MS};
+use crate::activator::{Activator, ColdPlan, GoRemote, HoldRules, Released, MERIDIAN_HELD_MS};
 use crate::balance::{self, Tried};
 use crate::body::{
     BodyLimits, BodyWatch, ClientBody, ClientBodyError, Replayable, RequestBody, ResponseBody,
@@ -444,8 +444,10 @@ impl Proxy {
     }
 
     /// A request for a process function with no ready local instance: ask the agent for one,
-    /// and either route to a warm remote region at once (outbound only) or hold the request
-    /// until an instance is ready, then take the normal path.
+    /// and either route to a remote region at once (outbound only: the local instances
+    /// crash-loop, or a warm region is nearer than a cold start) or hold the request until an
+    /// instance is ready (or, outbound, until the hold's bound sends it to a healthy remote
+    /// tier), then take the normal path.
     async fn cold(
         &self,
         state: &Arc<RoutingState>,
@@ -457,7 +459,11 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let now = state.clock().now();
         self.activator.activate(function, now);
-        if listener == Listener::Outbound && crate::activator::warm_remote(function, now) {
+        if let ColdPlan::Remote(why) = self.activator.rules().plan(function, now, listener) {
+            if matches!(why, GoRemote::CrashLoop { .. }) {
+                let hold = &function.stats().hold;
+                hold.crash_loop_remote.fetch_add(1, Ordering::Relaxed);
+            }
             return self
                 .forward(state, function, request, listener, start, trace)
                 .await;
@@ -477,7 +483,7 @@ impl Proxy {
         let deadline = self.activator.hold_deadline(function, start);
         let outcome = self
             .activator
-            .hold(function.label(), listener, deadline)
+            .hold(function.label(), listener, held_since, deadline)
             .await;
         let held = held_since.elapsed();
         let millis = u64::try_from(held.as_millis()).unwrap_or(u64::MAX);
@@ -662,7 +668,10 @@ impl Proxy {
                         &pick.tier.region,
                         pick.tier.local,
                         endpoint.address(),
-                        || attempt_reason(last.as_ref(), pick, function, local_only, now),
+                        || {
+                            let rules = self.activator.rules();
+                            attempt_reason(last.as_ref(), pick, function, rules, local_only, now)
+                        },
                     );
                     span.inject(&mut attempt_headers);
                     Some(span)
@@ -884,12 +893,13 @@ impl Proxy {
 /// Why an attempt goes where it goes, for its span: the failure it retries (`region-down` when a
 /// remote gateway could not be reached, else `retry: <status or error>`), or for a first attempt
 /// that leaves the region although it has a local tier, why the local tier was passed over
-/// (`cold-start`, `ejected`, else `spill`: priority load moved to the next tier). Only called
-/// when tracing is on.
+/// (`crash-loop` by the activator's `rules`, `cold-start`, `ejected`, else `spill`: priority
+/// load moved to the next tier). Only called when tracing is on.
 fn attempt_reason(
     last: Option<&Failure<'_>>,
     pick: Pick<'_>,
     function: &FunctionRoute,
+    rules: &HoldRules,
     local_only: bool,
     now: u64,
 ) -> Option<String> {
@@ -906,7 +916,9 @@ fn attempt_reason(
         None if pick.tier.local || local_only => None,
         None => {
             let local = function.local_tier()?;
-            let reason = if function.is_process() && !function.local_ready {
+            let reason = if function.needs_activation() && rules.crash_looping(function) {
+                "crash-loop"
+            } else if function.is_process() && !function.local_ready {
                 "cold-start"
             } else if local.endpoints.iter().any(|e| e.shared.is_ejected(now)) {
                 "ejected"
@@ -1294,6 +1306,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn first_attempt_reason_says_why_the_local_tier_was_passed_over() {
+        let rules = HoldRules::default();
         let state = compile(vec![
             tier("us-east", true, &["127.0.1.1:1"]),
             tier("eu-west", false, &["127.0.2.1:15002"]),
@@ -1301,19 +1314,48 @@ mod tests {
         let function = state.lookup("f").unwrap();
         let now = state.clock().now();
         let local = choose(function, now, false, &Tried::default(), 0).unwrap();
-        assert_eq!(attempt_reason(None, local, function, false, now), None);
+        assert_eq!(
+            attempt_reason(None, local, function, &rules, false, now),
+            None
+        );
         function.tiers[0].endpoints[0].shared.eject(now);
         let remote = choose(function, now, false, &Tried::default(), 0).unwrap();
         assert_eq!(remote.tier.region, "eu-west");
         assert_eq!(
-            attempt_reason(None, remote, function, false, now).as_deref(),
+            attempt_reason(None, remote, function, &rules, false, now).as_deref(),
             Some("ejected")
         );
         // Without a local tier, a remote region is the normal route: no reason.
         let state = compile(vec![tier("eu-west", false, &["127.0.2.1:15002"])]);
         let function = state.lookup("f").unwrap();
         let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
-        assert_eq!(attempt_reason(None, pick, function, false, now), None);
+        assert_eq!(
+            attempt_reason(None, pick, function, &rules, false, now),
+            None
+        );
+        // A process function without a ready local instance: a cold start, or a crash loop.
+        let mut f = crate::activator::tests::process(
+            route(
+                "default",
+                "f",
+                vec![
+                    tier("us-east", true, &[]),
+                    tier("eu-west", false, &["127.0.2.1:15002"]),
+                ],
+            ),
+            10,
+        );
+        let reason = |f: &meridian_proto::v1::FunctionRoute| {
+            let state = Compiler::new("us-east")
+                .compile(&table(vec![f.clone()]))
+                .unwrap();
+            let function = state.lookup("f").unwrap();
+            let pick = choose(function, now, false, &Tried::default(), 0).unwrap();
+            attempt_reason(None, pick, function, &rules, false, now)
+        };
+        assert_eq!(reason(&f).as_deref(), Some("cold-start"));
+        f.local_failed_starts = 2;
+        assert_eq!(reason(&f).as_deref(), Some("crash-loop"));
     }
 
     #[test]

@@ -194,6 +194,10 @@ pub struct FunctionRoute {
     pub local_ready: bool,
     /// Expected spawn-to-ready time of a local instance; zero when unknown.
     pub cold_start: Duration,
+    /// Local instances that exited before they became ready, in a row (the agent's count).
+    pub local_failed_starts: u32,
+    /// The local agent waits out a restart backoff before it starts the next instance.
+    pub local_restart_backoff: bool,
     stats: Arc<FunctionStats>,
     budget: Arc<RetryBudget>,
 }
@@ -401,6 +405,8 @@ pub struct FunctionSpec {
     pub tiers: Vec<TierSpec>,
     pub workload: Workload,
     pub cold_start: Duration,
+    pub local_failed_starts: u32,
+    pub local_restart_backoff: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -546,6 +552,8 @@ fn function_spec(
         tiers,
         workload: workload(route.workload.as_ref()),
         cold_start: Duration::from_millis(u64::from(route.cold_start_ms)),
+        local_failed_starts: route.local_failed_starts,
+        local_restart_backoff: route.local_restart_backoff,
     })
 }
 
@@ -726,6 +734,8 @@ impl Compiler {
                 workload: function.workload,
                 local_ready,
                 cold_start: function.cold_start,
+                local_failed_starts: function.local_failed_starts,
+                local_restart_backoff: function.local_restart_backoff,
                 stats,
                 budget,
             }));
@@ -779,6 +789,8 @@ pub(crate) mod tests {
     pub(crate) fn route(namespace: &str, name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
         pb::FunctionRoute {
             cold_start_ms: 0,
+            local_failed_starts: 0,
+            local_restart_backoff: false,
             namespace: namespace.into(),
             name: name.into(),
             function_version: 1,

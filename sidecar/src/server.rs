@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tower::ServiceExt;
 
-use crate::activator::{self, Activator};
+use crate::activator::{self, Activator, HoldRules};
 use crate::admin::Admin;
 use crate::body::BodyLimits;
 use crate::explain::ExplainService;
@@ -68,6 +68,12 @@ pub struct Config {
     pub hold_queue: u32,
     /// How long a request may be held (the function's timeout caps it).
     pub hold_timeout: Duration,
+    /// Failed starts in a row from which local instances crash-loop: requests then go to a
+    /// healthy remote tier at once instead of being held.
+    pub crash_loop_failed_starts: u32,
+    /// A hold lasts at most a healthy remote tier's round trip plus this (and at most the
+    /// per-try timeout), then the request goes there.
+    pub hold_remote_margin: Duration,
     /// The load report window.
     pub load_report_interval: Duration,
     /// Limits of each proxy listener (outbound and gateway, each its own connection cap).
@@ -139,12 +145,13 @@ pub async fn run(
         })?
         .connect_timeout(crate::watch::CONNECT_TIMEOUT)
         .connect_lazy();
-    let (activator, activations) = Activator::new(
-        Arc::clone(&state),
-        Arc::clone(&swaps),
-        config.hold_queue,
-        config.hold_timeout,
-    );
+    let rules = HoldRules {
+        queue: config.hold_queue,
+        timeout: config.hold_timeout,
+        crash_loop_failed_starts: config.crash_loop_failed_starts,
+        remote_margin: config.hold_remote_margin,
+    };
+    let (activator, activations) = Activator::new(Arc::clone(&state), Arc::clone(&swaps), rules);
     let proxy = Proxy::new(
         &config.region,
         Arc::clone(&state),
@@ -178,7 +185,7 @@ pub async fn run(
     );
     // Explicit gRPC limits: a request names one function, and an answer lists one function's
     // tiers and endpoints; connections, streams and timeouts are the admin listener's.
-    let explainer = SidecarAdminServiceServer::new(ExplainService::new(Arc::clone(&state)))
+    let explainer = SidecarAdminServiceServer::new(ExplainService::new(Arc::clone(&state), rules))
         .max_decoding_message_size(EXPLAIN_REQUEST_BYTES)
         .max_encoding_message_size(EXPLAIN_RESPONSE_BYTES);
     let watcher = Watcher::new(

@@ -328,6 +328,9 @@ async fn a_warm_remote_faster_than_a_cold_start_serves_at_once() -> Result<()> {
     let options = Options {
         hold_timeout: Duration::from_millis(400),
         probe_timeout: Duration::from_millis(1000),
+        // Bounds a hold only beyond the hold timeout, so `far` shows the plain rule: held, not
+        // sent to a region slower than a cold start (`a_hold_is_bounded_by_...` has the bound).
+        hold_remote_margin: Duration::from_secs(10),
         ..Options::default()
     };
     let east = start_sidecar_with("us-east", east_agent.addr, options).await?;
@@ -388,6 +391,114 @@ async fn a_warm_remote_faster_than_a_cold_start_serves_at_once() -> Result<()> {
         "a request went to the far region"
     );
     assert_eq!(next_activation(&mut east_agent).await?.name, "far");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_bounded_by_a_healthy_regions_round_trip_then_goes_there() -> Result<()> {
+    let client = h1();
+    let mut agent = start_agent().await?;
+    // A region whose every answer, probes included, takes 60 ms: farther than a 20 ms cold
+    // start, so requests are held; but never longer than 60 ms + the 50 ms margin.
+    let far_gateway = start_slow_backend("far", 200, Duration::from_millis(60)).await?;
+    let options = Options {
+        probe_timeout: Duration::from_millis(1000),
+        ..Options::default()
+    };
+    let east = start_sidecar_with("us-east", agent.addr, options).await?;
+    agent.tables.send_replace(Some(table(
+        1,
+        "us-east",
+        vec![process(
+            function(
+                "far",
+                vec![local("us-east", &[]), remote("ap-south", far_gateway.addr)],
+            ),
+            20,
+        )],
+    )));
+    wait_ready(&client, &east).await?;
+    let rtt = wait_probed(&client, &east, far_gateway.addr).await?;
+    assert!(rtt >= 20.0, "{rtt}");
+
+    let started = Instant::now();
+    let (status, headers, body) = get(&client, east.outbound, "far", "/").await?;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from far\n");
+    let held = held_ms(&headers).context("no meridian-held-ms: not held")?;
+    let bound = rtt as u64 + 50;
+    assert!(
+        held + 5 >= bound && held <= bound + 100,
+        "held {held} ms, bound {bound} ms"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(next_activation(&mut agent).await?.name, "far");
+    assert_eq!(
+        metric(
+            &client,
+            &east,
+            r#"meridian_hold_spills_total{function="far"}"#
+        )
+        .await?,
+        Some(1.0)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_goes_to_a_healthy_region_at_once() -> Result<()> {
+    let client = h1();
+    let mut east_agent = start_agent().await?;
+    let west_agent = start_agent().await?;
+    let west_backend = start_backend("west", 200).await?;
+    let west = start_sidecar("eu-west", west_agent.addr).await?;
+    let options = Options {
+        hold_timeout: Duration::from_secs(5),
+        ..Options::default()
+    };
+    let east = start_sidecar_with("us-east", east_agent.addr, options).await?;
+    west_agent.tables.send_replace(Some(table(
+        1,
+        "eu-west",
+        vec![function(
+            "crashy",
+            vec![local("eu-west", &[west_backend.addr])],
+        )],
+    )));
+    // The agent says: two failed starts, and a restart backoff. A 10 s cold start would send
+    // the request to eu-west anyway; 1 ms never would.
+    let mut crashy = process(
+        function(
+            "crashy",
+            vec![local("us-east", &[]), remote("eu-west", west.gateway)],
+        ),
+        1,
+    );
+    crashy.local_failed_starts = 2;
+    crashy.local_restart_backoff = true;
+    east_agent
+        .tables
+        .send_replace(Some(table(1, "us-east", vec![crashy])));
+    wait_ready(&client, &west).await?;
+    wait_ready(&client, &east).await?;
+    wait_probed(&client, &east, west.gateway).await?;
+
+    let (status, headers, body) = get(&client, east.outbound, "crashy", "/").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from west\n");
+    assert_eq!(headers["meridian-region"], "eu-west");
+    assert!(headers.get("meridian-held-ms").is_none(), "held");
+    assert_eq!(next_activation(&mut east_agent).await?.name, "crashy");
+    assert_eq!(
+        metric(
+            &client,
+            &east,
+            r#"meridian_crash_loop_remote_total{function="crashy"}"#
+        )
+        .await?,
+        Some(1.0)
+    );
     Ok(())
 }
 

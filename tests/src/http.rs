@@ -29,6 +29,8 @@ use tokio::time::Instant;
 pub const REGION_HEADER: &str = "meridian-region";
 /// The response header naming why the mesh could not serve a request.
 pub const ERROR_HEADER: &str = "meridian-error";
+/// The response header saying how long, in ms, the sidecar held a request for a cold start.
+pub const HELD_HEADER: &str = "meridian-held-ms";
 
 /// A request body the clients accept.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -336,6 +338,9 @@ pub struct Outcome {
     pub latency: Duration,
     /// Status, `meridian-region`, `meridian-error`; or why no response came.
     pub result: Result<(StatusCode, Option<String>, Option<String>), String>,
+    /// `meridian-held-ms` of the answer: how long the sidecar held the request for a cold
+    /// start (`None`: not held, or no answer).
+    pub held_ms: Option<u64>,
 }
 
 impl Outcome {
@@ -492,6 +497,7 @@ async fn run_load(client: MeshClient, spec: LoadSpec, started: Instant) -> Vec<O
                     "client: {} requests already in flight",
                     spec.max_in_flight
                 )),
+                held_ms: None,
             };
             pending.push(tokio::spawn(std::future::ready(outcome)));
             continue;
@@ -501,7 +507,7 @@ async fn run_load(client: MeshClient, spec: LoadSpec, started: Instant) -> Vec<O
             let spec = spec.clone();
             Box::pin(async move {
                 let begin = Instant::now();
-                let result = client
+                let reply = client
                     .send(
                         spec.method.clone(),
                         &spec.function,
@@ -510,7 +516,13 @@ async fn run_load(client: MeshClient, spec: LoadSpec, started: Instant) -> Vec<O
                         empty(),
                         spec.timeout,
                     )
-                    .await
+                    .await;
+                let latency = begin.elapsed();
+                drop(permit);
+                let held_ms = reply.as_ref().ok().and_then(|reply| {
+                    header(&reply.headers, HELD_HEADER).and_then(|v| v.parse().ok())
+                });
+                let result = reply
                     .map(|reply| {
                         (
                             reply.status,
@@ -519,11 +531,11 @@ async fn run_load(client: MeshClient, spec: LoadSpec, started: Instant) -> Vec<O
                         )
                     })
                     .map_err(|e| format!("{e:#}"));
-                drop(permit);
                 Outcome {
                     sent,
-                    latency: begin.elapsed(),
+                    latency,
                     result,
+                    held_ms,
                 }
             })
         };
@@ -537,6 +549,7 @@ async fn run_load(client: MeshClient, spec: LoadSpec, started: Instant) -> Vec<O
                 sent: Duration::ZERO,
                 latency: Duration::ZERO,
                 result: Err(format!("request task failed: {e}")),
+                held_ms: None,
             }),
         }
     }

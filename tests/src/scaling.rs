@@ -200,7 +200,26 @@ pub async fn leader(cp_url: &str) -> Result<String> {
 /// Processes whose environment says they are an instance of `<namespace>/<name>`: pid →
 /// `INSTANCE_ID`. Read from `/proc`, so it sees orphans too.
 pub fn instance_processes(namespace: &str, name: &str) -> BTreeMap<u32, String> {
+    find_instance_processes(namespace, name, None)
+}
+
+/// [`instance_processes`] of the agent of `region` only (their `REGION`): the agents of a test
+/// world all run on this machine.
+pub fn region_instance_processes(
+    namespace: &str,
+    name: &str,
+    region: &str,
+) -> BTreeMap<u32, String> {
+    find_instance_processes(namespace, name, Some(region))
+}
+
+fn find_instance_processes(
+    namespace: &str,
+    name: &str,
+    region: Option<&str>,
+) -> BTreeMap<u32, String> {
     let wanted = format!("MERIDIAN_FUNCTION={namespace}/{name}");
+    let wanted_region = region.map(|region| format!("REGION={region}"));
     let mut found = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -220,6 +239,11 @@ pub fn instance_processes(namespace: &str, name: &str) -> BTreeMap<u32, String> 
         let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
         if !vars.contains(&wanted.as_bytes()) {
             continue;
+        }
+        if let Some(region) = &wanted_region {
+            if !vars.contains(&region.as_bytes()) {
+                continue;
+            }
         }
         let instance = vars
             .iter()

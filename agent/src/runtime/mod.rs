@@ -81,6 +81,21 @@ pub struct Snapshot {
     pub version: u64,
     /// Functions that were `set` (and not yet fully removed), and functions still draining.
     pub functions: BTreeMap<FunctionKey, FunctionRuntime>,
+    /// Functions of `functions` whose starts fail or wait out a restart backoff (absent: none
+    /// of that), for sidecars to stop holding requests for a crash loop.
+    pub crashes: BTreeMap<FunctionKey, CrashState>,
+}
+
+/// How a function's instances fail to come up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CrashState {
+    /// Failed starts in a row: instances of the current spec that exited (or could not be
+    /// spawned) before they became ready; 0 again once one is ready or the spec changes. An
+    /// instance that dies after it was ready is no failed start (but see `restart_backoff`).
+    pub failed_starts: u32,
+    /// An instance is wanted but not started yet: the restart backoff after a crash (before or
+    /// after ready, a kill by a signal included) has not run out.
+    pub restart_backoff: bool,
 }
 
 /// The state of one function's instances.

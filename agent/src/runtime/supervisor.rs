@@ -17,7 +17,8 @@ use super::instance::{Directive, EventKind, InstanceEvent, InstanceTask};
 use super::logs::LogRegistry;
 use super::records::{kill_group, ProcessRecord};
 use super::{
-    DrainGate, FunctionKey, FunctionRuntime, InstanceInfo, InstanceState, RuntimeConfig, Snapshot,
+    CrashState, DrainGate, FunctionKey, FunctionRuntime, InstanceInfo, InstanceState,
+    RuntimeConfig, Snapshot,
 };
 
 /// First restart delay after a failure; doubles per consecutive failure up to [`BACKOFF_CAP`].
@@ -104,6 +105,8 @@ struct Function {
     not_before: Option<Instant>,
     /// Failures (exit or spawn error) before becoming ready, in a row.
     consecutive_failures: u32,
+    /// As of the last reconcile, for the snapshot.
+    crash: CrashState,
     status: FunctionRuntime,
 }
 
@@ -411,6 +414,10 @@ impl Supervisor {
         }
 
         let missing = want.saturating_sub(running);
+        function.crash = CrashState {
+            failed_starts: function.consecutive_failures,
+            restart_backoff: missing > 0 && function.not_before.is_some_and(|at| at > now),
+        };
         if missing == 0 {
             return None;
         }
@@ -526,13 +533,20 @@ impl Supervisor {
                 (key.clone(), status)
             })
             .collect();
+        let crashes: BTreeMap<FunctionKey, CrashState> = self
+            .functions
+            .iter()
+            .filter(|(_, function)| function.crash != CrashState::default())
+            .map(|(key, function)| (key.clone(), function.crash))
+            .collect();
         self.snapshot.send_if_modified(|snapshot| {
-            if snapshot.functions == functions {
+            if snapshot.functions == functions && snapshot.crashes == crashes {
                 return false;
             }
             *snapshot = Arc::new(Snapshot {
                 version: snapshot.version + 1,
                 functions,
+                crashes,
             });
             true
         });

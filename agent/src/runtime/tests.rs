@@ -369,6 +369,57 @@ async fn crash_loop_is_reported_with_the_last_exit_and_lines() {
     runtime.shutdown().await;
 }
 
+fn crash(snapshot: &Snapshot, key: &FunctionKey) -> CrashState {
+    snapshot.crashes.get(key).copied().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn failed_starts_and_the_restart_backoff_are_published_for_sidecars() {
+    let dir = state_dir();
+    let runtime = start(dir.path()).await;
+    // Exits before it is ready, again and again: failed starts, each waited out in backoff.
+    runtime.set(key(), shell("exit 3"), 1);
+    let snapshot = wait_for(&runtime, "two failed starts in restart backoff", |s| {
+        crash(s, &key()).failed_starts >= 2 && crash(s, &key()).restart_backoff
+    })
+    .await;
+    assert!(function(&snapshot, &key()).unwrap().instances.is_empty());
+
+    // Killed by a signal after it was ready: no failed start, but a restart in backoff, and
+    // no more backoff once the replacement runs.
+    let other = FunctionKey::new("default", "other");
+    runtime.set(other.clone(), shell("exec sleep 30"), 1);
+    let snapshot = wait_for(&runtime, "other starting", |s| {
+        function(s, &other).is_some_and(|f| f.starting() == 1)
+    })
+    .await;
+    let first = function(&snapshot, &other).unwrap().instances[0].clone();
+    let _server = serve_health(first.address).await;
+    let snapshot = wait_for(&runtime, "other ready", |s| {
+        function(s, &other).is_some_and(|f| f.ready() == 1)
+    })
+    .await;
+    assert_eq!(crash(&snapshot, &other), CrashState::default());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first.pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let snapshot = wait_for(&runtime, "the restart backoff after the kill", |s| {
+        crash(s, &other).restart_backoff
+    })
+    .await;
+    assert_eq!(crash(&snapshot, &other).failed_starts, 0);
+    let status = function(&snapshot, &other).unwrap();
+    assert!(status.instances.is_empty(), "{status:?}");
+    let snapshot = wait_for(&runtime, "the replacement", |s| {
+        function(s, &other).is_some_and(|f| f.starting() == 1)
+    })
+    .await;
+    assert!(!crash(&snapshot, &other).restart_backoff);
+    runtime.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_command_that_cannot_start_is_an_error_retried_with_backoff() {
     let dir = state_dir();

@@ -231,6 +231,8 @@ pub struct Sidecar {
 pub struct Options {
     pub hold_queue: u32,
     pub hold_timeout: Duration,
+    pub crash_loop_failed_starts: u32,
+    pub hold_remote_margin: Duration,
     pub load_report_interval: Duration,
     pub probe_timeout: Duration,
 }
@@ -240,6 +242,8 @@ impl Default for Options {
         Self {
             hold_queue: 1000,
             hold_timeout: Duration::from_secs(30),
+            crash_loop_failed_starts: meridian_sidecar::activator::DEFAULT_CRASH_LOOP_FAILED_STARTS,
+            hold_remote_margin: meridian_sidecar::activator::DEFAULT_HOLD_REMOTE_MARGIN,
             load_report_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_millis(100),
         }
@@ -267,6 +271,8 @@ pub async fn start_sidecar_with(
         client_id: format!("sidecar-{region}"),
         hold_queue: options.hold_queue,
         hold_timeout: options.hold_timeout,
+        crash_loop_failed_starts: options.crash_loop_failed_starts,
+        hold_remote_margin: options.hold_remote_margin,
         load_report_interval: options.load_report_interval,
         proxy_limits: meridian_common::serve::ServeLimits::default(),
         admin_limits: meridian_common::serve::ServeLimits::admin(),
@@ -322,6 +328,8 @@ pub fn remote(region: &str, gateway: SocketAddr) -> pb::Tier {
 pub fn function(name: &str, tiers: Vec<pb::Tier>) -> pb::FunctionRoute {
     pb::FunctionRoute {
         cold_start_ms: 0,
+        local_failed_starts: 0,
+        local_restart_backoff: false,
         namespace: "default".into(),
         name: name.into(),
         function_version: 1,

@@ -240,6 +240,8 @@ fn bench_table(
     };
     let mut routes = vec![pb::FunctionRoute {
         cold_start_ms: Default::default(),
+        local_failed_starts: Default::default(),
+        local_restart_backoff: Default::default(),
         namespace: "default".to_string(),
         name: "bench".to_string(),
         function_version: 1,
@@ -277,6 +279,8 @@ fn bench_table(
         };
         routes.push(pb::FunctionRoute {
             cold_start_ms: Default::default(),
+            local_failed_starts: Default::default(),
+            local_restart_backoff: Default::default(),
             namespace: "default".to_string(),
             name: format!("fn-{n:04}"),
             function_version: i64::try_from(n).unwrap_or(i64::MAX),

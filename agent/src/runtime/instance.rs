@@ -1,6 +1,7 @@
-//! One instance's task: spawns the process in its own process group, pumps its output into the
-//! (rotated) log file and the log registry, probes readiness, waits for the drain gate, stops the group
-//! (SIGTERM, grace, SIGKILL) and reports every step to the supervisor.
+//! One instance's task: spawns the process in its own process group with its log file as its
+//! stdout and stderr, tails that file into the log registry, probes readiness, waits for the
+//! drain gate, stops the group (SIGTERM, grace, SIGKILL) and reports every step to the
+//! supervisor.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,14 +11,16 @@ use std::time::Duration;
 
 use meridian_proto::v1::ProcessRuntime;
 use nix::sys::signal::Signal;
-use tokio::io::BufReader;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 
-use super::log_files::{prune_exited, RotatingLog, EXITED_LOG_FILES_KEPT, LOG_FILE_MAX_BYTES};
-use super::logs::{split_lines, LogRegistry, OutputStream};
+use super::log_files::{
+    open_for_instance, prune_exited, LogTail, EXITED_LOG_FILES_KEPT, LOG_FILE_MAX_BYTES,
+    TAIL_POLL_MAX, TAIL_POLL_MIN,
+};
+use super::logs::{LogRegistry, OutputStream};
 use super::records::{group_alive, group_has_live_members, kill_group, process_start_time};
 use super::{readiness, DrainGate, FunctionKey, RuntimeConfig, INSTANCES_DIR, LOGS_DIR};
 use crate::fs_modes;
@@ -27,14 +30,12 @@ use crate::fs_modes;
 /// in its unit file) do not leak into functions. `HOME` is then set to the instance's working
 /// directory, and `USER` to the `--run-as` user when there is one.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
-/// How long the output of an exited instance may still arrive (pipes hold what it wrote last).
-const OUTPUT_DRAIN: Duration = Duration::from_millis(200);
 /// How often a stopping group is checked for members left after its leader exited.
 const GROUP_POLL: Duration = Duration::from_millis(20);
 /// The longest wait for a SIGKILLed group's members to die.
 const GROUP_REAP_WAIT: Duration = Duration::from_millis(500);
-/// Lines buffered between the pipe readers and the log writer.
-const LINE_BUFFER: usize = 1024;
+/// The longest wait for the log tail's last read once the instance is gone.
+const TAIL_FINISH_WAIT: Duration = Duration::from_secs(2);
 
 /// What the supervisor wants from an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,17 +99,12 @@ impl InstanceTask {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.config
-            .state_dir
-            .join(LOGS_DIR)
-            .join(&self.key.namespace)
-            .join(&self.key.name)
-            .join(format!("{}.log", self.id))
+        log_path(&self.config.state_dir, &self.key, &self.id)
     }
 
     pub async fn run(mut self) {
         let work_dir = self.work_dir();
-        let (mut child, log_file, spawned_at) = match self.spawn(&work_dir).await {
+        let (mut child, spawned_at, log_start) = match self.spawn(&work_dir).await {
             Ok(Some(spawned)) => spawned,
             Ok(None) => {
                 self.send(EventKind::Exited {
@@ -129,31 +125,32 @@ impl InstanceTask {
             start_time: process_start_time(pid),
         });
         tracing::info!(function = %self.key, instance = %self.id, pid, address = %self.address, "instance spawned");
-        let output = self.pump_output(&mut child, log_file);
+        // Its lines from where its file ended before it started.
+        let tail = self.start_tail(log_start).await;
 
         let exit = self.supervise(&mut child, pid, spawned_at).await;
         // Whatever the group still holds goes now; the output it wrote last is read before
         // the exit is reported, so that status shows the last lines.
         kill_group(pid, Signal::SIGKILL);
         wait_group_gone(pid).await;
-        output.finish().await;
+        if let Some(tail) = tail {
+            tail.finish().await;
+        }
         let _ = tokio::fs::remove_dir_all(&work_dir).await;
         tracing::info!(function = %self.key, instance = %self.id, %exit, "instance exited");
         self.send(EventKind::Exited { exit });
     }
 
-    /// Starts the process; `Ok(None)` when told to stop before it started. The instant is taken
-    /// just before the fork, so cold starts include the exec.
-    async fn spawn(
-        &self,
-        work_dir: &PathBuf,
-    ) -> Result<Option<(Child, RotatingLog, Instant)>, String> {
+    /// Starts the process; `Ok(None)` when told to stop before it started. Returns the child, the
+    /// instant taken just before the fork (cold starts include the exec) and where its log file
+    /// ended before it started.
+    async fn spawn(&self, work_dir: &Path) -> Result<Option<(Child, Instant, u64)>, String> {
         if *self.directive.borrow() != Directive::Run {
             return Ok(None);
         }
         let state_dir = self.config.state_dir.clone();
         let (namespace, name) = (self.key.namespace.clone(), self.key.name.clone());
-        let dir = work_dir.clone();
+        let dir = work_dir.to_path_buf();
         let owner = self.config.policy.run_as().map(|u| (u.uid(), u.gid()));
         tokio::task::spawn_blocking(move || {
             prepare_dirs(&state_dir, &namespace, &name, &dir, owner)
@@ -174,8 +171,17 @@ impl InstanceTask {
                 }
             }
         }
-        let log_file = RotatingLog::open(log_path.clone(), LOG_FILE_MAX_BYTES)
-            .await
+        let open_path = log_path.clone();
+        let (log_file, log_start) = tokio::task::spawn_blocking(move || {
+            let file = open_for_instance(&open_path)?;
+            let len = file.metadata()?.len();
+            std::io::Result::Ok((file, len))
+        })
+        .await
+        .map_err(|e| format!("cannot start: {e}"))?
+        .map_err(|e| format!("cannot start: cannot open {}: {e}", log_path.display()))?;
+        let log_copy = log_file
+            .try_clone()
             .map_err(|e| format!("cannot start: cannot open {}: {e}", log_path.display()))?;
 
         let process = &self.process;
@@ -217,8 +223,10 @@ impl InstanceTask {
             .env("INSTANCE_ID", &self.id)
             .env("MERIDIAN_FUNCTION", self.key.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            // The log file itself, O_APPEND: the instance needs nothing of the agent's to keep
+            // writing. The agent's copies close when `command` is dropped below.
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(log_copy))
             // Its own group, so that stopping it reaches whatever it forks; we kill the group
             // ourselves, including when this task is dropped (no kill_on_drop).
             .process_group(0)
@@ -227,7 +235,7 @@ impl InstanceTask {
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start: command \"{}\": {e}", process.command))?;
-        Ok(Some((child, log_file, spawned_at)))
+        Ok(Some((child, spawned_at, log_start)))
     }
 
     /// Runs until the process exits or is stopped; returns how it ended.
@@ -280,94 +288,126 @@ impl InstanceTask {
         terminate(child, pgid, self.config.stop_grace).await
     }
 
-    /// Starts the pipe readers and the log writer.
-    fn pump_output(&self, child: &mut Child, log_file: RotatingLog) -> OutputPump {
-        let (lines_tx, mut lines_rx) = mpsc::channel::<(OutputStream, String)>(LINE_BUFFER);
-        let mut readers = Vec::new();
-        if let Some(stdout) = child.stdout.take() {
-            readers.push(spawn_reader(
-                BufReader::new(stdout),
-                OutputStream::Stdout,
-                lines_tx.clone(),
-            ));
-        }
-        if let Some(stderr) = child.stderr.take() {
-            readers.push(spawn_reader(
-                BufReader::new(stderr),
-                OutputStream::Stderr,
-                lines_tx,
-            ));
-        }
-        let logs = Arc::clone(&self.logs);
-        let key = self.key.clone();
-        let id = self.id.clone();
+    /// Starts following the log file into the registry; `None` (and a warning) if it cannot be
+    /// opened: the instance runs on, its lines reach the file but not the Logs API.
+    async fn start_tail(&self, offset: u64) -> Option<TailHandle> {
         let path = self.log_path();
-        let writer = tokio::spawn(async move {
-            let mut file = log_file;
-            let mut write_failed = false;
-            while let Some((stream, line)) = lines_rx.recv().await {
-                if !write_failed {
-                    let result = async {
-                        file.write_line(&line).await?;
-                        // Flush when caught up: files stay current without a write per line
-                        // under bursts.
-                        if lines_rx.is_empty() {
-                            file.flush().await?;
-                        }
-                        std::io::Result::Ok(())
-                    }
-                    .await;
-                    if let Err(error) = result {
-                        tracing::warn!(path = %path.display(), %error, "cannot write instance log; keeping lines in memory only");
-                        write_failed = true;
-                    }
-                }
-                logs.push(&key, &id, stream, line);
+        let opened =
+            tokio::task::spawn_blocking(move || LogTail::open_at(path, LOG_FILE_MAX_BYTES, offset))
+                .await;
+        let tail = match opened {
+            Ok(Ok(tail)) => tail,
+            Ok(Err(error)) => {
+                tracing::warn!(function = %self.key, instance = %self.id, %error, "cannot follow the instance's log file; its lines reach the file only");
+                return None;
             }
-            let _ = file.flush().await;
-        });
-        OutputPump { readers, writer }
+            Err(error) => {
+                tracing::warn!(function = %self.key, instance = %self.id, %error, "cannot follow the instance's log file");
+                return None;
+            }
+        };
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(follow(
+            tail,
+            Arc::clone(&self.logs),
+            self.key.clone(),
+            self.id.clone(),
+            stopped,
+        ));
+        Some(TailHandle { stop, task })
     }
 }
 
-struct OutputPump {
-    readers: Vec<JoinHandle<()>>,
-    writer: JoinHandle<()>,
+/// `<state-dir>/logs/<ns>/<name>/<id>.log`.
+pub fn log_path(state_dir: &Path, key: &FunctionKey, id: &str) -> PathBuf {
+    state_dir
+        .join(LOGS_DIR)
+        .join(&key.namespace)
+        .join(&key.name)
+        .join(format!("{id}.log"))
 }
 
-impl OutputPump {
-    /// Waits briefly for the pipes to close; a process that escaped the group may hold them
-    /// open forever, so the readers are abandoned after [`OUTPUT_DRAIN`].
+/// A running [`follow`] task.
+struct TailHandle {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl TailHandle {
+    /// Reads what is left, with a last line without a newline (the instance is gone), and ends
+    /// the task (bounded by [`TAIL_FINISH_WAIT`]).
     async fn finish(self) {
-        let deadline = Instant::now() + OUTPUT_DRAIN;
-        for mut reader in self.readers {
-            if timeout_at(deadline, &mut reader).await.is_err() {
-                reader.abort();
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if timeout(TAIL_FINISH_WAIT, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// Reads the log file as it grows (soon again after it read something, backing off while it is
+/// quiet), pushing its lines into the registry, until told to stop; then reads once more.
+async fn follow(
+    mut tail: LogTail,
+    logs: Arc<LogRegistry>,
+    key: FunctionKey,
+    id: String,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut interval = TAIL_POLL_MIN;
+    let mut failing = false;
+    loop {
+        let (returned, read) = read_once(tail).await;
+        let Some(returned) = returned else { return };
+        tail = returned;
+        match read {
+            Ok(lines) => {
+                failing = false;
+                interval = if lines.is_empty() {
+                    (interval * 2).min(TAIL_POLL_MAX)
+                } else {
+                    TAIL_POLL_MIN
+                };
+                for line in lines {
+                    logs.push(&key, &id, OutputStream::Output, line);
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(function = %key, instance = %id, path = %tail.path().display(), %error, "cannot read or rotate the instance's log file");
+                }
+                failing = true;
+                interval = TAIL_POLL_MAX;
             }
         }
-        // With the readers gone the channel closes and the writer flushes and ends.
-        let _ = timeout(OUTPUT_DRAIN, self.writer).await;
+        tokio::select! {
+            _ = &mut stop => {
+                let (returned, read) = read_once(tail).await;
+                let Some(mut tail) = returned else { return };
+                for line in read.unwrap_or_default() {
+                    logs.push(&key, &id, OutputStream::Output, line);
+                }
+                if let Some(line) = tail.finish() {
+                    logs.push(&key, &id, OutputStream::Output, line);
+                }
+                return;
+            }
+            () = sleep(interval) => {}
+        }
     }
 }
 
-fn spawn_reader<R>(
-    reader: R,
-    stream: OutputStream,
-    lines: mpsc::Sender<(OutputStream, String)>,
-) -> JoinHandle<()>
-where
-    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        split_lines(reader, |line| {
-            let lines = lines.clone();
-            async move {
-                // The writer only ends after the readers; an error cannot happen in practice.
-                let _ = lines.send((stream, line)).await;
-            }
-        })
-        .await;
+/// One [`LogTail::poll`] off the async threads; `None` if that task panicked.
+async fn read_once(mut tail: LogTail) -> (Option<LogTail>, std::io::Result<Vec<String>>) {
+    match tokio::task::spawn_blocking(move || {
+        let read = tail.poll();
+        (tail, read)
     })
+    .await
+    {
+        Ok((tail, read)) => (Some(tail), read),
+        Err(error) => (None, Err(std::io::Error::other(error))),
+    }
 }
 
 /// The directories an instance needs, with their modes (see `fs_modes`): `instances/<ns>/<name>`

@@ -1,5 +1,6 @@
-//! Instance output: the line splitter for the pipes, and the in-memory registry behind the Logs
-//! API (the last lines of each instance, with their stream name, and a feed of new lines).
+//! Instance output: the line splitter for what the log files' tails read, and the in-memory
+//! registry behind the Logs API (the last lines of each instance, with their stream name, and a
+//! feed of new lines).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -7,7 +8,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meridian_proto::v1::LogLine;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_stream::wrappers::BroadcastStream;
@@ -25,50 +25,81 @@ pub const EXITED_RETENTION: Duration = Duration::from_secs(600);
 /// New lines buffered per function for slow followers; a follower that lags more skips lines.
 const FEED_CAPACITY: usize = 4096;
 
+/// The stream a line came from, as the Logs API names it (`LogLine.stream`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputStream {
-    Stdout,
-    Stderr,
+    /// Stdout and stderr in one file: a process instance writes both to its log file (so that
+    /// it outlives the agent with its output), which keeps their order but cannot tell them
+    /// apart.
+    Output,
 }
 
 impl OutputStream {
     pub fn as_str(self) -> &'static str {
         match self {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
+            OutputStream::Output => "output",
         }
     }
 }
 
-/// Reads lines from a pipe and hands each to `emit`, without the newline, invalid UTF-8
-/// replaced, cut at [`MAX_LINE_BYTES`]. A last line without a newline is emitted at EOF.
-/// Returns at EOF or on a read error (the pipe is gone either way).
-pub async fn split_lines<R, F, Fut>(mut reader: R, mut emit: F)
-where
-    R: AsyncBufRead + Unpin,
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut line: Vec<u8> = Vec::new();
-    while let Ok(buf) = reader.fill_buf().await {
-        if buf.is_empty() {
-            break;
-        }
-        let (chunk, consumed, complete) = match buf.iter().position(|&b| b == b'\n') {
-            Some(index) => (&buf[..index], index + 1, true),
-            None => (buf, buf.len(), false),
-        };
-        let room = MAX_LINE_BYTES.saturating_sub(line.len());
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        reader.consume(consumed);
-        if complete {
-            let text = String::from_utf8_lossy(&line).into_owned();
-            line.clear();
-            emit(text).await;
+/// Cuts bytes into lines as they arrive: without the newline, invalid UTF-8 replaced, cut at
+/// [`MAX_LINE_BYTES`] (the rest up to the newline dropped). A line may arrive in pieces; a last
+/// line without a newline is only given by [`LineSplitter::finish`].
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    line: Vec<u8>,
+    /// Dropping everything up to the next newline (reading started mid-line).
+    skipping: bool,
+}
+
+impl LineSplitter {
+    /// Adds `bytes`; pushes every line they complete to `out`.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<String>) {
+        while !bytes.is_empty() {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(index) => {
+                    self.take(&bytes[..index]);
+                    if !self.skipping {
+                        out.push(String::from_utf8_lossy(&self.line).into_owned());
+                    }
+                    self.line.clear();
+                    self.skipping = false;
+                    bytes = &bytes[index + 1..];
+                }
+                None => {
+                    self.take(bytes);
+                    break;
+                }
+            }
         }
     }
-    if !line.is_empty() {
-        emit(String::from_utf8_lossy(&line).into_owned()).await;
+
+    fn take(&mut self, chunk: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        let room = MAX_LINE_BYTES.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// The last line, without a newline, if there is one.
+    pub fn finish(&mut self) -> Option<String> {
+        let line = (!self.skipping && !self.line.is_empty())
+            .then(|| String::from_utf8_lossy(&self.line).into_owned());
+        self.reset();
+        line
+    }
+
+    /// Drops what arrives up to the next newline.
+    pub fn skip_to_newline(&mut self) {
+        self.line.clear();
+        self.skipping = true;
+    }
+
+    /// Forgets a partial line.
+    pub fn reset(&mut self) {
+        self.line.clear();
+        self.skipping = false;
     }
 }
 
@@ -278,27 +309,47 @@ mod tests {
         FunctionKey::new("default", "hello")
     }
 
-    async fn split(input: &[u8]) -> Vec<String> {
+    /// Every line of `input`, the last one also without a newline, fed in pieces of `piece`
+    /// bytes.
+    fn split(input: &[u8], piece: usize) -> Vec<String> {
+        let mut splitter = LineSplitter::default();
         let mut lines = Vec::new();
-        split_lines(input, |line| {
-            lines.push(line);
-            std::future::ready(())
-        })
-        .await;
+        for chunk in input.chunks(piece) {
+            splitter.push(chunk, &mut lines);
+        }
+        lines.extend(splitter.finish());
         lines
     }
 
-    #[tokio::test]
-    async fn splits_lines_keeps_a_last_partial_line_and_cuts_long_ones() {
-        assert_eq!(split(b"a\nb\n\nc").await, vec!["a", "b", "", "c"]);
-        assert_eq!(split(b"bad \xff\n").await, vec!["bad \u{fffd}"]);
+    #[test]
+    fn splits_lines_keeps_a_last_partial_line_and_cuts_long_ones() {
+        for piece in [1, 3, 1 << 20] {
+            assert_eq!(split(b"a\nb\n\nc", piece), vec!["a", "b", "", "c"]);
+            assert_eq!(split(b"bad \xff\n", piece), vec!["bad \u{fffd}"]);
+        }
         let long = vec![b'x'; MAX_LINE_BYTES + 10];
         let mut input = long.clone();
         input.extend_from_slice(b"\nnext\n");
-        let lines = split(&input).await;
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].len(), MAX_LINE_BYTES);
-        assert_eq!(lines[1], "next");
+        for piece in [7, 1 << 20] {
+            let lines = split(&input, piece);
+            assert_eq!(lines.len(), 2);
+            assert_eq!(lines[0].len(), MAX_LINE_BYTES);
+            assert_eq!(lines[1], "next");
+        }
+    }
+
+    #[test]
+    fn a_splitter_can_skip_to_the_next_line() {
+        let mut splitter = LineSplitter::default();
+        let mut lines = Vec::new();
+        splitter.skip_to_newline();
+        splitter.push(b"f a line\nwhole\npart", &mut lines);
+        assert_eq!(lines, ["whole"]);
+        splitter.reset();
+        assert_eq!(splitter.finish(), None);
+        splitter.skip_to_newline();
+        splitter.push(b"no newline", &mut lines);
+        assert_eq!(splitter.finish(), None);
     }
 
     #[test]
@@ -306,7 +357,7 @@ mod tests {
         let registry = LogRegistry::new("r".into());
         registry.register_instance(&key(), "hello-000001");
         for n in 0..RING_LINES + 5 {
-            registry.push(&key(), "hello-000001", OutputStream::Stdout, n.to_string());
+            registry.push(&key(), "hello-000001", OutputStream::Output, n.to_string());
         }
         let last = registry.last_lines(&key(), "hello-000001", 2);
         assert_eq!(
@@ -316,13 +367,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tail_then_follow_filters_by_instance_and_keeps_stream_names() {
+    async fn tail_then_follow_filters_by_instance_and_names_the_stream() {
         let registry = LogRegistry::new("eu".into());
         registry.register_instance(&key(), "hello-000001");
         registry.register_instance(&key(), "hello-000002");
-        registry.push(&key(), "hello-000001", OutputStream::Stdout, "one".into());
-        registry.push(&key(), "hello-000001", OutputStream::Stderr, "two".into());
-        registry.push(&key(), "hello-000002", OutputStream::Stdout, "other".into());
+        registry.push(&key(), "hello-000001", OutputStream::Output, "one".into());
+        registry.push(&key(), "hello-000001", OutputStream::Output, "two".into());
+        registry.push(&key(), "hello-000002", OutputStream::Output, "other".into());
 
         let all: Vec<LogLine> = registry
             .stream(&key(), None, 1, false, Instant::now())
@@ -337,7 +388,7 @@ mod tests {
             texts,
             vec![("hello-000001", "two"), ("hello-000002", "other")]
         );
-        assert_eq!(all[0].stream, "stderr");
+        assert!(all.iter().all(|l| l.stream == "output"), "{all:?}");
         assert_eq!(all[0].region, "eu");
 
         let mut follow = registry
@@ -354,10 +405,10 @@ mod tests {
         registry.push(
             &key(),
             "hello-000002",
-            OutputStream::Stdout,
+            OutputStream::Output,
             "skip me".into(),
         );
-        registry.push(&key(), "hello-000001", OutputStream::Stdout, "three".into());
+        registry.push(&key(), "hello-000001", OutputStream::Output, "three".into());
         assert_eq!(follow.next().await.unwrap().line, "three");
     }
 
@@ -365,7 +416,7 @@ mod tests {
     async fn exited_instances_are_served_for_ten_minutes() {
         let registry = LogRegistry::new("r".into());
         registry.register_instance(&key(), "hello-000001");
-        registry.push(&key(), "hello-000001", OutputStream::Stdout, "bye".into());
+        registry.push(&key(), "hello-000001", OutputStream::Output, "bye".into());
         registry.mark_exited(&key(), "hello-000001", Instant::now());
         let later = Instant::now() + EXITED_RETENTION - Duration::from_secs(1);
         assert!(registry

@@ -169,6 +169,27 @@ async fn make_one_ready(
     (instance, server)
 }
 
+/// The first `count` log lines of `key`'s instances (of `instance` only if given): the backlog,
+/// then new lines as the agent reads them; panics after [`WAIT`].
+async fn first_lines(
+    runtime: &Runtime,
+    key: &FunctionKey,
+    instance: Option<&str>,
+    count: usize,
+) -> Vec<LogLine> {
+    let mut follow = runtime
+        .logs(key, instance.map(str::to_owned), 1000, true)
+        .unwrap();
+    let mut lines = Vec::new();
+    while lines.len() < count {
+        match tokio::time::timeout(WAIT, follow.next()).await {
+            Ok(Some(line)) => lines.push(line),
+            _ => panic!("timed out waiting for {count} log lines; got {lines:?}"),
+        }
+    }
+    lines
+}
+
 fn pid_alive(pid: u32) -> bool {
     // A reaped child has no /proc entry; a zombie would still have one, but the runtime reaps.
     process_start_time(pid).is_some()
@@ -246,11 +267,8 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
     assert!(status.cold_start_ms() >= 1);
     assert!(status.instances[0].ready.is_some());
 
-    let lines: Vec<LogLine> = runtime
-        .logs(&key(), None, 100, false)
-        .unwrap()
-        .collect()
-        .await;
+    // The agent reads the log file as it grows: the lines may still be on their way.
+    let lines = first_lines(&runtime, &key(), None, 3).await;
     let work_dir = dir
         .path()
         .join("instances/default/hello")
@@ -260,29 +278,24 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
         instance.address.port(),
         instance.id
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.line == expected && l.stream == "stdout"),
-        "{lines:?}"
-    );
-    assert!(lines
-        .iter()
-        .any(|l| l.line == "err" && l.stream == "stderr"));
-    assert!(lines
-        .iter()
-        .any(|l| l.line == format!("pwd={}", work_dir.display())));
+    // Stdout and stderr share the log file: in the order written, named "output" (the file
+    // cannot tell them apart).
+    let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+    let pwd = format!("pwd={}", work_dir.display());
+    assert_eq!(texts, [expected.as_str(), "err", pwd.as_str()], "{lines:?}");
+    assert!(lines.iter().all(|l| l.stream == "output"), "{lines:?}");
     assert!(lines.iter().all(|l| l.region == "eu-west"));
 
     let log_file = dir
         .path()
         .join("logs/default/hello")
         .join(format!("{}.log", instance.id));
-    // The file is written by its own task and flushed when that task catches up: poll it.
+    // The instance writes the file itself (it is its stdout and stderr); the shell may still be
+    // writing: poll it.
     let deadline = tokio::time::Instant::now() + WAIT;
     let text = loop {
         let text = std::fs::read_to_string(&log_file).unwrap_or_default();
-        if (text.contains(&expected) && text.contains("err\n"))
+        if (text.contains(&expected) && text.contains("err\n") && text.contains(&pwd))
             || tokio::time::Instant::now() >= deadline
         {
             break text;
@@ -291,6 +304,7 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
     };
     assert!(text.contains(&expected), "{text}");
     assert!(text.contains("err\n"), "{text}");
+    assert_eq!(text, format!("{expected}\nerr\n{pwd}\n"));
 
     let records = records::read(&records_path(dir.path())).unwrap();
     assert_eq!(records.len(), 1);

@@ -1,7 +1,8 @@
 //! `meridian-agent`: flags, the command policy (who instances run as, which commands they may
 //! run) settled before anything starts, the start-up order that makes the agent statically
-//! stable (persisted table, then the runtime with its instances, then the local API, then the
-//! control plane), and shutdown (instances stopped before the agent exits).
+//! stable (persisted table, then the runtime with the instances it adopted from the previous
+//! agent, then the autoscaler and the local API, then the control plane), and shutdown
+//! (instances stopped before the agent exits).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use meridian_agent::load::LoadBook;
 use meridian_agent::local_api;
 use meridian_agent::metrics::{self, AgentMetrics};
 use meridian_agent::overlay::{self, Overlay};
-use meridian_agent::runtime::{CommandPolicy, Runtime, RuntimeConfig};
+use meridian_agent::runtime::{CommandPolicy, Runtime, RuntimeConfig, ADOPTION_HOLD};
 use meridian_agent::session::{AgentState, GrpcDialer, Identity};
 use meridian_agent::state::StateStore;
 use meridian_common::backoff::Backoff;
@@ -388,7 +389,9 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
     let (session_clock, session_opened) = watch::channel(None);
     let state = state.with_session_clock(session_clock);
 
-    // 2. The runtime: first it kills what a previous agent left running.
+    // 2. The runtime: first it adopts what a previous agent left running (and kills what of that
+    //    it cannot vouch for), so that the autoscaler below, which sets the persisted table's
+    //    functions at once, counts the adopted instances instead of starting new ones.
     let book = Arc::new(LoadBook::new());
     let runtime = Runtime::start(
         RuntimeConfig {
@@ -398,6 +401,7 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
             region: identity.region.clone(),
             stop_grace,
             drain_timeout,
+            adoption_hold: ADOPTION_HOLD,
         },
         Arc::clone(&book) as _,
     )

@@ -1,7 +1,8 @@
 //! One instance's task: spawns the process in its own process group with its log file as its
-//! stdout and stderr, tails that file into the log registry, probes readiness, waits for the
-//! drain gate, stops the group (SIGTERM, grace, SIGKILL) and reports every step to the
-//! supervisor.
+//! stdout and stderr (or takes over one a previous agent left running, see `adopt`), tails that
+//! file into the log registry, probes readiness, waits for the drain gate, stops the group
+//! (SIGTERM, grace, SIGKILL) and reports every step to the supervisor. Told to detach (the agent
+//! stops with `--keep-instances-on-exit`), it leaves the process running for the next agent.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -16,12 +17,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 
+use super::adopt::{self, ExitWatch, ADOPTED_EXIT};
 use super::log_files::{
     open_for_instance, prune_exited, LogTail, EXITED_LOG_FILES_KEPT, LOG_FILE_MAX_BYTES,
     TAIL_POLL_MAX, TAIL_POLL_MIN,
 };
-use super::logs::{LogRegistry, OutputStream};
-use super::records::{group_alive, group_has_live_members, kill_group, process_start_time};
+use super::logs::{LogRegistry, OutputStream, RING_BYTES};
+use super::records::{
+    group_alive, group_has_live_members, kill_group, process_start_time, read_cmdline, read_stat,
+};
 use super::{readiness, DrainGate, FunctionKey, RuntimeConfig, INSTANCES_DIR, LOGS_DIR};
 use crate::fs_modes;
 
@@ -45,6 +49,8 @@ pub enum Directive {
     Drain,
     /// Stop now: SIGTERM, grace, SIGKILL.
     Stop,
+    /// Stop watching and leave the process running (the agent exits, the next one adopts it).
+    Detach,
 }
 
 #[derive(Debug)]
@@ -56,27 +62,124 @@ pub struct InstanceEvent {
 
 #[derive(Debug)]
 pub enum EventKind {
-    /// The process runs.
-    Spawned { pid: u32, start_time: Option<u64> },
+    /// The process runs `program` (the canonical path executed).
+    Spawned {
+        pid: u32,
+        start_time: Option<u64>,
+        program: PathBuf,
+    },
     /// The process could not be started; nothing runs.
     SpawnFailed { error: String },
-    /// The readiness probe passed `cold_start` after the spawn.
-    Ready { cold_start: Duration },
+    /// The readiness probe passed `cold_start` after the spawn (`None` for an adopted instance:
+    /// not a cold start); `cmdline` is what `/proc/<pid>/cmdline` said then (what an adopting
+    /// agent compares).
+    Ready {
+        cold_start: Option<Duration>,
+        cmdline: Option<Vec<String>>,
+    },
     /// The process group is gone (or was never started because a stop came first).
     Exited { exit: String },
+    /// An adopted instance that did not pass its readiness probe in time: killed, with why.
+    Reaped { reason: String },
+    /// Left running on [`Directive::Detach`]; its working directory and log stay.
+    Detached,
+}
+
+/// How an instance task begins.
+pub enum Start {
+    /// Spawns `process`, bound to `address`.
+    Spawn {
+        address: SocketAddr,
+        process: Arc<ProcessRuntime>,
+    },
+    /// Takes over a running process, its group `pgid`: READY already, or to pass its readiness
+    /// probe (`address`, path) by the instant given.
+    Adopt {
+        pgid: u32,
+        exit: ExitWatch,
+        ready_by: Option<(SocketAddr, String, Instant)>,
+    },
+}
+
+/// Whether and how an instance task probes readiness.
+enum Readiness {
+    /// Adopted READY.
+    Ready,
+    /// Spawned at the instant given: probed until it passes.
+    Spawned(Instant, SocketAddr, String),
+    /// Adopted, not ready yet: probed until the deadline, then reaped.
+    Adopting(SocketAddr, String, Instant),
 }
 
 pub struct InstanceTask {
     pub key: FunctionKey,
     pub id: String,
-    /// What the process binds (`HOST`, `PORT`) and sidecars dial.
-    pub address: SocketAddr,
-    pub process: Arc<ProcessRuntime>,
     pub config: Arc<RuntimeConfig>,
     pub drain: Arc<dyn DrainGate>,
     pub logs: Arc<LogRegistry>,
     pub events: mpsc::UnboundedSender<InstanceEvent>,
     pub directive: watch::Receiver<Directive>,
+}
+
+/// The process an instance task watches.
+enum Running {
+    /// Spawned by this agent: `waitpid` tells the exit and its code.
+    Child(Child),
+    /// Adopted: not our child; its pidfd tells the exit, not the code.
+    Adopted(ExitWatch),
+}
+
+impl Running {
+    /// How it ended, once it has. Cancel safe.
+    async fn wait(&mut self) -> String {
+        match self {
+            Running::Child(child) => describe(child.wait().await),
+            Running::Adopted(exit) => {
+                exit.exited().await;
+                ADOPTED_EXIT.to_owned()
+            }
+        }
+    }
+
+    /// Signals the instance's group, once it is sure the group is still the instance's.
+    async fn signal_group(&self, pgid: u32, signal: Signal) {
+        match self {
+            Running::Child(_) => {
+                kill_group(pgid, signal);
+            }
+            Running::Adopted(exit) => {
+                if exit.alive() {
+                    // The leader runs under its recorded pid, which is the group's id: unless it
+                    // moved to another group, the group is the instance's.
+                    if read_stat(exit.pid()).is_some_and(|stat| stat.pgid == pgid) {
+                        kill_group(pgid, signal);
+                    } else {
+                        exit.signal(rustix_signal(signal));
+                    }
+                } else if group_running(pgid).await {
+                    // Leader gone, members left: no new process can be given the group's id
+                    // while the group has members, so it is still the instance's.
+                    kill_group(pgid, signal);
+                }
+            }
+        }
+    }
+}
+
+fn rustix_signal(signal: Signal) -> rustix::process::Signal {
+    if signal == Signal::SIGTERM {
+        rustix::process::Signal::TERM
+    } else {
+        rustix::process::Signal::KILL
+    }
+}
+
+/// How supervising ended.
+enum Outcome {
+    Exited(String),
+    Detached,
+    /// Adopted, and not ready by its deadline: why.
+    Unready(String),
 }
 
 impl InstanceTask {
@@ -102,49 +205,100 @@ impl InstanceTask {
         log_path(&self.config.state_dir, &self.key, &self.id)
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(mut self, start: Start) {
         let work_dir = self.work_dir();
-        let (mut child, spawned_at, log_start) = match self.spawn(&work_dir).await {
-            Ok(Some(spawned)) => spawned,
-            Ok(None) => {
-                self.send(EventKind::Exited {
-                    exit: "stopped before start".into(),
-                });
-                return;
+        let (mut running, pgid, started, readiness) = match start {
+            Start::Spawn { address, process } => {
+                match self.spawn(&work_dir, address, &process).await {
+                    Ok(Some((child, spawned_at, program, log_start))) => {
+                        // The leader of a new process group: its pid is the group id.
+                        let pid = child.id().unwrap_or(0);
+                        self.send(EventKind::Spawned {
+                            pid,
+                            start_time: process_start_time(pid),
+                            program,
+                        });
+                        tracing::info!(function = %self.key, instance = %self.id, pid, %address, "instance spawned");
+                        let readiness =
+                            Readiness::Spawned(spawned_at, address, process.readiness_path.clone());
+                        (Running::Child(child), pid, Some(log_start), readiness)
+                    }
+                    Ok(None) => {
+                        self.send(EventKind::Exited {
+                            exit: "stopped before start".into(),
+                        });
+                        return;
+                    }
+                    Err(error) => {
+                        self.send(EventKind::SpawnFailed { error });
+                        let _ = tokio::fs::remove_dir_all(&work_dir).await;
+                        return;
+                    }
+                }
             }
-            Err(error) => {
-                self.send(EventKind::SpawnFailed { error });
-                let _ = tokio::fs::remove_dir_all(&work_dir).await;
-                return;
+            Start::Adopt {
+                pgid,
+                exit,
+                ready_by,
+            } => {
+                let readiness = match ready_by {
+                    None => Readiness::Ready,
+                    Some((address, path, deadline)) => Readiness::Adopting(address, path, deadline),
+                };
+                (Running::Adopted(exit), pgid, None, readiness)
             }
         };
-        // The leader of a new process group: its pid is the group id.
-        let pid = child.id().unwrap_or(0);
-        self.send(EventKind::Spawned {
-            pid,
-            start_time: process_start_time(pid),
-        });
-        tracing::info!(function = %self.key, instance = %self.id, pid, address = %self.address, "instance spawned");
-        // Its lines from where its file ended before it started.
-        let tail = self.start_tail(log_start).await;
-
-        let exit = self.supervise(&mut child, pid, spawned_at).await;
-        // Whatever the group still holds goes now; the output it wrote last is read before
-        // the exit is reported, so that status shows the last lines.
-        kill_group(pid, Signal::SIGKILL);
-        wait_group_gone(pid).await;
-        if let Some(tail) = tail {
-            tail.finish().await;
+        // A spawned instance's lines from where its file was when it started; an adopted one's
+        // from its recent lines, written before and while no agent ran.
+        let tail_from = match started {
+            Some(log_start) => TailFrom::Offset(log_start),
+            None => TailFrom::Backlog(RING_BYTES as u64),
+        };
+        let tail = self.start_tail(tail_from).await;
+        let outcome = self.supervise(&mut running, pgid, readiness).await;
+        match outcome {
+            Outcome::Unready(reason) => {
+                running.signal_group(pgid, Signal::SIGKILL).await;
+                let _ = timeout(GROUP_REAP_WAIT, running.wait()).await;
+                wait_group_gone(pgid).await;
+                if let Some(tail) = tail {
+                    tail.finish(true).await;
+                }
+                let _ = tokio::fs::remove_dir_all(&work_dir).await;
+                tracing::warn!(function = %self.key, instance = %self.id, pid = pgid, "killed an instance left running by a previous agent: {reason}");
+                self.send(EventKind::Reaped { reason });
+            }
+            Outcome::Detached => {
+                if let Some(tail) = tail {
+                    tail.finish(false).await;
+                }
+                tracing::info!(function = %self.key, instance = %self.id, pid = pgid, "instance left running for the next agent");
+                self.send(EventKind::Detached);
+            }
+            Outcome::Exited(exit) => {
+                // Whatever the group still holds goes now; the output it wrote last is read
+                // before the exit is reported, so that status shows the last lines.
+                running.signal_group(pgid, Signal::SIGKILL).await;
+                wait_group_gone(pgid).await;
+                if let Some(tail) = tail {
+                    tail.finish(true).await;
+                }
+                let _ = tokio::fs::remove_dir_all(&work_dir).await;
+                tracing::info!(function = %self.key, instance = %self.id, %exit, "instance exited");
+                self.send(EventKind::Exited { exit });
+            }
         }
-        let _ = tokio::fs::remove_dir_all(&work_dir).await;
-        tracing::info!(function = %self.key, instance = %self.id, %exit, "instance exited");
-        self.send(EventKind::Exited { exit });
     }
 
-    /// Starts the process; `Ok(None)` when told to stop before it started. Returns the child, the
-    /// instant taken just before the fork (cold starts include the exec) and where its log file
-    /// ended before it started.
-    async fn spawn(&self, work_dir: &Path) -> Result<Option<(Child, Instant, u64)>, String> {
+    /// Starts the process; `Ok(None)` when told to stop before it started. Returns the child,
+    /// the instant taken just before the fork (cold starts include the exec), the program run
+    /// and where its log file ended before it started.
+    async fn spawn(
+        &self,
+        work_dir: &Path,
+        address: SocketAddr,
+        process: &ProcessRuntime,
+    ) -> Result<Option<(Child, Instant, PathBuf, u64)>, String> {
         if *self.directive.borrow() != Directive::Run {
             return Ok(None);
         }
@@ -184,7 +338,6 @@ impl InstanceTask {
             .try_clone()
             .map_err(|e| format!("cannot start: cannot open {}: {e}", log_path.display()))?;
 
-        let process = &self.process;
         // Resolved at every attempt, so a binary the operator installs later is picked up; the
         // canonical path is what runs, so a symlink swapped after the check changes nothing.
         let program = self
@@ -217,34 +370,64 @@ impl InstanceTask {
         }
         command
             .envs(&process.env)
-            .env("PORT", self.address.port().to_string())
-            .env("HOST", self.address.ip().to_string())
+            .env("PORT", address.port().to_string())
+            .env("HOST", address.ip().to_string())
             .env("REGION", &self.config.region)
             .env("INSTANCE_ID", &self.id)
             .env("MERIDIAN_FUNCTION", self.key.to_string())
             .stdin(Stdio::null())
             // The log file itself, O_APPEND: the instance needs nothing of the agent's to keep
-            // writing. The agent's copies close when `command` is dropped below.
+            // writing, so it outlives the agent with its output. The agent's copies close when
+            // `command` is dropped below.
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_copy))
-            // Its own group, so that stopping it reaches whatever it forks; we kill the group
-            // ourselves, including when this task is dropped (no kill_on_drop).
+            // Its own group, so that stopping it reaches whatever it forks and a signal to the
+            // agent's group (Ctrl-C, kill -9 of the agent) does not; we kill the group
+            // ourselves, including when this task is dropped (no kill_on_drop). No parent-death
+            // signal either: an instance survives its agent until the next one adopts it.
             .process_group(0)
             .kill_on_drop(false);
         let spawned_at = Instant::now();
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start: command \"{}\": {e}", process.command))?;
-        Ok(Some((child, spawned_at, log_start)))
+        Ok(Some((child, spawned_at, program, log_start)))
     }
 
-    /// Runs until the process exits or is stopped; returns how it ended.
-    async fn supervise(&mut self, child: &mut Child, pgid: u32, spawned_at: Instant) -> String {
-        let probe_address = probe_address(self.address);
-        let readiness_path = self.process.readiness_path.clone();
-        let ready = readiness::wait_ready(probe_address, &readiness_path, spawned_at);
+    /// Runs until the process exits, is stopped, detached or (adopted) found unready; returns
+    /// how it ended.
+    async fn supervise(
+        &mut self,
+        running: &mut Running,
+        pgid: u32,
+        readiness: Readiness,
+    ) -> Outcome {
+        let mut is_ready = matches!(readiness, Readiness::Ready);
+        let spawned_at = match &readiness {
+            Readiness::Spawned(at, _, _) => Some(*at),
+            _ => None,
+        };
+        let ready = async {
+            match readiness {
+                Readiness::Spawned(spawned_at, address, path) => {
+                    readiness::wait_ready(probe_address(address), &path, spawned_at).await;
+                    Ok(())
+                }
+                Readiness::Adopting(address, path, deadline) => {
+                    if adopt::ready_by(address, &path, deadline).await {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "not ready within {:?} of the agent's start ({})",
+                            adopt::READY_WITHIN,
+                            adopt::probe_target(address, &path)
+                        ))
+                    }
+                }
+                Readiness::Ready => std::future::pending().await,
+            }
+        };
         tokio::pin!(ready);
-        let mut is_ready = false;
         let drain = Arc::clone(&self.drain);
         let drain_timeout = self.config.drain_timeout;
         let id = self.id.clone();
@@ -260,12 +443,19 @@ impl InstanceTask {
                     }
                 }
                 Directive::Stop => break,
+                Directive::Detach => return Outcome::Detached,
             }
             tokio::select! {
-                status = child.wait() => return describe(status),
-                () = &mut ready, if !is_ready => {
+                exit = running.wait() => return Outcome::Exited(exit),
+                passed = &mut ready, if !is_ready => {
+                    if let Err(reason) = passed {
+                        return Outcome::Unready(reason);
+                    }
                     is_ready = true;
-                    self.send(EventKind::Ready { cold_start: spawned_at.elapsed() });
+                    let cold_start = spawned_at.map(|at| at.elapsed());
+                    // By now a wrapper has exec'd what it runs: that is what is recorded.
+                    let cmdline = read_cmdline(pgid);
+                    self.send(EventKind::Ready { cold_start, cmdline });
                 }
                 changed = self.directive.changed() => {
                     directive = match changed {
@@ -285,16 +475,18 @@ impl InstanceTask {
                 }
             }
         }
-        terminate(child, pgid, self.config.stop_grace).await
+        Outcome::Exited(terminate(running, pgid, self.config.stop_grace).await)
     }
 
     /// Starts following the log file into the registry; `None` (and a warning) if it cannot be
     /// opened: the instance runs on, its lines reach the file but not the Logs API.
-    async fn start_tail(&self, offset: u64) -> Option<TailHandle> {
+    async fn start_tail(&self, from: TailFrom) -> Option<TailHandle> {
         let path = self.log_path();
-        let opened =
-            tokio::task::spawn_blocking(move || LogTail::open_at(path, LOG_FILE_MAX_BYTES, offset))
-                .await;
+        let opened = tokio::task::spawn_blocking(move || match from {
+            TailFrom::Offset(offset) => LogTail::open_at(path, LOG_FILE_MAX_BYTES, offset),
+            TailFrom::Backlog(bytes) => LogTail::open_recent(path, LOG_FILE_MAX_BYTES, bytes),
+        })
+        .await;
         let tail = match opened {
             Ok(Ok(tail)) => tail,
             Ok(Err(error)) => {
@@ -327,17 +519,24 @@ pub fn log_path(state_dir: &Path, key: &FunctionKey, id: &str) -> PathBuf {
         .join(format!("{id}.log"))
 }
 
+/// Where a tail starts.
+#[derive(Clone, Copy, Debug)]
+enum TailFrom {
+    Offset(u64),
+    Backlog(u64),
+}
+
 /// A running [`follow`] task.
 struct TailHandle {
-    stop: oneshot::Sender<()>,
+    /// `true`: also emit a last line without a newline (the instance is gone).
+    stop: oneshot::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl TailHandle {
-    /// Reads what is left, with a last line without a newline (the instance is gone), and ends
-    /// the task (bounded by [`TAIL_FINISH_WAIT`]).
-    async fn finish(self) {
-        let _ = self.stop.send(());
+    /// Reads what is left and ends the task (bounded by [`TAIL_FINISH_WAIT`]).
+    async fn finish(self, last_line: bool) {
+        let _ = self.stop.send(last_line);
         let mut task = self.task;
         if timeout(TAIL_FINISH_WAIT, &mut task).await.is_err() {
             task.abort();
@@ -352,7 +551,7 @@ async fn follow(
     logs: Arc<LogRegistry>,
     key: FunctionKey,
     id: String,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<bool>,
 ) {
     let mut interval = TAIL_POLL_MIN;
     let mut failing = false;
@@ -381,14 +580,16 @@ async fn follow(
             }
         }
         tokio::select! {
-            _ = &mut stop => {
+            last_line = &mut stop => {
                 let (returned, read) = read_once(tail).await;
                 let Some(mut tail) = returned else { return };
                 for line in read.unwrap_or_default() {
                     logs.push(&key, &id, OutputStream::Output, line);
                 }
-                if let Some(line) = tail.finish() {
-                    logs.push(&key, &id, OutputStream::Output, line);
+                if last_line.unwrap_or(true) {
+                    if let Some(line) = tail.finish() {
+                        logs.push(&key, &id, OutputStream::Output, line);
+                    }
                 }
                 return;
             }
@@ -434,21 +635,21 @@ fn prepare_dirs(
 }
 
 /// SIGTERM to the group; SIGKILL when the grace is over (the leader, then any member left).
-async fn terminate(child: &mut Child, pgid: u32, grace: Duration) -> String {
+async fn terminate(running: &mut Running, pgid: u32, grace: Duration) -> String {
     let deadline = Instant::now() + grace;
-    kill_group(pgid, Signal::SIGTERM);
-    let status = match timeout_at(deadline, child.wait()).await {
+    running.signal_group(pgid, Signal::SIGTERM).await;
+    let status = match timeout_at(deadline, running.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            kill_group(pgid, Signal::SIGKILL);
-            child.wait().await
+            running.signal_group(pgid, Signal::SIGKILL).await;
+            running.wait().await
         }
     };
     // Members the leader forked got the SIGTERM too; they get the rest of the grace.
     while Instant::now() < deadline && group_running(pgid).await {
         sleep(GROUP_POLL).await;
     }
-    describe(status)
+    status
 }
 
 /// Waits (briefly) until the killed group's members are reaped, so that "exited" means gone.
@@ -484,7 +685,7 @@ pub fn describe(status: std::io::Result<ExitStatus>) -> String {
 }
 
 /// An instance bound to the wildcard address is probed on loopback.
-fn probe_address(address: SocketAddr) -> SocketAddr {
+pub fn probe_address(address: SocketAddr) -> SocketAddr {
     match address.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), address.port())

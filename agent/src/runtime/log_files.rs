@@ -80,6 +80,13 @@ impl LogTail {
         })
     }
 
+    /// Follows `path` from its end less `backlog` bytes, from the first line start there: an
+    /// adopted instance's recent lines (written before and while no agent ran) are shown.
+    pub fn open_recent(path: PathBuf, max_bytes: u64, backlog: u64) -> io::Result<LogTail> {
+        let len = std::fs::metadata(&path)?.len();
+        LogTail::open_at(path, max_bytes, len.saturating_sub(backlog))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -338,7 +345,7 @@ mod tests {
         let path = dir.path().join("i-2.log");
         tokio::fs::write(&path, "0123456789012345\n").await.unwrap();
         let mut out = open_for_instance(&path).unwrap();
-        let mut tail = LogTail::open_at(path.clone(), 20, 0).unwrap();
+        let mut tail = LogTail::open_recent(path.clone(), 20, 1 << 20).unwrap();
         append(&mut out, "next\n");
         // 22 bytes: over the cap at the first read.
         assert_eq!(tail.poll().unwrap(), ["0123456789012345", "next"]);
@@ -346,6 +353,27 @@ mod tests {
         append(&mut out, "after\n");
         assert_eq!(tail.poll().unwrap(), ["after"]);
         assert_eq!(read(&path).await, "after\n");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_file_is_followed_from_its_recent_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i-3.log");
+        tokio::fs::write(&path, "old line one\nold line two\nlast\n")
+            .await
+            .unwrap();
+        // A backlog of 10 bytes lands inside "old line two": from the next line on.
+        let mut tail = LogTail::open_recent(path.clone(), 1 << 20, 10).unwrap();
+        assert_eq!(tail.poll().unwrap(), ["last"]);
+        // Exactly at a line start: that line is kept.
+        let mut tail = LogTail::open_recent(path.clone(), 1 << 20, 5).unwrap();
+        assert_eq!(tail.poll().unwrap(), ["last"]);
+        let mut out = open_for_instance(&path).unwrap();
+        append(&mut out, "partial");
+        assert!(tail.poll().unwrap().is_empty());
+        append(&mut out, " line\nand a last one");
+        assert_eq!(tail.poll().unwrap(), ["partial line"]);
+        assert_eq!(tail.finish().as_deref(), Some("and a last one"));
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! Runs the instances of `process` functions: spawn, readiness, restarts, drain, logs.
+//! Runs the instances of `process` functions: spawn, readiness, restarts, drain, logs, and the
+//! adoption of the instances a previous agent left running.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use meridian_proto::v1::{EndpointState, InstanceStatus, LogLine, ProcessRuntime}
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+mod adopt;
 mod instance;
 mod log_files;
 mod logs;
@@ -25,10 +27,12 @@ mod supervisor;
 mod tests;
 
 use crate::fs_modes;
+pub use adopt::{ADOPTED_EXIT, READY_WITHIN as ADOPTION_READY_WITHIN};
 use logs::LogRegistry;
 pub use policy::{CommandPolicy, CommandRefused, PolicyError, RunAs};
 use records::ProcessRecord;
-use supervisor::{Command, Supervisor};
+pub use supervisor::ADOPTION_HOLD;
+use supervisor::{Command, Inherited, Supervisor};
 
 /// `<state-dir>/instances/<ns>/<name>/<id>`: each instance's working directory.
 pub const INSTANCES_DIR: &str = "instances";
@@ -50,6 +54,9 @@ pub struct RuntimeConfig {
     pub stop_grace: Duration,
     /// The longest a draining instance waits for the [`DrainGate`].
     pub drain_timeout: Duration,
+    /// How long after the start adopted instances are kept whatever the desired count says
+    /// ([`ADOPTION_HOLD`] in the agent).
+    pub adoption_hold: Duration,
 }
 
 /// Identifies a function.
@@ -235,8 +242,8 @@ pub enum RuntimeError {
     UnknownInstance { function: String, instance: String },
     #[error("cannot record the running instances")]
     Records(#[from] records::RecordsError),
-    #[error("the orphan clean-up task failed")]
-    CleanupTask(#[source] tokio::task::JoinError),
+    #[error("the task reading the previous agent's records failed")]
+    RecordsTask(#[source] tokio::task::JoinError),
     #[error("the state directory task failed")]
     StateDirTask(#[source] tokio::task::JoinError),
 }
@@ -261,7 +268,12 @@ impl fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// Kills orphans recorded by a previous agent, then starts the supervisor task.
+    /// Adopts what a previous agent recorded and left running (see `adopt`: the instances whose
+    /// pid, start time and command line match, READY if they answer their readiness probe within
+    /// half a second, STARTING and probed on for up to 3 s if not; it reaps what is ours but not
+    /// as recorded, and never signals a process that is not ours), then starts the supervisor
+    /// with them booked. Returns only then, so that nothing can ask for instances before the
+    /// adopted ones count.
     pub async fn start(
         config: RuntimeConfig,
         drain: Arc<dyn DrainGate>,
@@ -271,13 +283,46 @@ impl Runtime {
             .await
             .map_err(RuntimeError::StateDirTask)??;
         let path = records::records_path(&config.state_dir);
-        let cleanup_path = path.clone();
-        tokio::task::spawn_blocking(move || clean_up_orphans(&cleanup_path))
+        let read_path = path.clone();
+        let previous = tokio::task::spawn_blocking(move || records::read(&read_path))
             .await
-            .map_err(RuntimeError::CleanupTask)??;
+            .map_err(RuntimeError::RecordsTask)?;
+        let previous = match previous {
+            Ok(previous) => previous,
+            // The agent must still start; the instances (if any) are reported, not fatal.
+            Err(error) => {
+                tracing::warn!(
+                    error = %crate::error_chain(&error),
+                    "cannot read the previous agent's process records; adopting and reaping nothing"
+                );
+                Vec::new()
+            }
+        };
+        let boot_id = records::boot_id();
+        let expect = adopt::Expectations {
+            boot_id: boot_id.clone(),
+            uid: config
+                .policy
+                .run_as()
+                .map_or_else(|| nix::unistd::geteuid().as_raw(), |user| user.uid()),
+            roots: config.policy.allowed_roots().to_vec(),
+        };
+        let take_over = adopt::take_over(previous, &expect).await;
+        report_take_over(&take_over);
+        let adopted = take_over.adopted;
+        // What runs now, before anything else happens: a crash right after must not forget the
+        // adopted instances, nor remember the reaped ones.
+        let now_running: Vec<ProcessRecord> = adopted.iter().map(|a| a.record.clone()).collect();
+        let write_path = path.clone();
+        tokio::task::spawn_blocking(move || records::write(&write_path, &now_running))
+            .await
+            .map_err(RuntimeError::RecordsTask)??;
 
         let config = Arc::new(config);
         let logs = Arc::new(LogRegistry::new(config.region.clone()));
+        for instance in &adopted {
+            logs.register_function(&instance.key);
+        }
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
         let (records_tx, records_rx) = watch::channel(Arc::new(Vec::new()));
@@ -288,6 +333,7 @@ impl Runtime {
             commands_rx,
             snapshot_tx,
             records_tx,
+            Inherited { boot_id, adopted },
         );
         tokio::spawn(supervisor.run());
         let recorder = tokio::spawn(record_processes(path, records_rx));
@@ -350,8 +396,20 @@ impl Runtime {
     /// Drains nothing: SIGTERM to all, grace, SIGKILL; for agent shutdown. Returns once every
     /// instance is gone and `instances.json` says so. Later `set` calls are ignored.
     pub async fn shutdown(&self) {
+        self.stop(false).await;
+    }
+
+    /// For an agent that stops with `--keep-instances-on-exit`: leaves every READY instance
+    /// running, recorded in `instances.json` for the next agent to adopt, and stops the others
+    /// (starting or draining ones) as [`Runtime::shutdown`] does. Later `set` calls are
+    /// ignored.
+    pub async fn release(&self) {
+        self.stop(true).await;
+    }
+
+    async fn stop(&self, keep: bool) {
         let (done, done_rx) = oneshot::channel();
-        if self.commands.send(Command::Shutdown { done }).is_ok() {
+        if self.commands.send(Command::Shutdown { done, keep }).is_ok() {
             // An error means the supervisor already finished a shutdown.
             let _ = done_rx.await;
         }
@@ -363,6 +421,34 @@ impl Runtime {
         if let Some(recorder) = recorder {
             let _ = recorder.await;
         }
+    }
+}
+
+/// Says in the log what became of every record of the previous agent.
+fn report_take_over(take_over: &adopt::TakeOver) {
+    for (record, reason) in &take_over.reaped {
+        tracing::warn!(
+            pid = record.pid,
+            instance = %record.instance,
+            function = %record.function,
+            "killed an instance left running by a previous agent: {reason}"
+        );
+    }
+    for (record, reason) in &take_over.forgotten {
+        tracing::info!(
+            pid = record.pid,
+            instance = %record.instance,
+            function = %record.function,
+            "forgot a recorded instance without signalling it: {reason}"
+        );
+    }
+    if !take_over.adopted.is_empty() || !take_over.reaped.is_empty() {
+        tracing::info!(
+            adopted = take_over.adopted.len(),
+            reaped = take_over.reaped.len(),
+            forgotten = take_over.forgotten.len(),
+            "took over the previous agent's instances"
+        );
     }
 }
 
@@ -379,29 +465,6 @@ fn prepare_state_dir(state_dir: &Path) -> Result<(), RuntimeError> {
         fs_modes::ensure_dir(&path, mode)
             .map_err(|source| RuntimeError::CreateDir { path, source })?;
     }
-    Ok(())
-}
-
-/// SIGKILLs what a previous agent left running, then records that nothing runs.
-fn clean_up_orphans(path: &Path) -> Result<(), RuntimeError> {
-    match records::read(path) {
-        Ok(previous) => {
-            for record in records::kill_orphans(&previous) {
-                tracing::warn!(
-                    pid = record.pid,
-                    instance = %record.instance,
-                    function = %record.function,
-                    "killed an instance left running by a previous agent"
-                );
-            }
-        }
-        // The agent must still start; the orphans (if any) are reported, not fatal.
-        Err(error) => tracing::warn!(
-            error = %crate::error_chain(&error),
-            "cannot read the previous agent's process records; not killing orphans"
-        ),
-    }
-    records::write(path, &[])?;
     Ok(())
 }
 

@@ -2,20 +2,28 @@
 //! spawns and drains, restarts crashed instances with backoff, and publishes a [`Snapshot`] and
 //! the process records after every change. It never waits on a process or a file itself: each
 //! instance has its own task (see `instance`), and the records are written by another.
+//!
+//! It starts with the instances adopted from a previous agent (see `adopt`) already booked as
+//! READY, before it takes any command, so that the first `set` counts them instead of starting
+//! new ones. An adopted instance is current once a `set` names the spec it was recorded with
+//! (by digest); until then, and for [`ADOPTION_HOLD`] after the start, it is not stopped for a
+//! missing or lower desired count.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_proto::v1::ProcessRuntime;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 
-use super::instance::{Directive, EventKind, InstanceEvent, InstanceTask};
+use super::adopt::Adopted;
+use super::instance::{Directive, EventKind, InstanceEvent, InstanceTask, Start};
 use super::logs::LogRegistry;
-use super::records::{kill_group, ProcessRecord};
+use super::records::{kill_group, spec_digest, Adoption, ProcessRecord};
 use super::{
     CrashState, DrainGate, FunctionKey, FunctionRuntime, InstanceInfo, InstanceState,
     RuntimeConfig, Snapshot,
@@ -35,6 +43,12 @@ pub const COLD_START_ALPHA: f64 = 0.3;
 /// On shutdown, how long past the stop grace the supervisor waits for instance tasks before it
 /// SIGKILLs what is left itself.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
+/// For this long after the agent's start, adopted instances are kept whatever the desired count
+/// says: their function may not be `set` yet (the first table is on its way), and the
+/// autoscaler starts without load history, so its first decisions would scale down instances
+/// that are busy. A `remove` drains them at once; after the hold, they are counted like any
+/// other (an adopted function never `set` is drained as removed).
+pub const ADOPTION_HOLD: Duration = Duration::from_secs(10);
 
 pub enum Command {
     Set {
@@ -45,8 +59,11 @@ pub enum Command {
     Remove {
         key: FunctionKey,
     },
+    /// Stops everything; with `keep`, READY instances are left running (and recorded) for the
+    /// next agent to adopt instead.
     Shutdown {
         done: oneshot::Sender<()>,
+        keep: bool,
     },
 }
 
@@ -88,6 +105,44 @@ struct Instance {
     published_ready: bool,
     restarts: u32,
     directive: watch::Sender<Directive>,
+    /// The canonical program run (from the spawn, or the record of an adopted instance).
+    program: Option<PathBuf>,
+    /// `/proc/<pid>/cmdline` when it became ready.
+    cmdline: Option<Vec<String>>,
+    /// `records::spec_digest` of the spec it runs.
+    spec_digest: String,
+    readiness_path: String,
+    /// Taken over from a previous agent.
+    adopted: bool,
+}
+
+impl Instance {
+    /// What the next agent needs to adopt it: only while READY (a starting or draining instance
+    /// is reaped by the next agent) and once its command line is known.
+    fn adoption(&self) -> Option<Adoption> {
+        if self.phase != Phase::Ready {
+            return None;
+        }
+        Some(Adoption {
+            address: self.address,
+            cmdline: self.cmdline.clone()?,
+            program: self.program.clone()?,
+            spec_digest: self.spec_digest.clone(),
+            readiness_path: self.readiness_path.clone(),
+            restarts: self.restarts,
+            started_unix_ms: unix_ms(self.started),
+            ready_unix_ms: unix_ms(self.ready?),
+        })
+    }
+}
+
+fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 #[derive(Default)]
@@ -108,6 +163,9 @@ struct Function {
     /// As of the last reconcile, for the snapshot.
     crash: CrashState,
     status: FunctionRuntime,
+    /// Until then, adopted instances are not stopped for a missing or lower desired count
+    /// ([`ADOPTION_HOLD`]); cleared by a `remove`.
+    adoption_hold: Option<Instant>,
 }
 
 impl Function {
@@ -125,6 +183,14 @@ impl Function {
     }
 }
 
+/// What a supervisor starts from, besides its channels.
+pub struct Inherited {
+    /// This boot's id, for the records.
+    pub boot_id: Option<String>,
+    /// The instances taken over from the previous agent.
+    pub adopted: Vec<Adopted>,
+}
+
 pub struct Supervisor {
     config: Arc<RuntimeConfig>,
     drain: Arc<dyn DrainGate>,
@@ -137,6 +203,10 @@ pub struct Supervisor {
     records: watch::Sender<Arc<Vec<ProcessRecord>>>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     shutdown_deadline: Option<Instant>,
+    /// This boot's id, in every record.
+    boot_id: Option<String>,
+    /// Records of instances detached on a keeping shutdown: still running, for the next agent.
+    kept: Vec<ProcessRecord>,
 }
 
 impl Supervisor {
@@ -147,9 +217,11 @@ impl Supervisor {
         commands: mpsc::UnboundedReceiver<Command>,
         snapshot: watch::Sender<Arc<Snapshot>>,
         records: watch::Sender<Arc<Vec<ProcessRecord>>>,
+        inherited: Inherited,
     ) -> Self {
+        let Inherited { boot_id, adopted } = inherited;
         let (events_tx, events) = mpsc::unbounded_channel();
-        Self {
+        let mut supervisor = Self {
             config,
             drain,
             logs,
@@ -161,7 +233,90 @@ impl Supervisor {
             records,
             shutdown_waiters: Vec::new(),
             shutdown_deadline: None,
+            boot_id,
+            kept: Vec::new(),
+        };
+        let now = Instant::now();
+        for instance in adopted {
+            supervisor.adopt(instance, now);
         }
+        // Published before anything reads the runtime: the first snapshot the overlay serves
+        // and the autoscaler counts already holds the adopted instances.
+        supervisor.publish();
+        supervisor
+    }
+
+    /// Books an adopted instance as READY under its recorded id and starts its task. Must run
+    /// inside the tokio runtime.
+    fn adopt(&mut self, adopted: Adopted, now: Instant) {
+        let Adopted {
+            key,
+            record,
+            adoption,
+            exit,
+            ready_by,
+        } = adopted;
+        let started = from_unix_ms(adoption.started_unix_ms);
+        let ready = from_unix_ms(adoption.ready_unix_ms);
+        let ready_for = SystemTime::now().duration_since(ready).unwrap_or_default();
+        let function = self.functions.entry(key.clone()).or_default();
+        function.adoption_hold = Some(now + self.config.adoption_hold);
+        // The cold start the previous agent measured, so the overlay keeps telling sidecars.
+        if let Ok(cold_start) = ready.duration_since(started) {
+            function.status.cold_start = Some(ewma(function.status.cold_start, cold_start));
+        }
+        let is_ready = ready_by.is_none();
+        let ready_by =
+            ready_by.map(|deadline| (adoption.address, adoption.readiness_path.clone(), deadline));
+        let (directive, directive_rx) = watch::channel(Directive::Run);
+        function.instances.insert(
+            record.instance.clone(),
+            Instance {
+                // Not current until a `set` names the spec it runs.
+                spec_generation: 0,
+                address: adoption.address,
+                // Not answering yet: STARTING, so that sidecars stop sending to it.
+                phase: if is_ready {
+                    Phase::Ready
+                } else {
+                    Phase::Starting
+                },
+                pid: Some(record.pid),
+                start_time: Some(record.start_time),
+                started,
+                ready: is_ready.then_some(ready),
+                ready_since: is_ready.then(|| now.checked_sub(ready_for).unwrap_or(now)),
+                // Sidecars have been sending to it all along (while it answered).
+                published_ready: is_ready,
+                restarts: adoption.restarts,
+                directive,
+                program: Some(adoption.program),
+                cmdline: Some(adoption.cmdline),
+                spec_digest: adoption.spec_digest,
+                readiness_path: adoption.readiness_path,
+                adopted: true,
+            },
+        );
+        self.logs.register_instance(&key, &record.instance);
+        if is_ready {
+            tracing::info!(function = %key, instance = %record.instance, pid = record.pid, address = %adoption.address, "adopted an instance left running by the previous agent");
+        } else {
+            tracing::info!(function = %key, instance = %record.instance, pid = record.pid, address = %adoption.address, "adopted an instance left running by the previous agent; not ready yet, probing it on");
+        }
+        let task = InstanceTask {
+            key,
+            id: record.instance,
+            config: Arc::clone(&self.config),
+            drain: Arc::clone(&self.drain),
+            logs: Arc::clone(&self.logs),
+            events: self.events_tx.clone(),
+            directive: directive_rx,
+        };
+        tokio::spawn(task.run(Start::Adopt {
+            pgid: record.pgid,
+            exit,
+            ready_by,
+        }));
     }
 
     pub async fn run(mut self) {
@@ -188,7 +343,7 @@ impl Supervisor {
                 command = self.commands.recv(), if self.shutdown_deadline.is_none() => match command {
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: nobody can stop the instances later.
-                    None => self.begin_shutdown(None),
+                    None => self.begin_shutdown(None, false),
                 },
                 () = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
@@ -216,8 +371,19 @@ impl Supervisor {
                 let function = self.functions.entry(key).or_default();
                 if function.spec.as_deref() != Some(&process) {
                     // A new spec deserves a fresh start: no inherited backoff or error.
+                    let digest = spec_digest(&process);
                     function.spec = Some(Arc::new(process));
                     function.spec_generation += 1;
+                    // Adopted instances recorded with this very spec run it: they are current.
+                    let generation = function.spec_generation;
+                    for instance in function.instances.values_mut() {
+                        if instance.adopted
+                            && instance.phase != Phase::Draining
+                            && instance.spec_digest == digest
+                        {
+                            instance.spec_generation = generation;
+                        }
+                    }
                     function.pending_restarts.clear();
                     function.backoff_attempt = 0;
                     function.not_before = None;
@@ -231,29 +397,43 @@ impl Supervisor {
                     function.spec = None;
                     function.desired = 0;
                     function.pending_restarts.clear();
+                    function.adoption_hold = None;
                 }
             }
-            Command::Shutdown { done } => self.begin_shutdown(Some(done)),
+            Command::Shutdown { done, keep } => self.begin_shutdown(Some(done), keep),
         }
     }
 
-    fn begin_shutdown(&mut self, done: Option<oneshot::Sender<()>>) {
+    fn begin_shutdown(&mut self, done: Option<oneshot::Sender<()>>, keep: bool) {
         self.shutdown_waiters.extend(done);
         self.shutdown_deadline = Some(Instant::now() + self.config.stop_grace + SHUTDOWN_SLACK);
         for function in self.functions.values_mut() {
             function.spec = None;
             function.pending_restarts.clear();
             for instance in function.instances.values_mut() {
-                instance.phase = Phase::Draining;
-                instance.directive.send_replace(Directive::Stop);
+                let adoptable = instance.adoption().is_some()
+                    && instance.pid.is_some()
+                    && instance.start_time.is_some();
+                if keep && adoptable {
+                    instance.directive.send_replace(Directive::Detach);
+                } else {
+                    instance.phase = Phase::Draining;
+                    instance.directive.send_replace(Directive::Stop);
+                }
             }
         }
     }
 
-    /// Last resort when instance tasks did not report in time.
+    /// Last resort when instance tasks did not report in time; instances being detached are
+    /// left running and recorded.
     fn kill_remaining(&mut self) {
         for (key, function) in &mut self.functions {
             for (id, instance) in std::mem::take(&mut function.instances) {
+                if *instance.directive.borrow() == Directive::Detach {
+                    self.kept
+                        .extend(record_of(key, &id, &instance, &self.boot_id));
+                    continue;
+                }
                 tracing::warn!(function = %key, instance = %id, "instance did not stop in time; killing its group");
                 if let Some(pid) = instance.pid {
                     kill_group(pid, Signal::SIGKILL);
@@ -268,10 +448,29 @@ impl Supervisor {
             return;
         };
         match event.kind {
-            EventKind::Spawned { pid, start_time } => {
+            EventKind::Spawned {
+                pid,
+                start_time,
+                program,
+            } => {
                 if let Some(instance) = function.instances.get_mut(&event.id) {
                     instance.pid = Some(pid);
                     instance.start_time = start_time;
+                    instance.program = Some(program);
+                }
+            }
+            EventKind::Reaped { reason } => {
+                // Not a crash: it was the previous agent's, never READY here. A missing instance
+                // is started as usual.
+                if function.instances.remove(&event.id).is_some() {
+                    self.logs.mark_exited(&event.key, &event.id, now);
+                    function.status.last_exit = Some(format!("killed after adoption: {reason}"));
+                }
+            }
+            EventKind::Detached => {
+                if let Some(instance) = function.instances.remove(&event.id) {
+                    self.kept
+                        .extend(record_of(&event.key, &event.id, &instance, &self.boot_id));
                 }
             }
             EventKind::SpawnFailed { error } => {
@@ -287,17 +486,25 @@ impl Supervisor {
                 function.status.error = Some(error);
                 function.record_failure(instance.restarts, current, now);
             }
-            EventKind::Ready { cold_start } => {
+            EventKind::Ready {
+                cold_start,
+                cmdline,
+            } => {
                 let Some(instance) = function.instances.get_mut(&event.id) else {
                     return;
                 };
-                function.status.cold_start = Some(ewma(function.status.cold_start, cold_start));
-                function.status.starts += 1;
+                if cmdline.is_some() {
+                    instance.cmdline = cmdline;
+                }
+                if let Some(cold_start) = cold_start {
+                    function.status.cold_start = Some(ewma(function.status.cold_start, cold_start));
+                    function.status.starts += 1;
+                }
                 if instance.phase != Phase::Starting {
                     // Told to stop before it got ready: sidecars never see it READY.
                     return;
                 }
-                tracing::info!(function = %event.key, instance = %event.id, cold_start_ms = cold_start.as_millis(), "instance ready");
+                tracing::info!(function = %event.key, instance = %event.id, cold_start_ms = cold_start.map(|c| c.as_millis()), "instance ready");
                 instance.phase = Phase::Ready;
                 instance.ready = Some(SystemTime::now());
                 instance.ready_since = Some(now);
@@ -368,12 +575,41 @@ impl Supervisor {
             return None;
         }
         let function = self.functions.get_mut(key)?;
-        let want = if function.spec.is_some() {
+        let hold = function.adoption_hold.filter(|until| *until > now);
+        if hold.is_none() {
+            function.adoption_hold = None;
+        }
+        if function.spec.is_none() {
+            if let Some(until) = hold {
+                // Adopted, not `set` yet: nothing is decided about it before the hold ends.
+                return Some(until);
+            }
+        }
+        let mut want = if function.spec.is_some() {
             usize::try_from(function.desired).unwrap_or(usize::MAX)
         } else {
             0
         };
+        if hold.is_some() {
+            let adopted = function
+                .instances
+                .values()
+                .filter(|i| i.adopted && i.phase != Phase::Draining && function.is_current(i))
+                .count();
+            want = want.max(adopted);
+        }
+        let wake = self.reconcile_count(key, want, now);
+        match (wake, hold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 
+    /// Brings a function towards `want` current-spec instances: drains the excess and the
+    /// old-spec ones no longer needed, starts what is missing; returns when to look again
+    /// (backoff).
+    fn reconcile_count(&mut self, key: &FunctionKey, want: usize, now: Instant) -> Option<Instant> {
+        let function = self.functions.get_mut(key)?;
         // Current-spec instances taking (or about to take) requests, the ones to give up
         // first at the front: not ready before ready, newest before oldest.
         let mut current: Vec<(String, bool, SystemTime)> = function
@@ -474,21 +710,24 @@ impl Supervisor {
                 published_ready: false,
                 restarts,
                 directive,
+                program: None,
+                cmdline: None,
+                spec_digest: spec_digest(&process),
+                readiness_path: process.readiness_path.clone(),
+                adopted: false,
             },
         );
         self.logs.register_instance(key, &id);
         let task = InstanceTask {
             key: key.clone(),
             id,
-            address,
-            process,
             config: Arc::clone(&self.config),
             drain: Arc::clone(&self.drain),
             logs: Arc::clone(&self.logs),
             events: self.events_tx.clone(),
             directive: directive_rx,
         };
-        tokio::spawn(task.run());
+        tokio::spawn(task.run(Start::Spawn { address, process }));
     }
 
     /// `<function-name>-<6 lowercase hex>`, not used by any live or recent instance.
@@ -551,21 +790,18 @@ impl Supervisor {
             true
         });
 
-        let records: Vec<ProcessRecord> = self
+        let boot_id = &self.boot_id;
+        let mut records: Vec<ProcessRecord> = self
             .functions
             .iter()
             .flat_map(|(key, function)| {
-                function.instances.iter().filter_map(move |(id, instance)| {
-                    Some(ProcessRecord {
-                        pid: instance.pid?,
-                        pgid: instance.pid?,
-                        start_time: instance.start_time?,
-                        instance: id.clone(),
-                        function: key.to_string(),
-                    })
-                })
+                function
+                    .instances
+                    .iter()
+                    .filter_map(move |(id, instance)| record_of(key, id, instance, boot_id))
             })
             .collect();
+        records.extend(self.kept.iter().cloned());
         self.records.send_if_modified(|current| {
             if **current == records {
                 return false;
@@ -574,6 +810,25 @@ impl Supervisor {
             true
         });
     }
+}
+
+/// The record of a spawned (or adopted) instance: its process, and while READY what the next
+/// agent needs to adopt it.
+fn record_of(
+    key: &FunctionKey,
+    id: &str,
+    instance: &Instance,
+    boot_id: &Option<String>,
+) -> Option<ProcessRecord> {
+    Some(ProcessRecord {
+        pid: instance.pid?,
+        pgid: instance.pid?,
+        start_time: instance.start_time?,
+        instance: id.to_owned(),
+        function: key.to_string(),
+        boot_id: boot_id.clone(),
+        adoption: instance.adoption(),
+    })
 }
 
 /// Takes an instance out of service: one sidecars may have seen READY waits for the drain gate,

@@ -62,6 +62,7 @@ fn config(dir: &Path) -> RuntimeConfig {
         region: "eu-west".into(),
         stop_grace: Duration::from_secs(2),
         drain_timeout: Duration::from_secs(10),
+        adoption_hold: Duration::from_secs(10),
     }
 }
 
@@ -645,12 +646,15 @@ async fn start_kills_recorded_orphans_but_not_reused_pids() {
     };
     let mut orphan = spawn_group();
     let mut bystander = spawn_group();
+    // Records as an agent before adoption wrote them: no boot id, nothing to adopt by.
     let record = |child: &std::process::Child, start_time| ProcessRecord {
         pid: child.id(),
         pgid: child.id(),
         start_time,
         instance: "hello-abcdef".into(),
         function: "default/hello".into(),
+        boot_id: None,
+        adoption: None,
     };
     let orphan_start = process_start_time(orphan.id()).unwrap();
     let bystander_start = process_start_time(bystander.id()).unwrap();
@@ -894,4 +898,352 @@ async fn commands_outside_the_roots_never_start() {
     }
     runtime.shutdown().await;
     assert!(!marker.exists());
+}
+
+/// A runtime with a short adoption hold, for the adoption tests.
+async fn start_with_hold(dir: &Path, hold: Duration) -> Runtime {
+    let mut config = config(dir);
+    config.adoption_hold = hold;
+    Runtime::start(config, Arc::new(NoDrainGate)).await.unwrap()
+}
+
+fn log_path_of(dir: &Path, key: &FunctionKey, id: &str) -> PathBuf {
+    dir.join("logs")
+        .join(&key.namespace)
+        .join(&key.name)
+        .join(format!("{id}.log"))
+}
+
+fn ids_and_pids(snapshot: &Snapshot, key: &FunctionKey) -> Vec<(String, u32, SocketAddr)> {
+    function(snapshot, key)
+        .map(|f| {
+            f.instances
+                .iter()
+                .map(|i| (i.id.clone(), i.pid, i.address))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_released_runtime_leaves_ready_instances_to_the_next_one_which_adopts_them() {
+    let dir = state_dir();
+    let hold = Duration::from_secs(1);
+    let first = start_with_hold(dir.path(), hold).await;
+    let spec =
+        shell("echo \"hello from $INSTANCE_ID\"; while true; do echo tick; sleep 0.05; done");
+    first.set(key(), spec.clone(), 2);
+    let mut known = Vec::new();
+    let (a, _server_a) = make_one_ready(&first, &mut known).await;
+    let (b, _server_b) = make_one_ready(&first, &mut known).await;
+    // And one that never gets ready: it is stopped, not left behind.
+    let slow = FunctionKey::new("default", "slow");
+    first.set(slow.clone(), shell("exec sleep 30"), 1);
+    let snapshot = wait_for(&first, "slow starting", |s| {
+        function(s, &slow).is_some_and(|f| f.starting() == 1)
+    })
+    .await;
+    let slow_pid = function(&snapshot, &slow).unwrap().instances[0].pid;
+    let before = ids_and_pids(&first.snapshot(), &key());
+
+    first.release().await;
+    assert!(pid_alive(a.pid) && pid_alive(b.pid));
+    assert!(!pid_alive(slow_pid));
+    let recorded = records::read(&records_path(dir.path())).unwrap();
+    let mut recorded_ids: Vec<&str> = recorded.iter().map(|r| r.instance.as_str()).collect();
+    recorded_ids.sort_unstable();
+    let mut expected_ids = vec![a.id.as_str(), b.id.as_str()];
+    expected_ids.sort_unstable();
+    assert_eq!(recorded_ids, expected_ids);
+    assert!(recorded
+        .iter()
+        .all(|r| r.adoption.is_some() && r.boot_id.is_some()));
+
+    // The instances write on while no agent runs: their stdout is the file itself.
+    let log_a = log_path_of(dir.path(), &key(), &a.id);
+    let size = std::fs::metadata(&log_a).unwrap().len();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while std::fs::metadata(&log_a).unwrap().len() <= size {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the log stopped growing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let second = start_with_hold(dir.path(), hold).await;
+    // Booked from the first snapshot on: same ids, pids and addresses, READY.
+    let snapshot = second.snapshot();
+    assert_eq!(ids_and_pids(&snapshot, &key()), before);
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(status.ready(), 2);
+    assert_eq!(status.restarts, 0);
+    assert!(
+        status.cold_start.is_some(),
+        "the recorded cold start is kept"
+    );
+    assert!(status.instances.iter().all(|i| i.ready.is_some()));
+
+    // The same spec claims them: nothing new starts. (The marker's instance shows that the
+    // `set` before it was handled.)
+    second.set(key(), spec.clone(), 2);
+    let marker = FunctionKey::new("default", "marker");
+    second.set(marker.clone(), shell("exec sleep 30"), 1);
+    let snapshot = wait_for(&second, "the marker's instance", |s| {
+        function(s, &marker).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    assert_eq!(ids_and_pids(&snapshot, &key()), before);
+
+    // Their logs go on: the line from before the restart, then lines read since.
+    let backlog: Vec<LogLine> = second
+        .logs(&key(), Some(a.id.clone()), 1000, false)
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        backlog
+            .iter()
+            .any(|l| l.line == format!("hello from {}", a.id)),
+        "{backlog:?}"
+    );
+    let lines = first_lines(&second, &key(), Some(&a.id), backlog.len() + 3).await;
+    assert!(lines[backlog.len()..].iter().all(|l| l.line == "tick"));
+
+    // A lower count waits for the hold, then drains one.
+    second.set(key(), spec.clone(), 1);
+    let snapshot = wait_for(&second, "one instance of hello left", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    assert!(
+        started.elapsed() >= hold,
+        "drained {:?} after the start",
+        started.elapsed()
+    );
+    let left = function(&snapshot, &key()).unwrap().instances[0].clone();
+    let drained = if left.id == a.id { &b } else { &a };
+    assert!(!pid_alive(drained.pid));
+
+    // An adopted instance that dies is seen at once (its pidfd), without an exit code, and
+    // replaced like any crashed instance.
+    records::kill_group(left.pid, nix::sys::signal::Signal::SIGKILL);
+    let snapshot = wait_for(&second, "the adopted instance's exit", |s| {
+        function(s, &key()).is_some_and(|f| f.restarts == 1)
+    })
+    .await;
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(status.last_exit.as_deref(), Some(ADOPTED_EXIT));
+    wait_for(&second, "a replacement", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.iter().any(|i| i.id != left.id))
+    })
+    .await;
+    second.shutdown().await;
+    assert!(!pid_alive(a.pid) && !pid_alive(b.pid));
+    assert!(records::read(&records_path(dir.path())).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_adopted_instance_of_a_changed_spec_is_replaced() {
+    let dir = state_dir();
+    let first = start_with_hold(dir.path(), Duration::from_secs(30)).await;
+    first.set(key(), shell("exec sleep 30"), 1);
+    let mut known = Vec::new();
+    let (old, _old_server) = make_one_ready(&first, &mut known).await;
+    first.release().await;
+
+    let second = start_with_hold(dir.path(), Duration::from_secs(30)).await;
+    second.set(key(), shell("exec sleep 31"), 1);
+    // An instance of the new spec starts while the adopted one serves (the hold does not keep
+    // an old spec: it only keeps instances of the current one).
+    let snapshot = wait_for(&second, "the new instance starting", |s| {
+        instances_in(s, InstanceState::Starting).len() == 1
+    })
+    .await;
+    let ready = instances_in(&snapshot, InstanceState::Ready);
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].id, old.id);
+    let mut known = vec![old.id.clone()];
+    let (new, _new_server) = make_one_ready(&second, &mut known).await;
+    let snapshot = wait_for(&second, "only the new one", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1 && f.ready() == 1)
+    })
+    .await;
+    assert_eq!(function(&snapshot, &key()).unwrap().instances[0].id, new.id);
+    assert!(!pid_alive(old.pid));
+    second.shutdown().await;
+}
+
+/// `sleep 30` in its own process group as the instances' user: what an agent would have left.
+fn spawn_like_an_instance() -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(policy().resolve("sleep").unwrap());
+    command.arg("30").process_group(0);
+    if let Some(user) = policy().run_as() {
+        command.uid(user.uid()).gid(user.gid());
+    }
+    command.spawn().unwrap()
+}
+
+/// A record of `child` as an agent would have written it for a READY instance at `address`
+/// (TCP readiness).
+fn adoptable_record(child: &std::process::Child, id: &str, address: SocketAddr) -> ProcessRecord {
+    let pid = child.id();
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    ProcessRecord {
+        pid,
+        pgid: pid,
+        start_time: process_start_time(pid).unwrap(),
+        instance: id.into(),
+        function: "default/hello".into(),
+        boot_id: records::boot_id(),
+        adoption: Some(records::Adoption {
+            address,
+            cmdline: records::read_cmdline(pid).unwrap(),
+            program: policy().resolve("sleep").unwrap(),
+            spec_digest: records::spec_digest(&shell("exec sleep 30")),
+            readiness_path: String::new(),
+            restarts: 0,
+            started_unix_ms: now_ms - 1000,
+            ready_unix_ms: now_ms - 900,
+        }),
+    }
+}
+
+/// Waits for a child of the test to exit; its status.
+async fn exit_of(mut child: std::process::Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn start_adopts_only_what_it_can_vouch_for_reaps_its_own_and_never_signals_strangers() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = state_dir();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let ready_address = free();
+    let _server = serve_health(ready_address).await;
+
+    let good = spawn_like_an_instance();
+    let unready = spawn_like_an_instance();
+    let other_command = spawn_like_an_instance();
+    let stranger = spawn_like_an_instance();
+    let other_boot = spawn_like_an_instance();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+
+    let mut records = vec![
+        adoptable_record(&good, "hello-00000a", ready_address),
+        // Ours, but nothing answers on its port.
+        adoptable_record(&unready, "hello-00000b", free()),
+    ];
+    let mut changed = adoptable_record(&other_command, "hello-00000c", ready_address);
+    changed.adoption.as_mut().unwrap().cmdline = vec!["sleep".into(), "31".into()];
+    records.push(changed);
+    // The pid was reused: the recorded process started at another time.
+    let mut reused = adoptable_record(&stranger, "hello-00000d", ready_address);
+    reused.start_time += 1;
+    records.push(reused);
+    // Recorded in another boot: pid and start time name someone else now.
+    let mut rebooted = adoptable_record(&other_boot, "hello-00000e", ready_address);
+    rebooted.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+    records.push(rebooted);
+    records.push(ProcessRecord {
+        pid: gone_pid,
+        pgid: gone_pid,
+        start_time: 1,
+        instance: "hello-00000f".into(),
+        function: "default/hello".into(),
+        boot_id: records::boot_id(),
+        adoption: None,
+    });
+    records::write(&records_path(dir.path()), &records).unwrap();
+
+    let began = Instant::now();
+    let hold = Duration::from_secs(5);
+    let runtime = start_with_hold(dir.path(), hold).await;
+    // The start waits for the first round of probes only, not for the unready one's deadline.
+    assert!(
+        began.elapsed() < ADOPTION_READY_WITHIN,
+        "{:?}",
+        began.elapsed()
+    );
+    let snapshot = runtime.snapshot();
+    let adopted = ids_and_pids(&snapshot, &key());
+    let unready_address = records[1].adoption.as_ref().unwrap().address;
+    assert_eq!(
+        adopted,
+        vec![
+            ("hello-00000a".to_string(), good.id(), ready_address),
+            ("hello-00000b".to_string(), unready.id(), unready_address),
+        ]
+    );
+    // The one that answers is READY; the other STARTING, so sidecars stop sending to it.
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!((status.ready(), status.starting()), (1, 1));
+
+    // Ours but another command line: killed at once. The strangers: untouched.
+    assert_eq!(exit_of(other_command).await.signal(), Some(9));
+    let mut stranger = stranger;
+    let mut other_boot = other_boot;
+    assert!(stranger.try_wait().unwrap().is_none());
+    assert!(other_boot.try_wait().unwrap().is_none());
+
+    // Ours, and not ready by its deadline: killed then, not counted as a restart.
+    assert_eq!(exit_of(unready).await.signal(), Some(9));
+    assert!(began.elapsed() >= ADOPTION_READY_WITHIN);
+    let snapshot = wait_for(&runtime, "the unready one gone", |s| {
+        function(s, &key()).is_some_and(|f| f.instances.len() == 1)
+    })
+    .await;
+    let status = function(&snapshot, &key()).unwrap();
+    assert_eq!(status.instances[0].id, "hello-00000a");
+    assert_eq!(status.restarts, 0);
+    assert!(
+        status
+            .last_exit
+            .as_deref()
+            .is_some_and(|e| e.contains("not ready within")),
+        "{status:?}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let recorded = records::read(&records_path(dir.path())).unwrap();
+        let ids: Vec<&str> = recorded.iter().map(|r| r.instance.as_str()).collect();
+        if ids == ["hello-00000a"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "recorded {ids:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stranger.try_wait().unwrap().is_none());
+    assert!(other_boot.try_wait().unwrap().is_none());
+
+    // Its function is never `set`: after the hold it is drained like a removed one.
+    wait_for(&runtime, "the unclaimed function gone", |s| {
+        function(s, &key()).is_none()
+    })
+    .await;
+    assert!(began.elapsed() >= hold);
+    assert_eq!(exit_of(good).await.signal(), Some(15));
+
+    for mut child in [stranger, other_boot] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    runtime.shutdown().await;
 }

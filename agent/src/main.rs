@@ -2,7 +2,8 @@
 //! run) settled before anything starts, the start-up order that makes the agent statically
 //! stable (persisted table, then the runtime with the instances it adopted from the previous
 //! agent, then the autoscaler and the local API, then the control plane), and shutdown
-//! (instances stopped before the agent exits).
+//! (instances stopped before the agent exits, or left running for the next start with
+//! `--keep-instances-on-exit`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -129,6 +130,14 @@ struct Args {
         value_delimiter = ','
     )]
     allowed_command_roots: Vec<PathBuf>,
+    /// On SIGTERM or SIGINT, leave the ready function instances running (recorded in the state
+    /// dir) for the next agent to adopt, instead of stopping them; starting and draining ones
+    /// are stopped. For restarts that must not interrupt functions (the systemd unit sets it,
+    /// with KillMode=process). An agent that exits for an error stops its instances either
+    /// way; one killed outright always leaves them, and the next start adopts those whose pid,
+    /// start time, command and readiness match, and kills the rest of its own.
+    #[arg(long, env = "MERIDIAN_KEEP_INSTANCES_ON_EXIT")]
+    keep_instances_on_exit: bool,
 }
 
 /// Port of the admin listener when `--admin` is not given.
@@ -155,6 +164,8 @@ struct Config {
     /// `--run-as`, checked against the agent's own user by [`CommandPolicy::for_agent`].
     run_as: Option<String>,
     allowed_command_roots: Vec<PathBuf>,
+    /// `--keep-instances-on-exit`.
+    keep_instances_on_exit: bool,
 }
 
 impl Config {
@@ -181,6 +192,7 @@ impl Config {
             admin,
             run_as,
             allowed_command_roots,
+            keep_instances_on_exit,
         } = args;
         validate_dns_label(&region).map_err(|e| format!("invalid --region {region:?}: {e}"))?;
         let agent_id = agent_id.unwrap_or_else(|| format!("{region}-1"));
@@ -261,6 +273,7 @@ impl Config {
             admin_given,
             run_as,
             allowed_command_roots,
+            keep_instances_on_exit,
         })
     }
 }
@@ -358,6 +371,7 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
         admin_given,
         run_as: _,
         allowed_command_roots: _,
+        keep_instances_on_exit,
     } = config;
     announce(&policy);
     // Listening from the start: a SIGTERM while instances are being started must still stop
@@ -429,17 +443,23 @@ async fn run(config: Config, policy: CommandPolicy) -> anyhow::Result<ExitCode> 
         },
     )
     .await;
-    let code = match served {
-        Ok(code) => code,
+    let (code, by_signal) = match served {
+        Ok(ended) => ended,
         Err(error) => {
             tracing::error!("{error:#}");
-            ExitCode::FAILURE
+            (ExitCode::FAILURE, false)
         }
     };
 
-    // Whatever ended the agent, its instances must not outlive it.
-    tracing::info!("stopping function instances");
-    runtime.shutdown().await;
+    if keep_instances_on_exit && by_signal {
+        // The next start adopts them; until then they serve on, unsupervised.
+        tracing::info!("leaving the ready function instances running for the next start to adopt (--keep-instances-on-exit)");
+        runtime.release().await;
+    } else {
+        // An agent that stops (or fails) takes its instances with it.
+        tracing::info!("stopping function instances");
+        runtime.shutdown().await;
+    }
     tracing::info!("agent stopped");
     Ok(code)
 }
@@ -509,7 +529,8 @@ struct Serving {
 }
 
 /// Runs the served table, the autoscaler, the local API and the control-plane connection until
-/// a signal, a refusal or a failure; returns the exit code. The runtime is left running.
+/// a signal, a refusal or a failure; returns the exit code and whether a signal ended it. The
+/// runtime is left running.
 async fn serve(
     identity: Identity,
     state: AgentState,
@@ -517,7 +538,7 @@ async fn serve(
     runtime: &Runtime,
     book: Arc<LoadBook>,
     serving: Serving,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<(ExitCode, bool)> {
     let Serving {
         control_plane,
         listen,
@@ -638,6 +659,7 @@ async fn serve(
     // 6. The control plane.
     let mut connector = Connector::new(control_plane, GrpcDialer::default(), backoff)?;
     let mut code = ExitCode::SUCCESS;
+    let mut by_signal = false;
     tokio::select! {
         error = connector.run(&mut state) => {
             tracing::error!("{}", meridian_agent::error_chain(&error));
@@ -647,7 +669,7 @@ async fn serve(
                 code = ExitCode::FAILURE;
             }
         }
-        _ = &mut stop_signal => {}
+        _ = &mut stop_signal => by_signal = true,
         served = &mut server => {
             // The server only returns early when it fails.
             served.context("local routing API task failed")??;
@@ -676,7 +698,7 @@ async fn serve(
             "local API connections still open after {SHUTDOWN_GRACE:?}; exiting anyway"
         ),
     }
-    Ok(code)
+    Ok((code, by_signal))
 }
 
 #[cfg(test)]
@@ -706,6 +728,13 @@ mod tests {
         assert_eq!(config.admin, Some("127.0.0.1:7190".parse().unwrap()));
         assert_eq!(config.run_as, None);
         assert!(config.allowed_command_roots.is_empty());
+        assert!(!config.keep_instances_on_exit);
+    }
+
+    #[test]
+    fn instances_are_kept_on_exit_only_when_asked() {
+        let config = Config::from_args(args(&["--keep-instances-on-exit"])).unwrap();
+        assert!(config.keep_instances_on_exit);
     }
 
     #[test]

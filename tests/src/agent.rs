@@ -231,6 +231,29 @@ impl Agent {
         &self.state_dir
     }
 
+    /// The log file of an instance: its stdout and stderr.
+    pub fn instance_log(&self, namespace: &str, name: &str, instance: &str) -> PathBuf {
+        self.state_dir
+            .join("logs")
+            .join(namespace)
+            .join(name)
+            .join(format!("{instance}.log"))
+    }
+
+    /// The agent's process records (`instances.json`), as JSON objects.
+    pub fn instance_records(&self) -> Result<Vec<serde_json::Value>> {
+        let path = self.state_dir.join("instances.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Replaces the agent's process records (while it is not running).
+    pub fn write_instance_records(&self, records: &[serde_json::Value]) -> Result<()> {
+        let path = self.state_dir.join("instances.json");
+        let bytes = serde_json::to_vec_pretty(records)?;
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// A `LocalRoutingService` client.
     pub async fn local(&self) -> Result<LocalRoutingServiceClient<Channel>> {
         Ok(LocalRoutingServiceClient::new(connect(&self.url()).await?))
@@ -486,7 +509,7 @@ pub fn summarize(table: &RoutingTable) -> String {
 
 impl Drop for Agent {
     /// The agent's instances run in their own process groups, so a SIGKILLed agent leaves them
-    /// behind (its next start would reap them). A test's agent never starts again: reap them
+    /// behind (its next start would adopt them). A test's agent never starts again: reap them
     /// here so that no test leaks processes.
     fn drop(&mut self) {
         self.process.kill();

@@ -51,8 +51,9 @@ pub use relay::{Link, LinkControl, LinkState, Relay};
 pub use route_tap::RouteTap;
 pub use sample::SampleFunction;
 pub use scaling::{
-    describe_scale, instance_processes, instances, leader, region_instance_processes, region_scale,
-    scale_client, wait_scale, ClosedLoop, ClosedLoopReport, ProcessFunction,
+    describe_scale, instance_leaders, instance_processes, instances, leader, process_group,
+    process_running, process_start_time, region_instance_processes, region_scale, scale_client,
+    wait_scale, ClosedLoop, ClosedLoopReport, ProcessFunction,
 };
 pub use sidecar::{function_tiers, metric_value, Sidecar, SidecarOpts, TierView};
 pub use world::{backend_spec, sample_spec, start_samples, World};

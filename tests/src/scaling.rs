@@ -255,6 +255,43 @@ fn find_instance_processes(
     found
 }
 
+/// [`instance_processes`] that lead their process group: the instances themselves, not what they
+/// forked (an instance runs in a group of its own, its pid the group's id).
+pub fn instance_leaders(namespace: &str, name: &str) -> BTreeMap<u32, String> {
+    instance_processes(namespace, name)
+        .into_iter()
+        .filter(|(pid, _)| process_group(*pid) == Some(*pid))
+        .collect()
+}
+
+/// Field 5 of `/proc/<pid>/stat`, the process group; `None` when the process is gone.
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Field 22 of `/proc/<pid>/stat`, the start time (clock ticks after boot).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` runs and is not a zombie (exited, not reaped).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_name) = stat.rsplit_once(')')?;
+            after_name
+                .split_whitespace()
+                .next()
+                .map(|s| s != "Z" && s != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// What a closed-loop load run saw.
 #[derive(Debug, Default)]
 pub struct ClosedLoopReport {

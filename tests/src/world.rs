@@ -63,18 +63,42 @@ impl World {
         relay: Relay,
         template: SidecarOpts,
     ) -> Result<World> {
+        World::start_mesh(replicas, regions, relay, template, |_, _| {
+            AgentOpts::default()
+        })
+        .await
+    }
+
+    /// Like [`World::start_with`], with each agent's options from `agent_opts(index, region)`
+    /// (its gateway is set here, to the region's sidecar).
+    pub async fn start_with_agents(
+        regions: &[&str],
+        relay: Relay,
+        template: SidecarOpts,
+        agent_opts: impl Fn(usize, &str) -> AgentOpts,
+    ) -> Result<World> {
+        World::start_mesh(1, regions, relay, template, agent_opts).await
+    }
+
+    async fn start_mesh(
+        replicas: usize,
+        regions: &[&str],
+        relay: Relay,
+        template: SidecarOpts,
+        agent_opts: impl Fn(usize, &str) -> AgentOpts,
+    ) -> Result<World> {
         let mut gateways: Vec<(String, SocketAddr)> = Vec::new();
         for region in regions {
             let index = region_index(region).ok_or_else(|| anyhow!("unknown region {region}"))?;
             let ip = region_ip(index);
             gateways.push((region.to_string(), SocketAddr::from((ip, free_port(ip)?))));
         }
-        let mesh = Mesh::start_with(replicas, regions, |_, region| AgentOpts {
+        let mesh = Mesh::start_with(replicas, regions, |index, region| AgentOpts {
             gateway: gateways
                 .iter()
                 .find(|(r, _)| r == region)
                 .map(|(_, addr)| *addr),
-            ..Default::default()
+            ..agent_opts(index, region)
         })
         .await?;
         let mut taps = Vec::new();

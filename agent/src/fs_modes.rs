@@ -16,7 +16,7 @@ pub const INSTANCES_DIR_MODE: u32 = 0o711;
 /// An instance's working directory, owned by the user the instance runs as.
 pub const WORK_DIR_MODE: u32 = 0o700;
 /// `logs/` and everything under it: the agent's alone (operators read logs through the Logs
-/// API, instances write them through pipes).
+/// API, instances write their own through the descriptor the agent gives them).
 pub const LOGS_DIR_MODE: u32 = 0o700;
 /// Every file the agent writes: the persisted table, the instance records, the logs.
 pub const FILE_MODE: u32 = 0o600;

@@ -40,6 +40,9 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 const GROUP_REAP_WAIT: Duration = Duration::from_millis(500);
 /// The longest wait for the log tail's last read once the instance is gone.
 const TAIL_FINISH_WAIT: Duration = Duration::from_secs(2);
+/// The longest wait, when an instance gets ready, for the log tail to have read what it wrote
+/// so far (so that the Logs API shows its start-up lines once it is READY).
+const TAIL_CATCH_UP_WAIT: Duration = Duration::from_millis(200);
 
 /// What the supervisor wants from an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +258,9 @@ impl InstanceTask {
             None => TailFrom::Backlog(RING_BYTES as u64),
         };
         let tail = self.start_tail(tail_from).await;
-        let outcome = self.supervise(&mut running, pgid, readiness).await;
+        let outcome = self
+            .supervise(&mut running, pgid, readiness, tail.as_ref())
+            .await;
         match outcome {
             Outcome::Unready(reason) => {
                 running.signal_group(pgid, Signal::SIGKILL).await;
@@ -401,6 +406,7 @@ impl InstanceTask {
         running: &mut Running,
         pgid: u32,
         readiness: Readiness,
+        tail: Option<&TailHandle>,
     ) -> Outcome {
         let mut is_ready = matches!(readiness, Readiness::Ready);
         let spawned_at = match &readiness {
@@ -455,6 +461,9 @@ impl InstanceTask {
                     let cold_start = spawned_at.map(|at| at.elapsed());
                     // By now a wrapper has exec'd what it runs: that is what is recorded.
                     let cmdline = read_cmdline(pgid);
+                    if let Some(tail) = tail {
+                        tail.catch_up().await;
+                    }
                     self.send(EventKind::Ready { cold_start, cmdline });
                 }
                 changed = self.directive.changed() => {
@@ -499,14 +508,20 @@ impl InstanceTask {
             }
         };
         let (stop, stopped) = oneshot::channel();
+        let (catch_up, catch_up_rx) = mpsc::channel(4);
         let task = tokio::spawn(follow(
             tail,
             Arc::clone(&self.logs),
             self.key.clone(),
             self.id.clone(),
             stopped,
+            catch_up_rx,
         ));
-        Some(TailHandle { stop, task })
+        Some(TailHandle {
+            stop,
+            catch_up,
+            task,
+        })
     }
 }
 
@@ -530,10 +545,21 @@ enum TailFrom {
 struct TailHandle {
     /// `true`: also emit a last line without a newline (the instance is gone).
     stop: oneshot::Sender<bool>,
+    /// Asks for a read now; answered once it is done.
+    catch_up: mpsc::Sender<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl TailHandle {
+    /// Returns once the tail has read the file as it is now (bounded by
+    /// [`TAIL_CATCH_UP_WAIT`]).
+    async fn catch_up(&self) {
+        let (done, read) = oneshot::channel();
+        if self.catch_up.try_send(done).is_ok() {
+            let _ = timeout(TAIL_CATCH_UP_WAIT, read).await;
+        }
+    }
+
     /// Reads what is left and ends the task (bounded by [`TAIL_FINISH_WAIT`]).
     async fn finish(self, last_line: bool) {
         let _ = self.stop.send(last_line);
@@ -545,16 +571,19 @@ impl TailHandle {
 }
 
 /// Reads the log file as it grows (soon again after it read something, backing off while it is
-/// quiet), pushing its lines into the registry, until told to stop; then reads once more.
+/// quiet, or at once when asked to catch up), pushing its lines into the registry, until told to
+/// stop; then reads once more.
 async fn follow(
     mut tail: LogTail,
     logs: Arc<LogRegistry>,
     key: FunctionKey,
     id: String,
     mut stop: oneshot::Receiver<bool>,
+    mut catch_up: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let mut interval = TAIL_POLL_MIN;
     let mut failing = false;
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         let (returned, read) = read_once(tail).await;
         let Some(returned) = returned else { return };
@@ -579,6 +608,9 @@ async fn follow(
                 interval = TAIL_POLL_MAX;
             }
         }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
         tokio::select! {
             last_line = &mut stop => {
                 let (returned, read) = read_once(tail).await;
@@ -592,6 +624,10 @@ async fn follow(
                     }
                 }
                 return;
+            }
+            Some(done) = catch_up.recv() => {
+                waiting.push(done);
+                interval = TAIL_POLL_MIN;
             }
             () = sleep(interval) => {}
         }

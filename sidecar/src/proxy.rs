@@ -941,7 +941,8 @@ fn tier_bit(index: usize) -> u32 {
 /// (RFC 9112 §3.2.2). HTTP/2: Host when present (a sidecar forwarding to a gateway puts the
 /// gateway's address in :authority and the function in Host), else :authority. Two Host headers
 /// are refused (§3.2): they are how request smuggling and routing confusion start.
-fn request_host(request: &Request<Incoming>) -> Result<&str, ProxyError> {
+#[doc(hidden)] // pub for the fuzz harness (meridian-fuzz), not an API
+pub fn request_host<B>(request: &Request<B>) -> Result<&str, ProxyError> {
     let mut hosts = request.headers().get_all(HOST).iter();
     if let (Some(first), Some(_)) = (hosts.next(), hosts.next()) {
         return Err(ProxyError::BadHost {
@@ -968,7 +969,8 @@ fn request_host(request: &Request<Incoming>) -> Result<&str, ProxyError> {
 }
 
 /// Size of the header section as sent on HTTP/1.1 (`name: value\r\n` each).
-fn header_bytes(headers: &HeaderMap) -> usize {
+#[doc(hidden)] // pub for the fuzz harness
+pub fn header_bytes(headers: &HeaderMap) -> usize {
     headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
@@ -979,7 +981,8 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 /// smuggling): hyper takes any Transfer-Encoding whose last coding is `chunked` (`identity,
 /// chunked`, `gzip, chunked`, or several lines) and silently drops a Content-Length beside it.
 /// Only a single `Transfer-Encoding: chunked` without Content-Length is let through.
-fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+#[doc(hidden)] // pub for the fuzz harness
+pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
     let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
     let Some(first) = codings.next() else {
         return Ok(());
@@ -1010,7 +1013,8 @@ fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
 /// `Connection` line counts: a second one must not carry a header past. Transfer-Encoding is
 /// this hop's framing (the upstream client frames the body itself). `Trailer` is kept: it is
 /// end-to-end (RFC 9110 §6.6.2), and hyper sends only the trailer fields it announces.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+#[doc(hidden)] // pub for the fuzz harness
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut lines = headers.get_all(CONNECTION).iter();
     if let (Some(_), Some(_)) = (lines.next(), lines.next()) {
         let lines: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
@@ -1057,7 +1061,8 @@ fn strip_named(headers: &mut HeaderMap, line: &HeaderValue) {
 /// the call comes from: the gateway listener keeps it (one valid region name, else it is
 /// dropped) and passes it to the function; the outbound listener never lets a client's through
 /// (a request leaving the region gets this sidecar's own in `build_request`).
-fn strip_internal(headers: &mut HeaderMap, listener: Listener) {
+#[doc(hidden)] // pub for the fuzz harness
+pub fn strip_internal(headers: &mut HeaderMap, listener: Listener) {
     let keep_hop = listener == Listener::Gateway && valid_hop(headers);
     let internal = |name: &HeaderName| {
         name.as_str().starts_with(MERIDIAN_PREFIX) && !(keep_hop && *name == MERIDIAN_HOP)

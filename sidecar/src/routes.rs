@@ -601,7 +601,8 @@ fn policy(path: &str, policy: Option<&pb::RoutingPolicy>) -> Result<Policy, Tabl
     }
     let mut retryable_methods = Vec::with_capacity(policy.retryable_methods.len());
     for (m, name) in policy.retryable_methods.iter().enumerate() {
-        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_uppercase());
+        // The control plane's rule (spec.rs): upper-case letters and '-' (VERSION-CONTROL).
+        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
         let method = valid
             .then(|| Method::from_bytes(name.as_bytes()).ok())
             .flatten()
@@ -970,6 +971,23 @@ pub(crate) mod tests {
         assert_eq!(default.timeout, Duration::from_secs(15));
         assert_eq!(default.per_try_timeout, Duration::from_secs(5));
         assert!(!default.retryable(&Method::POST));
+    }
+
+    #[test]
+    fn methods_the_control_plane_accepts_compile() {
+        // The control plane accepts upper-case letters and '-'; a method it accepts but the
+        // sidecar refused made the sidecar refuse the region's whole table (meridian-fuzz's spec
+        // target; its input is fuzz/corpus/spec/regression-retryable-method-with-dash).
+        let mut t = sample();
+        t.functions[0].policy = Some(pb::RoutingPolicy {
+            retryable_methods: vec!["VERSION-CONTROL".into(), "-".into()],
+            ..Default::default()
+        });
+        let state = Compiler::new("us-east").compile(&t).unwrap();
+        let policy = &state.lookup("hello").unwrap().policy;
+        let method = Method::from_bytes(b"VERSION-CONTROL").unwrap();
+        assert!(policy.retryable(&method));
+        assert!(!policy.retryable(&Method::POST));
     }
 
     #[test]

@@ -252,6 +252,8 @@ fn route(namespace: &str, name: &str, version: i64) -> pb::FunctionRoute {
             }),
         }),
         cold_start_ms: 250,
+        local_failed_starts: 0,
+        local_restart_backoff: false,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use meridian_proto::v1::RoutingTable;
-use meridian_sidecar::activator::warm_remote;
+use meridian_sidecar::activator::{warm_remote, HoldRules};
 use meridian_sidecar::balance::Tried;
 use meridian_sidecar::explain::explain;
 use meridian_sidecar::proxy::{choose, plan};
@@ -66,7 +66,12 @@ pub fn sidecar_table(data: &[u8]) {
             }
         }
         let _ = warm_remote(function, now);
-        if let Err(error) = explain(&state, &function.namespace, &function.name) {
+        if let Err(error) = explain(
+            &state,
+            &HoldRules::default(),
+            &function.namespace,
+            &function.name,
+        ) {
             panic!("explain does not find {}: {error}", function.label());
         }
     }

@@ -610,9 +610,19 @@ impl OpenStream<'_> {
                                 continue;
                             }
                         };
-                        if let Err(error) = self.handle_update(update).await {
+                        // The control plane hears from us while a large table is applied and
+                        // persisted, which can outlast its silence timeout on a loaded host.
+                        let keepalive = keep_alive(self.tx.clone(), timing.heartbeat);
+                        let handled = tokio::select! {
+                            handled = self.handle_update(update) => handled,
+                            never = keepalive => match never {},
+                        };
+                        if let Err(error) = handled {
                             return error;
                         }
+                        // Applying and persisting a large table is our time, not the control
+                        // plane's silence: what it sent meanwhile waits in the stream.
+                        deadline = Instant::now() + timing.silence;
                     }
                     // Heartbeats only prove the stream is alive, which resetting the deadline
                     // has recorded.
@@ -764,6 +774,19 @@ async fn next_refusal(source: &mut Option<mpsc::Receiver<TableReport>>) -> Optio
 }
 
 /// Writes the table off the async threads (fsync can take a while). Returns the Nack reason.
+/// Sends a heartbeat every `period` (the first one period from now) until dropped; a full
+/// queue already tells the control plane that we are alive.
+async fn keep_alive(tx: mpsc::Sender<AgentMessage>, period: Duration) -> std::convert::Infallible {
+    let mut ticks = time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let _ = tx.try_send(message(agent_message::Kind::Heartbeat(Heartbeat {
+            unix_ms: unix_ms(),
+        })));
+    }
+}
+
 async fn persist(store: &StateStore, wire: &Arc<RoutingTable>) -> Result<(), String> {
     let store = store.clone();
     let wire = Arc::clone(wire);

@@ -551,6 +551,7 @@ impl pb::agent_service_server::AgentService for AgentPush {
             nacked_version: 0,
             endpoints_desired: BTreeMap::new(),
             endpoints_written: BTreeMap::new(),
+            endpoint_flush: None,
             scale_desired: BTreeMap::new(),
             scale_queued: BTreeMap::new(),
             outbound,
@@ -607,6 +608,10 @@ struct Session {
     nacked_version: i64,
     endpoints_desired: BTreeMap<String, Vec<u8>>,
     endpoints_written: BTreeMap<String, Vec<u8>>,
+    /// The endpoint write under way, off the session loop: with tens of thousands of records
+    /// it can take longer than the agent's silence timeout on a loaded etcd, and the session
+    /// must keep heartbeating and reading meanwhile.
+    endpoint_flush: Option<EndpointFlush>,
     /// Scale records (`status/scale/...`) of the last report, and what was handed to the
     /// status writer, so that only changes are written and unreported entries are deleted.
     scale_desired: BTreeMap<String, Vec<u8>>,
@@ -628,6 +633,65 @@ async fn until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Endpoint records a session writes per group commit: small enough that a registration
+/// queued behind a large report waits for one chunk, not for the whole report.
+const ENDPOINT_CHUNK: usize = 100;
+
+/// An endpoint write running beside its session; aborted when the session drops it.
+struct EndpointFlush(tokio::task::JoinHandle<BTreeMap<String, Vec<u8>>>);
+
+impl Drop for EndpointFlush {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the endpoint write under way leaves in etcd, once it is done; never resolves without
+/// one.
+async fn flushed(flush: &mut Option<EndpointFlush>) -> BTreeMap<String, Vec<u8>> {
+    let Some(EndpointFlush(task)) = flush else {
+        return std::future::pending().await;
+    };
+    // Only a panic fails here (an abort comes with the session's end, which no longer polls):
+    // nothing is known to be written, so the next flush writes everything again.
+    task.await.unwrap_or_default()
+}
+
+/// Writes `puts` and `deletes` in chunks and returns `written` updated by every chunk that
+/// was committed; a failed chunk ends the write (the next heartbeat retries the rest).
+async fn write_endpoints(
+    writer: Writer,
+    lease: i64,
+    agent: String,
+    mut written: BTreeMap<String, Vec<u8>>,
+    puts: Vec<(String, Vec<u8>)>,
+    deletes: Vec<String>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut puts = puts.into_iter().peekable();
+    let mut deletes = deletes.into_iter().peekable();
+    while puts.peek().is_some() || deletes.peek().is_some() {
+        let chunk_puts: Vec<(String, Vec<u8>)> = puts.by_ref().take(ENDPOINT_CHUNK).collect();
+        let chunk_deletes: Vec<String> = deletes
+            .by_ref()
+            .take(ENDPOINT_CHUNK - chunk_puts.len())
+            .collect();
+        let write = LeasedWrite {
+            lease,
+            puts: chunk_puts.clone(),
+            deletes: chunk_deletes.clone(),
+        };
+        if let Err(error) = writer.write(write).await {
+            tracing::warn!(%agent, %error, "cannot write endpoints; will retry");
+            break;
+        }
+        written.extend(chunk_puts);
+        for key in chunk_deletes {
+            written.remove(&key);
+        }
+    }
+    written
 }
 
 /// Session-end reasons after which the agent's records are left alone: the replica lost its
@@ -669,10 +733,17 @@ impl Session {
                         };
                         // A full channel already tells the agent we are alive.
                         let _ = self.outbound.try_send(Ok(beat));
-                        self.flush_endpoints().await;
+                        self.flush_endpoints();
                         self.flush_scale();
                         Flow::Continue
                     }
+                },
+                written = flushed(&mut self.endpoint_flush) => {
+                    self.endpoint_flush = None;
+                    self.endpoints_written = written;
+                    // A report that came in meanwhile is written now, not a heartbeat later.
+                    self.flush_endpoints();
+                    Flow::Continue
                 },
                 _ = lease_changes.changed() => {
                     if *lease_changes.borrow() == Some(self.lease) {
@@ -712,6 +783,8 @@ impl Session {
         if let Some(sent) = self.in_flight.take() {
             sent.failed("session-ended", reason);
         }
+        // Dropping it stops the write; what it wrote is among the desired keys removed below.
+        self.endpoint_flush = None;
         if !LEAVE_RECORDS.contains(&reason) {
             self.remove_records_later();
         }
@@ -720,7 +793,15 @@ impl Session {
     /// One lease TTL after the stream ended, removes the agent's records unless it registered
     /// again meanwhile (which rewrote its record).
     fn remove_records_later(self) {
-        let mut keys: Vec<String> = self.endpoints_written.keys().cloned().collect();
+        // The desired keys too: a write cut short by the session's end may have put some.
+        let mut keys: Vec<String> = self
+            .endpoints_written
+            .keys()
+            .chain(self.endpoints_desired.keys())
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         keys.extend(self.scale_queued.keys().cloned());
         keys.push(
             self.store
@@ -898,7 +979,7 @@ impl Session {
             }
             Some(Kind::Endpoints(report)) => {
                 self.endpoints_desired = self.endpoint_records(report);
-                self.flush_endpoints().await;
+                self.flush_endpoints();
                 Flow::Continue
             }
             Some(Kind::Heartbeat(_)) => Flow::Continue,
@@ -964,9 +1045,10 @@ impl Session {
         records
     }
 
-    /// Brings etcd to the endpoints last reported; retried on every heartbeat until it works.
-    async fn flush_endpoints(&mut self) {
-        if self.endpoints_desired == self.endpoints_written {
+    /// Starts bringing etcd to the endpoints last reported, unless a write is under way (its
+    /// end starts the next); retried on every heartbeat until it works.
+    fn flush_endpoints(&mut self) {
+        if self.endpoint_flush.is_some() || self.endpoints_desired == self.endpoints_written {
             return;
         }
         let puts: Vec<(String, Vec<u8>)> = self
@@ -981,17 +1063,15 @@ impl Session {
             .filter(|k| !self.endpoints_desired.contains_key(*k))
             .cloned()
             .collect();
-        let write = LeasedWrite {
-            lease: self.lease,
+        let task = tokio::spawn(write_endpoints(
+            self.writer.clone(),
+            self.lease,
+            self.identity.agent_id.clone(),
+            self.endpoints_written.clone(),
             puts,
             deletes,
-        };
-        match self.writer.write(write).await {
-            Ok(_) => self.endpoints_written = self.endpoints_desired.clone(),
-            Err(error) => {
-                tracing::warn!(agent = %self.identity.agent_id, %error, "cannot write endpoints; will retry")
-            }
-        }
+        ));
+        self.endpoint_flush = Some(EndpointFlush(task));
     }
 
     /// The etcd records for a scale report: region and agent id are this session's, whatever
@@ -1105,6 +1185,37 @@ fn bound_scale(scale: &mut pb::RegionScale) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn endpoints_are_written_in_chunks_and_a_failed_chunk_is_left_for_later() {
+        let (queue, mut commits) = mpsc::channel(1);
+        let puts: Vec<(String, Vec<u8>)> =
+            (0..250).map(|i| (format!("k{i:03}"), vec![1])).collect();
+        let written = BTreeMap::from([("old".to_string(), vec![0])]);
+        let write = tokio::spawn(write_endpoints(
+            Writer::new(queue),
+            7,
+            "a1".into(),
+            written,
+            puts,
+            vec!["old".into()],
+        ));
+        // Two chunks commit; the third fails.
+        let mut sizes = Vec::new();
+        for answer in [Ok(1), Ok(2), Err("etcd timed out".to_string())] {
+            let pending = commits.recv().await.expect("a chunk");
+            assert_eq!(pending.write.lease, 7);
+            sizes.push(pending.write.ops());
+            let _ = pending.done.send(answer);
+        }
+        let written = write.await.expect("the write ends");
+        assert_eq!(sizes, [ENDPOINT_CHUNK, ENDPOINT_CHUNK, 51]);
+        // What the committed chunks put is known written; the failed chunk's keys are not, and
+        // the failed delete leaves "old" to be deleted by the next flush.
+        assert_eq!(written.len(), 2 * ENDPOINT_CHUNK + 1);
+        assert!(written.contains_key("old"));
+        assert!(written.contains_key("k199") && !written.contains_key("k200"));
+    }
 
     #[test]
     fn hello_validation_names_the_field() {

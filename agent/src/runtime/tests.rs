@@ -307,8 +307,16 @@ async fn instance_gets_its_env_logs_and_becomes_ready() {
     assert!(text.contains("err\n"), "{text}");
     assert_eq!(text, format!("{expected}\nerr\n{pwd}\n"));
 
-    let records = records::read(&records_path(dir.path())).unwrap();
-    assert_eq!(records.len(), 1);
+    // The record is written beside the start, not before readiness is reported: poll it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let records = loop {
+        let records = records::read(&records_path(dir.path())).unwrap();
+        if records.len() == 1 || tokio::time::Instant::now() >= deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0].pid, instance.pid);
     assert_eq!(records[0].instance, instance.id);
     assert_eq!(records[0].function, "default/hello");
@@ -1057,9 +1065,18 @@ async fn an_adopted_instance_of_a_changed_spec_is_replaced() {
     second.set(key(), shell("exec sleep 31"), 1);
     // An instance of the new spec starts while the adopted one serves (the hold does not keep
     // an old spec: it only keeps instances of the current one).
-    let snapshot = wait_for(&second, "the new instance starting", |s| {
-        instances_in(s, InstanceState::Starting).len() == 1
-    })
+    // Adoption checks readiness first, so under load the new instance may be starting before
+    // the adopted one is ready again: wait for both.
+    let snapshot = wait_for(
+        &second,
+        "the new instance starting beside the adopted one",
+        |s| {
+            instances_in(s, InstanceState::Starting).len() == 1
+                && instances_in(s, InstanceState::Ready)
+                    .iter()
+                    .any(|i| i.id == old.id)
+        },
+    )
     .await;
     let ready = instances_in(&snapshot, InstanceState::Ready);
     assert_eq!(ready.len(), 1);

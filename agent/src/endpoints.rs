@@ -6,10 +6,10 @@ use meridian_proto::v1::{
     local_workload, Endpoint, EndpointReport, EndpointState, FunctionEndpoints,
 };
 
-use crate::address::{parse_host_opt_port, AddressError};
 use crate::overlay::instance_endpoints;
 use crate::runtime::{FunctionKey, Snapshot};
 use crate::table::Table;
+use meridian_common::address::{parse_host_opt_port, AddressError};
 
 /// Port of an `http://` URL that names none.
 pub const DEFAULT_HTTP_PORT: u16 = 80;

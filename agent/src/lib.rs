@@ -15,7 +15,6 @@
 //!   `AgentApiService` (logs) for operators.
 //! - [`metrics`]: Prometheus metrics; [`admin`] serves them (`/metrics`, `/ready`) over HTTP.
 
-pub mod address;
 pub mod admin;
 pub mod autoscaler;
 pub mod connector;

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser;
-use meridian_agent::address::parse_host_port;
 use meridian_agent::admin;
 use meridian_agent::autoscaler::{Scaler, ScalerConfig, Windows};
 use meridian_agent::connector::{Connector, ConnectorError};
@@ -24,6 +23,7 @@ use meridian_agent::overlay::{self, Overlay};
 use meridian_agent::runtime::{CommandPolicy, Runtime, RuntimeConfig, ADOPTION_HOLD};
 use meridian_agent::session::{AgentState, GrpcDialer, Identity};
 use meridian_agent::state::StateStore;
+use meridian_common::address::parse_host_port;
 use meridian_common::backoff::Backoff;
 use meridian_common::names::validate_dns_label;
 use tokio::net::TcpListener;

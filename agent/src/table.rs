@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use meridian_common::names::{validate_dns_label, NameError};
 use meridian_proto::v1::{FunctionRoute, RoutingTable, RoutingUpdate};
 
-use crate::address::{parse_host_port, AddressError};
+use meridian_common::address::{parse_host_port, AddressError};
 
 /// `(namespace, name)`: how a function is identified within a table.
 pub type FunctionKey = (String, String);

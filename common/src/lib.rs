@@ -1,7 +1,8 @@
 //! What every Meridian binary shares: logging set-up, the admin listener (`/metrics`, `/ready`),
-//! shutdown signals, reconnect backoff, the naming rule for regions, namespaces and functions, and
+//! shutdown signals, reconnect backoff, the `host:port` rule, the naming rule for regions, namespaces and functions, and
 //! the one accept/serve loop of every HTTP listener (`serve`).
 
+pub mod address;
 pub mod admin;
 pub mod backoff;
 pub mod names;

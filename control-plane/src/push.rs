@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use meridian_common::address::parse_host_port;
 use meridian_common::names::validate_dns_label;
 use meridian_proto::v1 as pb;
 use prost::Message;
@@ -147,18 +148,12 @@ pub struct HelloError {
     pub problem: String,
 }
 
-/// Checks `host:port` (port 1..=65535, non-empty host).
+/// Checks `host:port` by the mesh's one rule (`meridian_common::address`), which the agent and
+/// the sidecar apply too.
 pub fn check_host_port(address: &str) -> Result<(), String> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{address:?} is not host:port"))?;
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
-        return Err(format!("{address:?} has an invalid host"));
-    }
-    match port.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(()),
-        _ => Err(format!("{address:?} has an invalid port")),
-    }
+    parse_host_port(address)
+        .map(drop)
+        .map_err(|problem| format!("{address:?} is not a valid host:port: {problem}"))
 }
 
 impl TryFrom<&pb::Hello> for AgentIdentity {

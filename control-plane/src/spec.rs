@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use meridian_common::address::parse_host_opt_port;
 use meridian_common::names::validate_dns_label;
 use meridian_proto::v1 as pb;
 
@@ -335,6 +336,11 @@ pub fn url_authority(url: &str) -> Result<String, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url:?} must start with http://"))?;
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{url:?} contains whitespace or a control character"
+        ));
+    }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.is_empty() {
         return Err(format!("{url:?} has no host"));
@@ -342,27 +348,11 @@ pub fn url_authority(url: &str) -> Result<String, String> {
     if authority.contains('@') {
         return Err(format!("{url:?} must not carry credentials"));
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("{url:?} has an invalid port {port:?}"))?;
-            if port == 0 {
-                return Err(format!("{url:?} has port 0"));
-            }
-            (host, port)
-        }
-        _ => (authority, 80),
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(format!("{url:?} has an invalid host"));
-    }
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!(
-            "{url:?} contains whitespace or a control character"
-        ));
-    }
-    Ok(format!("{host}:{port}"))
+    // The agent's rule for where to connect (it skips a URL that breaks it), so a spec that is
+    // accepted here routes everywhere.
+    let address = parse_host_opt_port(authority, 80)
+        .map_err(|problem| format!("{url:?} has an invalid address: {problem}"))?;
+    Ok(address.to_string())
 }
 
 const IDEMPOTENT_METHODS: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
@@ -969,6 +959,20 @@ mod tests {
         assert_eq!(url_authority("http://h:9000/"), Ok("h:9000".into()));
         assert!(url_authority("http://h:0").is_err());
         assert!(url_authority("http:///x").is_err());
+        // What the agent would skip is refused here, naming the fault.
+        for bad in [
+            "http://a,b:80",
+            "http://h:+80",
+            "http://h:80:81",
+            "http://[zz]:80",
+        ] {
+            let error = url_authority(bad).unwrap_err();
+            assert!(error.contains("invalid address"), "{bad}: {error}");
+        }
+        assert_eq!(
+            url_authority("http://[::1]:8080/x"),
+            Ok("[::1]:8080".into())
+        );
     }
 
     #[test]

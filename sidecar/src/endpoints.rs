@@ -98,52 +98,13 @@ impl ProbeState {
     }
 }
 
-/// Why a string is not `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddressError {
-    #[error("must be host:port (no port found)")]
-    MissingPort,
-    #[error("host must not be empty")]
-    EmptyHost,
-    #[error("host contains {0:?}")]
-    BadHost(char),
-    #[error("port {0:?} is not a number in 1..=65535")]
-    BadPort(String),
-}
+pub use meridian_common::address::AddressError;
 
-/// Parses `host:port` (`[v6]:port` for IPv6) by the same rule as the agent: a port in
-/// 1..=65535 is required; hosts are names or IP literals.
+/// Parses `host:port` (`[v6]:port` for IPv6) by the mesh's one rule (`meridian_common::address`),
+/// the one the control plane and the agent check with: a port in 1..=65535 is required; hosts
+/// are names or IP literals.
 pub fn parse_address(value: &str) -> Result<Authority, AddressError> {
-    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or(AddressError::BadHost('['))?;
-        if let Some(bad) = host
-            .chars()
-            .find(|c| !(c.is_ascii_hexdigit() || *c == ':' || *c == '.'))
-        {
-            return Err(AddressError::BadHost(bad));
-        }
-        let port = match after {
-            "" => return Err(AddressError::MissingPort),
-            _ => after.strip_prefix(':').ok_or(AddressError::BadHost(']'))?,
-        };
-        (host, port)
-    } else {
-        let (host, port) = value.rsplit_once(':').ok_or(AddressError::MissingPort)?;
-        if let Some(bad) = host
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
-        {
-            return Err(AddressError::BadHost(bad));
-        }
-        (host, port)
-    };
-    if host.is_empty() {
-        return Err(AddressError::EmptyHost);
-    }
-    match port.parse::<u16>() {
-        Ok(n) if n != 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
-        _ => return Err(AddressError::BadPort(port.to_owned())),
-    }
+    meridian_common::address::parse_host_port(value)?;
     // Every character is valid in an authority by now; this cannot fail, but never panic.
     Authority::try_from(value).map_err(|_| AddressError::BadHost('?'))
 }

@@ -1,5 +1,6 @@
-//! The `host:port` rule for endpoint and gateway addresses, shared by the table checks, the
-//! endpoint report and flag validation so that all three accept exactly the same strings.
+//! The `host:port` rule for endpoint, gateway and URL addresses, shared by the control plane's
+//! spec and hello checks and the agent's table checks, endpoint report and flags, so that a
+//! spec the control plane accepts is never one an agent skips.
 
 use std::fmt;
 

@@ -201,6 +201,14 @@ async fn grpc_apply_and_hello_refuse_bad_input_with_the_field_path() -> Result<(
         ..valid()
     };
     let bad_url = external_spec("hello", &[("us-east", "ftp://127.0.1.1:9000")]);
+    // A host no agent can connect to (agents used to skip it after the API had accepted it).
+    let bad_host = external_spec(
+        "hello",
+        &[
+            ("us-east", "http://127.0.1.1:9000"),
+            ("eu-west", "http://a,b:80"),
+        ],
+    );
     let cases = [
         ("bad name", bad_name, "metadata.name"),
         (
@@ -217,6 +225,11 @@ async fn grpc_apply_and_hello_refuse_bad_input_with_the_field_path() -> Result<(
             "bad URL",
             bad_url,
             "spec.runtime.external.regions[0].urls[0]",
+        ),
+        (
+            "bad URL host",
+            bad_host,
+            "spec.runtime.external.regions[1].urls[0]",
         ),
     ];
     let mut failures = Vec::new();

@@ -1238,6 +1238,7 @@ mod tests {
                         started: UNIX_EPOCH,
                         ready: Some(UNIX_EPOCH),
                         restarts: 0,
+                        adopted: false,
                     }],
                     ..Default::default()
                 },
@@ -1426,6 +1427,7 @@ mod tests {
                         started: UNIX_EPOCH + Duration::from_secs(10),
                         ready: Some(UNIX_EPOCH + Duration::from_secs(11)),
                         restarts: 1,
+                        adopted: false,
                     }],
                     cold_start: Some(Duration::from_millis(35)),
                     starts: 2,

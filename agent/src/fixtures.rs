@@ -33,6 +33,7 @@ pub fn instance(id: &str, port: u16, state: InstanceState) -> InstanceInfo {
         started: std::time::SystemTime::UNIX_EPOCH,
         ready: None,
         restarts: 0,
+        adopted: false,
     }
 }
 

@@ -116,8 +116,9 @@ pub async fn track_cold_starts(
     }
 }
 
-/// Observes instances ready in `snapshot` and not in `seen`; returns the ready ids now (so the
-/// set never outgrows the live instances).
+/// Observes instances ready in `snapshot` and not in `seen`, except adopted ones (their start
+/// was another agent's, perhaps hours ago); returns the ready ids now (so the set never
+/// outgrows the live instances).
 fn observe_cold_starts(
     metrics: &AgentMetrics,
     snapshot: &Snapshot,
@@ -127,7 +128,7 @@ fn observe_cold_starts(
     for function in snapshot.functions.values() {
         for instance in &function.instances {
             let Some(at) = instance.ready else { continue };
-            if !seen.contains(&instance.id) {
+            if !instance.adopted && !seen.contains(&instance.id) {
                 if let Ok(took) = at.duration_since(instance.started) {
                     metrics.cold_start(took);
                 }
@@ -334,6 +335,7 @@ mod tests {
             started,
             ready: ready_after.map(|d| started + d),
             restarts: 0,
+            adopted: false,
         }
     }
 
@@ -392,6 +394,26 @@ mod tests {
         );
         assert_eq!(cold_start_count(&metrics), "c_count 2");
         assert_eq!(seen.len(), 2);
+        // An adopted instance, ready again an hour after its start, is no cold start.
+        let adopted = InstanceInfo {
+            adopted: true,
+            ..instance(
+                "c",
+                t0 - Duration::from_secs(3600),
+                Some(Duration::from_secs(3600)),
+            )
+        };
+        let seen = observe_cold_starts(
+            &metrics,
+            &snapshot(vec![
+                instance("a", t0, Some(Duration::from_millis(40))),
+                instance("b", t0, Some(Duration::from_millis(90))),
+                adopted,
+            ]),
+            &seen,
+        );
+        assert_eq!(cold_start_count(&metrics), "c_count 2");
+        assert_eq!(seen.len(), 3);
         // Gone instances leave the set.
         let seen = observe_cold_starts(&metrics, &snapshot(Vec::new()), &seen);
         assert!(seen.is_empty());

@@ -199,6 +199,16 @@ async fn an_agent_killed_under_load_adopts_its_live_instances_with_no_restart_an
 
         let restarts = restarts_metric(&world.mesh.agents[0], "steady").await?;
         ensure!(restarts == 0.0, "the restarted agent counts {restarts} restarts");
+        // An adopted instance is no cold start (it started long before this agent).
+        let metrics = world.mesh.agents[0].metrics().await?;
+        let cold_starts = metrics
+            .lines()
+            .find(|line| line.starts_with("meridian_instance_cold_start_seconds_count"))
+            .with_context(|| format!("no cold-start count in:\n{metrics}"))?;
+        ensure!(
+            cold_starts.ends_with(" 0"),
+            "the restarted agent counts adopted instances as cold starts: {cold_starts}"
+        );
         let scale = wait_scale(
             &cp,
             "steady",

@@ -162,6 +162,9 @@ pub struct InstanceInfo {
     pub ready: Option<SystemTime>,
     /// Restarts of the slot this instance runs in (crashes before it).
     pub restarts: u32,
+    /// Taken over from a previous agent: it started long before this agent, so its `ready`
+    /// minus `started` is not a cold start.
+    pub adopted: bool,
 }
 
 impl InstanceInfo {

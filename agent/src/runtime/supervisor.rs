@@ -766,6 +766,7 @@ impl Supervisor {
                             started: instance.started,
                             ready: instance.ready,
                             restarts: instance.restarts,
+                            adopted: instance.adopted,
                         })
                     })
                     .collect();

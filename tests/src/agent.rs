@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -120,6 +121,7 @@ impl Agent {
                 (tmp.path().to_path_buf(), Some(tmp))
             }
         };
+        remember_state_dir(&state_dir);
         let mut args: Vec<OsString> = vec![
             "--region".into(),
             region.into(),
@@ -515,6 +517,32 @@ impl Drop for Agent {
         self.process.kill();
         kill_processes_under(&self.state_dir);
     }
+}
+
+/// The state dirs of every agent this test process started: tests of several processes (or
+/// checkouts) may run on one machine at once, and each must see only its own instances.
+static STATE_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn remember_state_dir(dir: &Path) {
+    let mut dirs = STATE_DIRS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !dirs.iter().any(|known| known == dir) {
+        dirs.push(dir.to_path_buf());
+    }
+}
+
+/// Whether `pid` works under the state dir of an agent this test process started (an
+/// instance, or what it started, of one of our agents), even after that agent was killed.
+pub fn runs_under_our_agents(pid: u32) -> bool {
+    let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+        return false;
+    };
+    STATE_DIRS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .any(|dir| cwd.starts_with(dir))
 }
 
 /// SIGKILLs every process whose working directory is under `dir` (an agent's instances work in

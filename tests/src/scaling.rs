@@ -197,8 +197,8 @@ pub async fn leader(cp_url: &str) -> Result<String> {
         .leader)
 }
 
-/// Processes whose environment says they are an instance of `<namespace>/<name>`: pid →
-/// `INSTANCE_ID`. Read from `/proc`, so it sees orphans too.
+/// Processes of this test process's agents whose environment says they are an instance of
+/// `<namespace>/<name>`: pid → `INSTANCE_ID`. Read from `/proc`, so it sees orphans too.
 pub fn instance_processes(namespace: &str, name: &str) -> BTreeMap<u32, String> {
     find_instance_processes(namespace, name, None)
 }
@@ -232,6 +232,10 @@ fn find_instance_processes(
         else {
             continue;
         };
+        // Another test process's instances (a suite beside this one) are not ours to count.
+        if !crate::agent::runs_under_our_agents(pid) {
+            continue;
+        }
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };

@@ -28,8 +28,10 @@ use tokio::sync::{mpsc, watch};
 /// Meridian control plane: stores functions in etcd, pushes routing tables to agents, and (on
 /// the replica elected leader) places process functions in regions.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to serve gRPC on (API, agent streams, health, reflection).
     #[arg(long, env = "MERIDIAN_LISTEN", default_value = "127.0.0.1:7000")]
     listen: std::net::SocketAddr,
@@ -123,6 +125,38 @@ macro_rules! limited {
     };
 }
 
+/// What the binary does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Writes a new mesh CA into DIR: the trust bundle (ca.pem), an issuer (issuer.pem,
+    /// issuer-key.pem) and a first admin credential (admin.pem, admin-key.pem). Keys are 0600;
+    /// nothing that exists is overwritten. The trust anchor's own key is never written.
+    Bootstrap {
+        /// The mesh's trust domain: the authority of every identity (spiffe://DOMAIN/...).
+        #[arg(long, default_value = "meridian.local")]
+        trust_domain: String,
+        /// Where to write the files (created 0700 if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Lifetime of the admin credential (s, m, h or d).
+        #[arg(long, default_value = "90d", value_parser = meridian_identity::ttl::parse)]
+        admin_ttl: Duration,
+    },
+}
+
+/// Writes a fresh CA and admin credential, and says what it wrote (never a key's contents).
+fn bootstrap(trust_domain: &str, dir: &std::path::Path, admin_ttl: Duration) -> anyhow::Result<()> {
+    let domain = meridian_identity::TrustDomain::new(trust_domain).context("--trust-domain")?;
+    let set = meridian_identity::bootstrap(&domain, admin_ttl, std::time::SystemTime::now())
+        .context("cannot make the CA")?;
+    let written = meridian_identity::files::write_bootstrap(dir, &set)?;
+    println!("wrote a CA for trust domain {domain}:");
+    for path in written {
+        println!("  {}", path.display());
+    }
+    Ok(())
+}
+
 /// The admin listener's address when `--admin` is not given.
 const DEFAULT_ADMIN: &str = "127.0.0.1:7090";
 
@@ -137,6 +171,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Bootstrap {
+        trust_domain,
+        dir,
+        admin_ttl,
+    }) = &args.command
+    {
+        return bootstrap(trust_domain, dir, *admin_ttl);
+    }
     let replica_id = args
         .replica_id
         .clone()

@@ -159,6 +159,10 @@ async fn make_one_ready(
         .find(|i| !known.contains(&i.id))
         .unwrap();
     known.push(instance.id.clone());
+    // The test answers the readiness probe itself, so readiness could come before the shell
+    // has exec'd its command, and the cmdline recorded at readiness would be the shell's: a
+    // real instance serves its own probe, after its exec. Wait for the exec.
+    wait_for_exec(instance.pid).await;
     let server = serve_health(instance.address).await;
     let id = instance.id.clone();
     wait_for(runtime, "the instance to be ready", |s| {
@@ -168,6 +172,26 @@ async fn make_one_ready(
     })
     .await;
     (instance, server)
+}
+
+/// Waits (up to [`WAIT`]) until a `sh -c 'exec …'` instance has exec'd its command.
+async fn wait_for_exec(pid: u32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let cmdline = records::read_cmdline(pid).unwrap_or_default();
+        let before_exec = matches!(
+            cmdline.as_slice(),
+            [sh, c, script] if sh == "sh" && c == "-c" && script.starts_with("exec ")
+        );
+        if !before_exec {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pid {pid} never exec'd: {cmdline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The first `count` log lines of `key`'s instances (of `instance` only if given): the backlog,

@@ -635,7 +635,13 @@ async fn until(deadline: Option<Instant>) {
 const ENDPOINT_CHUNK: usize = 100;
 
 /// An endpoint write running beside its session; aborted when the session drops it.
-struct EndpointFlush(tokio::task::JoinHandle<BTreeMap<String, Vec<u8>>>);
+struct EndpointFlush(tokio::task::JoinHandle<EndpointsWritten>);
+
+/// What an endpoint write left in etcd, and whether it wrote everything it set out to.
+struct EndpointsWritten {
+    written: BTreeMap<String, Vec<u8>>,
+    complete: bool,
+}
 
 impl Drop for EndpointFlush {
     fn drop(&mut self) {
@@ -645,13 +651,16 @@ impl Drop for EndpointFlush {
 
 /// What the endpoint write under way leaves in etcd, once it is done; never resolves without
 /// one.
-async fn flushed(flush: &mut Option<EndpointFlush>) -> BTreeMap<String, Vec<u8>> {
+async fn flushed(flush: &mut Option<EndpointFlush>) -> EndpointsWritten {
     let Some(EndpointFlush(task)) = flush else {
         return std::future::pending().await;
     };
     // Only a panic fails here (an abort comes with the session's end, which no longer polls):
     // nothing is known to be written, so the next flush writes everything again.
-    task.await.unwrap_or_default()
+    task.await.unwrap_or(EndpointsWritten {
+        written: BTreeMap::new(),
+        complete: false,
+    })
 }
 
 /// Writes `puts` and `deletes` in chunks and returns `written` updated by every chunk that
@@ -663,7 +672,7 @@ async fn write_endpoints(
     mut written: BTreeMap<String, Vec<u8>>,
     puts: Vec<(String, Vec<u8>)>,
     deletes: Vec<String>,
-) -> BTreeMap<String, Vec<u8>> {
+) -> EndpointsWritten {
     let mut puts = puts.into_iter().peekable();
     let mut deletes = deletes.into_iter().peekable();
     while puts.peek().is_some() || deletes.peek().is_some() {
@@ -679,14 +688,20 @@ async fn write_endpoints(
         };
         if let Err(error) = writer.write(write).await {
             tracing::warn!(%agent, %error, "cannot write endpoints; will retry");
-            break;
+            return EndpointsWritten {
+                written,
+                complete: false,
+            };
         }
         written.extend(chunk_puts);
         for key in chunk_deletes {
             written.remove(&key);
         }
     }
-    written
+    EndpointsWritten {
+        written,
+        complete: true,
+    }
 }
 
 /// Session-end reasons after which the agent's records are left alone: the replica lost its
@@ -733,11 +748,15 @@ impl Session {
                         Flow::Continue
                     }
                 },
-                written = flushed(&mut self.endpoint_flush) => {
+                done = flushed(&mut self.endpoint_flush) => {
                     self.endpoint_flush = None;
-                    self.endpoints_written = written;
-                    // A report that came in meanwhile is written now, not a heartbeat later.
-                    self.flush_endpoints();
+                    self.endpoints_written = done.written;
+                    // A report that came in meanwhile is written now, not a heartbeat later;
+                    // after a failure the next heartbeat retries (no hot loop while etcd is
+                    // down).
+                    if done.complete {
+                        self.flush_endpoints();
+                    }
                     Flow::Continue
                 },
                 _ = lease_changes.changed() => {
@@ -1203,7 +1222,9 @@ mod tests {
             sizes.push(pending.write.ops());
             let _ = pending.done.send(answer);
         }
-        let written = write.await.expect("the write ends");
+        let done = write.await.expect("the write ends");
+        assert!(!done.complete);
+        let written = done.written;
         assert_eq!(sizes, [ENDPOINT_CHUNK, ENDPOINT_CHUNK, 51]);
         // What the committed chunks put is known written; the failed chunk's keys are not, and
         // the failed delete leaves "old" to be deleted by the next flush.

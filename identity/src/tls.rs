@@ -144,19 +144,12 @@ fn refused(reason: String) -> rustls::Error {
 }
 
 fn peer_info(end_entity: &CertificateDer<'_>) -> Result<LeafInfo, rustls::Error> {
-    cert::leaf_info(end_entity)
-        .map_err(|error| refused(format!("not a mesh certificate: {}", error_chain(&error))))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
+    cert::leaf_info(end_entity).map_err(|error| {
+        refused(format!(
+            "not a mesh certificate: {}",
+            meridian_common::error_chain(&error)
+        ))
+    })
 }
 
 /// A certificate and key that can be swapped while connections use them: renewal replaces it,
